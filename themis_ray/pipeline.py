@@ -1,0 +1,117 @@
+"""The stage graph and its runner: each stage reads its inputs' outputs, writes its own, or is skipped.
+
+A stage is skipped when its manifest's fingerprint (its config section, its inputs' manifest digests,
+the prompt and scenario files, the package version) matches; `force` re-runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import OmegaConf
+
+from themis_ray import __version__, prompts, scenarios
+from themis_ray.config import digest
+from themis_ray.store import StageStore
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    config_keys: tuple[str, ...]  # the config sections whose change invalidates the stage
+
+    def runner(self) -> Callable:
+        import importlib
+
+        return importlib.import_module(f"themis_ray.stages.{self.name}").run
+
+
+STAGES = {
+    s.name: s
+    for s in (
+        Stage("synthesize", (), ("corpus", "synthesize", "scenarios_dir")),
+        Stage("classify", ("synthesize",), ("classify", "scenarios_dir")),
+        Stage("respond", ("classify",), ("respond",)),
+        Stage("label", ("respond",), ("label", "scenarios_dir")),
+        Stage("ifd", ("label",), ("ifd",)),
+        Stage("curate", ("ifd",), ("curate",)),
+        Stage("train", ("curate",), ("train",)),
+        Stage("evaluate", ("curate", "train"), ("evaluate", "train.model")),
+    )
+}
+
+
+def _files_digest(*folders: Path) -> str:
+    h = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.glob("*")):
+            if path.suffix in (".j2", ".yaml"):
+                h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg, stage: Stage) -> dict:
+    sections = {key: OmegaConf.select(cfg, key) for key in stage.config_keys}
+    folders = [prompts.TEMPLATE_DIR, scenarios.BUILTIN_DIR]
+    if cfg.scenarios_dir:
+        folders.append(Path(cfg.scenarios_dir))
+    inputs = {}
+    for name in stage.inputs:
+        manifest = StageStore(cfg.run_dir, name).manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"stage {stage.name!r} needs the output of {name!r}; run it first")
+        inputs[name] = manifest["digest"]
+    return {"config": digest(sections), "inputs": inputs, "files": _files_digest(*folders), "version": __version__}
+
+
+def init_ray(cfg) -> None:
+    import ray
+
+    # Workers inherit these: DeepSpeed's compiled ops and the converted model are cached once per machine.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(cfg.train.torch_extensions_dir))
+    if ray.is_initialized():
+        return
+    kwargs = {"address": cfg.ray.address} if cfg.ray.address else {"num_cpus": cfg.ray.num_cpus}
+    ray.init(**kwargs, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def run_stage(cfg, name: str, force: bool = False) -> dict:
+    """Run one stage (its inputs must exist) and return its manifest."""
+    from themis_ray.summary import print_stage_summary
+
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    stage = STAGES[name]
+    store = StageStore(cfg.run_dir, name)
+    fp = fingerprint(cfg, stage)
+    if store.is_done(fp) and not force:
+        manifest = store.manifest()
+        print_stage_summary(manifest, skipped=True)
+        return manifest
+    init_ray(cfg)
+    inputs = {n: StageStore(cfg.run_dir, n).read() for n in stage.inputs}
+    staging = store.staging_dir()
+    start = time.perf_counter()
+    result = stage.runner()(cfg, inputs, staging)
+    manifest = store.commit(result, fp, time.perf_counter() - start, staging)
+    print_stage_summary(manifest, skipped=False)
+    return manifest
+
+
+def run_pipeline(cfg, force: bool = False) -> dict[str, dict]:
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise KeyError(f"unknown stages {unknown}; stages: {', '.join(STAGES)}")
+    start = time.perf_counter()
+    manifests = {name: run_stage(cfg, name, force=force) for name in cfg.stages}
+    from themis_ray.summary import print_pipeline_summary
+
+    print_pipeline_summary(cfg, manifests, time.perf_counter() - start)
+    return manifests

@@ -1,0 +1,106 @@
+"""The table each stage writes: its columns, stable ids, and the reject column.
+
+Every stage adds columns to the rows it receives. A row that a stage cannot process keeps its input
+columns, gets null in the new ones, and carries its reason in `reject_reason`; the store writes such
+rows to `_rejects/`, so rows in = rows out + rows rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+REJECT = "reject_reason"
+
+# Columns each stage adds, in order. The first stage's columns are its whole table.
+STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
+    "synthesize": [
+        ("id", pa.string()),  # instruction id: digest of (task id, instruction text)
+        ("task_id", pa.string()),  # the synthesis prompt it came from
+        ("doc_id", pa.string()),
+        ("scenario", pa.string()),
+        ("method", pa.string()),  # questioning | quizzing
+        ("instruction", pa.string()),
+        ("reference", pa.string()),  # reference answer (quizzing), else null
+        ("prompt_version", pa.string()),
+        ("raw", pa.string()),  # the model's raw output, kept for rejects and audits
+    ],
+    "classify": [
+        ("synthesis_scenario", pa.string()),
+        ("predicted_scenario", pa.string()),
+        ("scenario_confidence", pa.float64()),
+    ],
+    "respond": [
+        ("instruction_id", pa.string()),
+        ("responder", pa.string()),
+        ("response", pa.string()),
+    ],
+    "label": [
+        ("response_id", pa.string()),
+        ("mode", pa.string()),
+        ("prompt", pa.string()),  # the rendered evaluation prompt (the judge's user message)
+        ("evaluation", pa.string()),  # the teacher's whole answer, starting with [[n]]
+        ("score", pa.float64()),
+        ("criterion_scores", pa.list_(pa.float64())),
+        ("score_distribution", pa.list_(pa.float64())),  # P(score = low..high) at the [[n]] position
+        ("expected_score", pa.float64()),
+        ("teacher", pa.string()),
+        ("attempts", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+    ],
+    "ifd": [
+        ("ce_conditioned", pa.float64()),  # mean CE of the answer given the prompt
+        ("ce_answer", pa.float64()),  # mean CE of the answer alone
+        ("ifd", pa.float64()),  # the loss ratio
+        ("ifd_ppl", pa.float64()),  # the perplexity ratio
+        ("answer_tokens", pa.int64()),
+    ],
+    "curate": [
+        ("split", pa.string()),  # train | validation
+    ],
+    "evaluate": [
+        ("judge", pa.string()),
+        ("judge_output", pa.string()),
+        ("predicted_score", pa.float64()),  # null when the judge's answer had no parsable score
+        ("predicted_expected", pa.float64()),  # probability-weighted score, where logprobs exist
+    ],
+}
+
+
+def output_schema(stage: str, input_schema: pa.Schema | None = None) -> pa.Schema:
+    """Input columns (without the old reject column) + the stage's columns + `reject_reason`."""
+    fields = [f for f in (input_schema or pa.schema([])) if f.name != REJECT]
+    names = {f.name for f in fields}
+    fields += [pa.field(n, t) for n, t in STAGE_COLUMNS[stage] if n not in names]
+    return pa.schema(fields + [pa.field(REJECT, pa.string())])
+
+
+def to_table(rows: list[dict], schema: pa.Schema, stage: str) -> pa.Table:
+    """Rows -> a table of exactly `schema`; a row of the wrong shape fails naming its id and field."""
+    columns = {}
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        try:
+            columns[field.name] = pa.array(values, type=field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            for row in rows:
+                try:
+                    pa.array([row.get(field.name)], type=field.type)
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    raise ValueError(
+                        f"{stage}: row {row.get('id')!r} field {field.name!r} is not {field.type}: "
+                        f"{row.get(field.name)!r:.80}"
+                    ) from err
+            raise
+    return pa.table(columns, schema=schema)
+
+
+def stable_id(*parts: object) -> str:
+    """A digest of content, so a re-run produces the same ids and can resume by them."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(str(part).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:20]

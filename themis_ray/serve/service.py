@@ -1,0 +1,297 @@
+"""What the judge server does with a validated request, independent of Ray Serve and HTTP.
+
+`JudgeService` turns a `JudgeBody` into an evaluation and a `ChatCompletionBody` into an OpenAI-style
+completion, through a `Backend` (in Serve: a handle to the `JudgeModel` deployment; in unit tests: a
+fake). Prompt building and parsing are `themis_ray.judging`'s; nothing here restates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Protocol, Union
+
+from themis_ray import judging
+from themis_ray.engines import Completion, Conversation
+from themis_ray.scenarios import get_scenario
+from themis_ray.serve.schemas import ChatCompletionBody, JudgeBody
+
+log = logging.getLogger(__name__)
+
+JUDGE_TOP_LOGPROBS = 10  # alternatives kept at each judge token: enough for a 1..5 score distribution
+UNKNOWN_LOGPROB = -9999.0  # OpenAI's value for a chosen token outside the returned alternatives
+
+
+class APIError(Exception):
+    """An error with an HTTP status, returned as {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+
+
+def engine_error(message: str) -> APIError:
+    """An engine's per-request failure -> a status: a prompt too long for the model is the caller's."""
+    if "max_model_len" in message:  # the hf engine's and the classifier's too-long message
+        return APIError(400, message, code="context_length_exceeded")
+    return APIError(502, f"the model failed: {message}", "server_error")
+
+
+def error_body(status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type, "code": code or status}}
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_keys(raw: Optional[str], env_name: str) -> frozenset[str]:
+    """Comma-separated keys -> their SHA-256 digests; only digests leave the process that read them.
+
+    An unset variable means no auth. A variable that is set but holds no key is a misconfiguration
+    that would otherwise silently open the server, so it raises.
+    """
+    if raw is None:
+        return frozenset()
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    if not keys:
+        raise ValueError(f"${env_name} is set but holds no API key; unset it to serve without auth")
+    return frozenset(hash_key(k) for k in keys)
+
+
+def key_matches(presented: str, digests: frozenset[str]) -> bool:
+    digest = hash_key(presented)
+    # Compare against every digest so the time taken does not say which key came close.
+    return any([hmac.compare_digest(digest, d) for d in digests])
+
+
+@dataclass
+class ServeSettings:
+    """What the HTTP side needs to know; no secrets (keys travel as digests)."""
+
+    model_id: str
+    prefill_score: bool = True
+    max_tokens: int = 128  # judge answers, and chat completions that do not say
+    max_model_len: int = 2048
+    max_request_bytes: int = 65536
+    api_key_digests: frozenset[str] = field(default_factory=frozenset)
+    scenarios_dir: Optional[str] = None
+
+    @property
+    def model_aliases(self) -> set[str]:
+        base = self.model_id.rstrip("/").rsplit("/", 1)[-1]
+        return {self.model_id, base}
+
+
+class Backend(Protocol):
+    async def generate(self, conversation: Conversation, sampling: dict) -> Completion:
+        """A failure of this request is `Completion.error`; an exception means the backend failed."""
+
+    async def classify(self, instruction: str) -> tuple[str, float]:
+        """(scenario, confidence); raises APIError (see `engine_error`) when this request fails."""
+
+
+class JudgeService:
+    def __init__(self, backend: Backend, settings: ServeSettings):
+        self.backend = backend
+        self.settings = settings
+
+    # -- backend calls, with failures mapped to statuses --------------------------------------------
+    async def _generate_all(self, conversations: list[Conversation], sampling: dict) -> list[Completion]:
+        try:
+            # Sent together so the model deployment can put them in one batch.
+            completions = await asyncio.gather(*(self.backend.generate(c, sampling) for c in conversations))
+        except APIError:
+            raise
+        except Exception as exc:  # a dead replica, a timeout: the server's problem, reported as such
+            log.exception("generation failed")
+            raise APIError(503, f"the judge model is unavailable ({type(exc).__name__})", "server_error")
+        for completion in completions:
+            if completion.error:
+                raise engine_error(completion.error)
+        return list(completions)
+
+    async def _classify(self, instruction: str) -> tuple[str, float]:
+        try:
+            return await self.backend.classify(instruction)
+        except APIError:
+            raise
+        except Exception as exc:
+            log.exception("classification failed")
+            raise APIError(503, f"the scenario classifier is unavailable ({type(exc).__name__})", "server_error")
+
+    # -- /v1/judge ----------------------------------------------------------------------------------
+    async def judge(self, body: JudgeBody) -> dict:
+        s = self.settings
+        confidence = None
+        if body.scenario is None:
+            scenario, confidence = await self._classify(body.instruction)
+            source = "classifier"
+        else:
+            scenario, source = body.scenario, "request"
+            try:
+                get_scenario(scenario, s.scenarios_dir)
+            except KeyError as exc:
+                raise APIError(422, str(exc.args[0]), code="unknown_scenario")
+        request = body.to_request(scenario)
+        orders = [request, judging.swap_pair(request)] if request.mode == "pairwise" else [request]
+        try:
+            prompts = [judging.render_prompt(r, s.scenarios_dir) for r in orders]
+        except (ValueError, KeyError) as exc:
+            raise APIError(422, str(exc))
+        sampling = {"max_tokens": s.max_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0, "logprobs": JUDGE_TOP_LOGPROBS}
+        completions = await self._generate_all(
+            [judging.build_messages(p, prefill=s.prefill_score) for p in prompts], sampling
+        )
+        texts = [judging.full_text(c.text, s.prefill_score) for c in completions]
+        evaluations = [judging.parse_evaluation(t, request.mode, request.scale) for t in texts]
+        first = evaluations[0]
+        out: dict = {
+            "model": s.model_id,
+            "mode": request.mode,
+            "scenario": scenario,
+            "scenario_source": source,
+            "scenario_confidence": confidence,
+            "score": None,
+            "verdict": None,
+            "criterion_scores": first.criterion_scores,
+            "explanation": first.explanation,
+            "score_distribution": None,
+            "expected_score": None,
+            "raw": texts[0],
+            "error": first.error,
+            "usage": _usage(completions),
+        }
+        if request.mode == "pairwise":
+            second = evaluations[1]
+            verdict, consistent = judging.combine_pairwise(first.verdict, second.verdict)
+            errors = [f"{name}: {e.error}" for name, e in (("A-B order", first), ("B-A order", second)) if e.error]
+            out.update(
+                verdict=verdict,
+                consistent=consistent,
+                # Each order's verdict as the model gave it (the swapped one names the swapped slots).
+                verdicts={"original_order": first.verdict, "swapped_order": second.verdict},
+                raw_swapped=texts[1],
+                error="; ".join(errors) + " (counted as a tie)" if errors else None,
+            )
+        else:
+            distribution = judging.score_distribution(
+                completions[0].tokens, completions[0].top_logprobs, request.scale, s.prefill_score
+            )
+            out.update(
+                score=first.score,
+                score_distribution={str(k): v for k, v in distribution.items()} if distribution else None,
+                expected_score=judging.expected_score(distribution),
+            )
+        return out
+
+    # -- /v1/models ---------------------------------------------------------------------------------
+    def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": self.settings.model_id, "object": "model", "created": 0, "owned_by": "themis-ray"}],
+        }
+
+    # -- /v1/chat/completions -----------------------------------------------------------------------
+    async def chat(self, body: ChatCompletionBody) -> Union[dict, AsyncIterator[str]]:
+        s = self.settings
+        if body.model not in s.model_aliases:
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves {s.model_id!r}",
+                           "invalid_request_error", "model_not_found")
+        max_tokens = body.max_completion_tokens or body.max_tokens or s.max_tokens
+        if max_tokens >= s.max_model_len:
+            raise APIError(400, f"max_tokens={max_tokens} must be below max_model_len={s.max_model_len}",
+                           code="context_length_exceeded")
+        top_k = body.top_logprobs or 0
+        sampling = {
+            "max_tokens": max_tokens,
+            "temperature": 1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "seed": body.seed,  # None: the model deployment draws one per batch
+            "logprobs": max(top_k, 1) if body.logprobs else 0,
+        }
+        conversation = [m.as_engine_message() for m in body.messages]
+        (completion,) = await self._generate_all([conversation], sampling)
+        text, tokens, tops, stopped = _apply_stop(completion, body.stop_list())
+        finish = "stop" if stopped or completion.completion_tokens < max_tokens else "length"
+        logprobs = {"content": _openai_logprobs(tokens, tops, top_k)} if body.logprobs and tokens is not None else None
+        usage = _usage([completion])
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": s.model_id}
+        if not body.stream:
+            return {
+                **meta,
+                "object": "chat.completion",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                     "finish_reason": finish}
+                ],
+                "usage": usage,
+            }
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse_stream(meta, text, logprobs, finish, usage if include_usage else None)
+
+
+def _usage(completions: list[Completion]) -> dict:
+    prompt = sum(c.prompt_tokens for c in completions)
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def _apply_stop(completion: Completion, stops: list[str]):
+    """Cut the text at the first stop string (OpenAI leaves the stop string out)."""
+    text, tokens, tops = completion.text, completion.tokens, completion.top_logprobs
+    cuts = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    if not cuts:
+        return text, tokens, tops, False
+    cut = min(cuts)
+    if tokens is not None:
+        kept, length = 0, 0
+        while kept < len(tokens) and length < cut:
+            length += len(tokens[kept])
+            kept += 1
+        tokens, tops = tokens[:kept], (tops or [])[:kept]
+    return text[:cut], tokens, tops, True
+
+
+def _token_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _openai_logprobs(tokens: list[str], tops: Optional[list[dict[str, float]]], k: int) -> list[dict]:
+    content = []
+    for token, top in zip(tokens, tops or []):
+        alternatives = sorted(top.items(), key=lambda item: -item[1])[:k]
+        entry = _token_entry(token, top.get(token, UNKNOWN_LOGPROB))
+        entry["top_logprobs"] = [_token_entry(t, lp) for t, lp in alternatives]
+        content.append(entry)
+    return content
+
+
+async def _sse_stream(meta: dict, text: str, logprobs: Optional[dict], finish: str, usage: Optional[dict]):
+    """The completion as OpenAI chunks. The engine is not incremental, so the text comes in one piece."""
+
+    def chunk(delta: dict, finish_reason=None, chunk_logprobs=None, **extra) -> str:
+        payload = {
+            **meta,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "logprobs": chunk_logprobs, "finish_reason": finish_reason}],
+            **extra,
+        }
+        return f"data: {json.dumps(payload)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    if text:
+        yield chunk({"content": text}, chunk_logprobs=logprobs)
+    yield chunk({}, finish_reason=finish)
+    if usage is not None:
+        yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"

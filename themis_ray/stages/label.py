@@ -1,0 +1,99 @@
+"""Teacher labeling: each response judged through its scenario's five-part evaluation prompt.
+
+A closed-ended scenario with a reference answer is graded against the reference; the rest are graded
+on their own. An answer without a parsable overall score is asked again (sampled) up to
+`max_attempts` times, then kept as a reject with the raw text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pyarrow as pa
+
+from themis_ray import judging, prompts
+from themis_ray.engines import build_engine
+from themis_ray.scenarios import get_scenario
+from themis_ray.schema import REJECT, stable_id
+from themis_ray.stages import RowProcessor, engine_label, map_rows
+from themis_ray.store import StageResult
+
+
+def judge_mode(row: dict, scenarios_dir=None) -> str:
+    helps = get_scenario(row["scenario"], scenarios_dir).reference_helps
+    return "reference" if row.get("reference") and helps else "single"
+
+
+class Labeler(RowProcessor):
+    stage = "label"
+
+    def __init__(self, output_schema, engine_cfg, sampling, prefill, max_attempts, retry_temperature, scenarios_dir):
+        super().__init__(output_schema)
+        self.engine = build_engine(engine_cfg)
+        self.teacher = engine_label(engine_cfg)
+        self.sampling, self.prefill = sampling, prefill
+        self.max_attempts, self.retry_temperature = max_attempts, retry_temperature
+        self.scenarios_dir = scenarios_dir
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        out: dict[int, dict] = {}
+        pending: dict[int, dict] = {}
+        for i, row in enumerate(rows):
+            mode = judge_mode(row, self.scenarios_dir)
+            request = judging.JudgeRequest(instruction=row["instruction"], response=row["response"],
+                                           reference=row.get("reference"), scenario=row["scenario"], mode=mode)
+            base = {**row, "id": stable_id(row["id"], "label", mode), "response_id": row["id"], "mode": mode,
+                    "teacher": self.teacher}
+            try:
+                base["prompt"] = judging.render_prompt(request, self.scenarios_dir)
+            except (ValueError, KeyError) as err:
+                out[i] = {**base, REJECT: f"bad record: {err}"}
+                continue
+            pending[i] = base
+        for attempt in range(1, self.max_attempts + 1):
+            if not pending:
+                break
+            sampling = self.sampling if attempt == 1 else replace_sampling(self.sampling, self.retry_temperature, attempt)
+            order = list(pending)
+            messages = [judging.build_messages(pending[i]["prompt"], self.prefill) for i in order]
+            for i, done in zip(order, self.engine.generate(messages, sampling)):
+                row = pending[i]
+                row["attempts"] = attempt
+                row["prompt_tokens"] = (row.get("prompt_tokens") or 0) + done.prompt_tokens
+                row["completion_tokens"] = (row.get("completion_tokens") or 0) + done.completion_tokens
+                text = judging.full_text(done.text, self.prefill)
+                parsed = judging.parse_evaluation(text, row["mode"] if row["mode"] == "pairwise" else "single")
+                if done.error or not parsed.ok:
+                    row["evaluation"] = text  # kept as the raw answer if this was the last attempt
+                    row[REJECT] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
+                    continue
+                dist = judging.score_distribution(done.tokens, done.top_logprobs, prefill=self.prefill)
+                out[i] = {**row, "evaluation": text, "score": parsed.score,
+                          "criterion_scores": parsed.criterion_scores,
+                          "score_distribution": list(dist.values()) if dist else None,
+                          "expected_score": judging.expected_score(dist), REJECT: None}
+                del pending[i]
+        out.update(pending)  # what is still pending failed every attempt and keeps its last reason
+        return [out[i] for i in range(len(rows))]
+
+
+def replace_sampling(sampling, temperature: float, attempt: int):
+    """The retry's sampling: sampled rather than greedy, with a new seed per attempt."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_object(sampling) if OmegaConf.is_config(sampling) else sampling
+    return replace(plain, temperature=temperature, seed=plain.seed + attempt)
+
+
+def run(cfg, inputs: dict, staging) -> StageResult:
+    source: pa.Table = inputs["respond"]
+    c = cfg.label
+    table = map_rows(source, Labeler, c.pool, engine_cfg=c.engine, sampling=c.sampling, prefill=c.prefill_score,
+                     max_attempts=c.max_attempts, retry_temperature=c.retry_temperature,
+                     scenarios_dir=cfg.scenarios_dir)
+    return StageResult(table, rows_in=source.num_rows, extra={
+        "engine": engine_label(c.engine),
+        "templates": {"evaluation": prompts.template_digest("evaluation")},
+        "prompt_tokens": sum(v or 0 for v in table["prompt_tokens"].to_pylist()),
+        "completion_tokens": sum(v or 0 for v in table["completion_tokens"].to_pylist()),
+    })

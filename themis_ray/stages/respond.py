@@ -1,0 +1,43 @@
+"""Responses: several responders (models, temperatures, system prompts) answer every instruction."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from themis_ray.engines import build_engine
+from themis_ray.schema import REJECT, stable_id
+from themis_ray.stages import RowProcessor, engine_label, map_rows
+from themis_ray.store import StageResult
+
+
+class Responder(RowProcessor):
+    stage = "respond"
+
+    def __init__(self, output_schema, responder):
+        super().__init__(output_schema)
+        self.responder = responder
+        self.engine = build_engine(responder.engine)
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        system = [{"role": "system", "content": self.responder.system_prompt}] if self.responder.system_prompt else []
+        conversations = [system + [{"role": "user", "content": r["instruction"]}] for r in rows]
+        out = []
+        for row, done in zip(rows, self.engine.generate(conversations, self.responder.sampling)):
+            base = {**row, "id": stable_id(row["id"], self.responder.name), "instruction_id": row["id"],
+                    "responder": self.responder.name}
+            if done.error or not done.text.strip():
+                out.append({**base, REJECT: f"engine error: {done.error}" if done.error else "empty response"})
+            else:
+                out.append({**base, "response": done.text.strip(), REJECT: None})
+        return out
+
+
+def run(cfg, inputs: dict, staging) -> StageResult:
+    names = [r.name for r in cfg.respond.responders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"respond.responders: names must be unique, got {names}")
+    source: pa.Table = inputs["classify"]
+    # One pool per responder, one after another, so pools never compete for the same CPUs.
+    parts = [map_rows(source, Responder, cfg.respond.pool, responder=r) for r in cfg.respond.responders]
+    return StageResult(pa.concat_tables(parts), rows_in=source.num_rows * len(names),
+                       extra={"responders": {r.name: engine_label(r.engine) for r in cfg.respond.responders}})

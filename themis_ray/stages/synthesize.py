@@ -1,0 +1,155 @@
+"""Instruction synthesis: reference-based questioning and role-playing quizzing.
+
+Questioning shows the model a reference chunk and a scenario definition and asks for several
+instructions in that scenario. Quizzing makes the model an examiner with a set difficulty, audience,
+subject, topic and task, who writes one question with its reference answer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from themis_ray import prompts
+from themis_ray.corpus import load_chunks
+from themis_ray.engines import build_engine
+from themis_ray.scenarios import get_scenario
+from themis_ray.schema import REJECT, output_schema, stable_id, to_table
+from themis_ray.stages import RowProcessor, engine_label, map_rows
+from themis_ray.store import StageResult
+
+PROMPT_VERSION = "v1"
+_NUMBERED = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+(.*\S)\s*$")
+_QUIZ = re.compile(r"question\s*[:：]\s*(?P<q>.+?)\s*answer\s*[:：]\s*(?P<a>.+)", re.I | re.S)
+
+
+@lru_cache(maxsize=None)
+def _data(name: str) -> dict:
+    return yaml.safe_load((Path(prompts.TEMPLATE_DIR) / name).read_text())
+
+
+def parse_instructions(text: str, max_chars: int) -> list[str]:
+    """Numbered or bulleted lines; an unnumbered answer counts as one instruction."""
+    lines = [m.group(1) for m in map(_NUMBERED.match, text.splitlines()) if m]
+    if not lines and text.strip():
+        lines = [text.strip()]
+    seen, out = set(), []
+    for line in lines:
+        key = " ".join(line.lower().split())
+        if 15 <= len(line) <= max_chars and key not in seen:
+            seen.add(key)
+            out.append(line)
+    return out
+
+
+def parse_quiz(text: str) -> tuple[str, str] | None:
+    match = _QUIZ.search(text)
+    if not match:
+        return None
+    return match.group("q").strip(), match.group("a").strip()
+
+
+def build_tasks(cfg, scenarios_dir=None) -> tuple[list[dict], list[dict]]:
+    """Synthesis prompts (questioning per chunk x scenario, plus quizzes) and corpus rejects."""
+    s = cfg.synthesize
+    rng = random.Random(s.seed)
+    chunks, corpus_rejects = load_chunks(cfg.corpus)
+    examples = _data("seed_examples.yaml")
+    tasks = []
+    for chunk in chunks:
+        for name in rng.sample(list(s.questioning_scenarios), min(s.scenarios_per_doc, len(s.questioning_scenarios))):
+            scenario = get_scenario(name, scenarios_dir)
+            prompt = prompts.render(
+                "questioning",
+                scenario=scenario,
+                reference=chunk["text"],
+                n=s.instructions_per_prompt,
+                examples=examples.get(name, []),
+            )
+            tasks.append({"task_id": stable_id(chunk["doc_id"], name, prompt), "doc_id": chunk["doc_id"],
+                          "scenario": name, "method": "questioning", "prompt": prompt})
+    grid = _data("quiz_grid.yaml")
+    for k in range(s.quizzes):
+        name = s.quizzing_scenarios[k % len(s.quizzing_scenarios)]
+        spec = grid["scenarios"][name]
+        subject = rng.choice(sorted(spec["subjects"]))
+        passage = chunks[k % len(chunks)] if (name == "reading_comprehension" and chunks) else None
+        prompt = prompts.render(
+            "quizzing",
+            difficulty=rng.choice(grid["difficulty"]),
+            audience=rng.choice(grid["audience"]),
+            subject=subject,
+            topic=rng.choice(spec["subjects"][subject]),
+            task=rng.choice(spec["task"]),
+            passage=passage["text"] if passage else None,
+        )
+        doc_id = passage["doc_id"] if passage else None
+        tasks.append({"task_id": stable_id("quiz", k, prompt), "doc_id": doc_id, "scenario": name,
+                      "method": "quizzing", "prompt": prompt})
+    rejects = [
+        {"id": r["id"], "task_id": r["id"], "doc_id": r["doc_id"], "method": "corpus", "raw": r["raw"],
+         REJECT: r["reason"]}
+        for r in corpus_rejects
+    ]
+    return tasks, rejects
+
+
+class Synthesizer(RowProcessor):
+    stage = "synthesize"
+
+    def __init__(self, output_schema, engine_cfg, sampling, max_instruction_chars):
+        super().__init__(output_schema)
+        self.engine = build_engine(engine_cfg)
+        self.sampling = sampling
+        self.max_chars = max_instruction_chars
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        completions = self.engine.generate([[{"role": "user", "content": r["prompt"]}] for r in rows], self.sampling)
+        out = []
+        for task, done in zip(rows, completions):
+            base = {k: task[k] for k in ("task_id", "doc_id", "scenario", "method")}
+            base.update(prompt_version=PROMPT_VERSION, raw=done.text)
+            if done.error:
+                out.append({**base, "id": task["task_id"], REJECT: f"engine error: {done.error}"})
+                continue
+            if task["method"] == "quizzing":
+                quiz = parse_quiz(done.text)
+                found = [quiz] if quiz and 15 <= len(quiz[0]) <= self.max_chars else []
+                reason = "no 'Question: ... Answer: ...' in the output"
+            else:
+                found = [(q, None) for q in parse_instructions(done.text, self.max_chars)]
+                reason = f"no instruction of 15..{self.max_chars} characters in the output"
+            if not found:
+                out.append({**base, "id": task["task_id"], REJECT: reason})
+            for instruction, reference in found:
+                out.append({**base, "id": stable_id(task["task_id"], instruction), "instruction": instruction,
+                            "reference": reference, REJECT: None})
+        return out
+
+
+def run(cfg, inputs: dict, staging) -> StageResult:
+    tasks, corpus_rejects = build_tasks(cfg, cfg.scenarios_dir)
+    schema = output_schema("synthesize")
+    s = cfg.synthesize
+    table = map_rows(
+        pa.Table.from_pylist(tasks), Synthesizer, s.pool, schema=schema,
+        engine_cfg=s.engine, sampling=s.sampling, max_instruction_chars=s.max_instruction_chars,
+    )
+    table = pa.concat_tables([table, to_table(corpus_rejects, schema, "synthesize")])
+    accepted = table.filter(pc.is_null(table[REJECT]))
+    by_scenario = Counter(accepted["scenario"].to_pylist())
+    return StageResult(
+        table,
+        rows_in=len(tasks) + len(corpus_rejects),
+        units_ok=len(set(accepted["task_id"].to_pylist())),
+        extra={"engine": engine_label(s.engine), "instructions_by_scenario": dict(sorted(by_scenario.items())),
+               "templates": {t: prompts.template_digest(t) for t in ("questioning", "quizzing")}},
+    )

@@ -1,0 +1,62 @@
+"""What a person reads at the end of each stage and of the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+_SHOWN = ("instructions_by_scenario", "agreement_with_synthesis", "responders", "prompt_tokens",
+          "completion_tokens", "splits", "rejected_by_rule", "score_histogram", "engine")
+
+
+def print_stage_summary(manifest: dict, skipped: bool) -> None:
+    title = f"{manifest['stage']}" + (" (skipped: up to date)" if skipped else "")
+    table = Table(title=title, show_header=True, title_justify="left")
+    for col in ("rows in", "rows out", "rejected", "wall s"):
+        table.add_column(col, justify="right")
+    table.add_row(str(manifest["rows_in"]), str(manifest["rows_out"]), str(manifest["rows_rejected"]),
+                  f"{manifest['wall_s']:.1f}")
+    console.print(table)
+    for key in _SHOWN:
+        if manifest.get(key) not in (None, {}, []):
+            console.print(f"  {key}: {manifest[key]}")
+    if "train" in manifest:
+        t = manifest["train"]
+        console.print(f"  train: steps={t.get('steps')} loss {t.get('first_loss')} -> {t.get('final_loss')}")
+    if "metrics" in manifest:
+        metrics = Table(title="judges vs teacher labels (validation split)", title_justify="left")
+        cols = ["n", "parse_rate", "mae", "agr_2_2", "accuracy"]
+        metrics.add_column("judge")
+        for c in cols:
+            metrics.add_column(c, justify="right")
+        for judge, m in manifest["metrics"].items():
+            metrics.add_row(judge, *[_fmt(m.get(c)) for c in cols])
+        console.print(metrics)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def print_pipeline_summary(cfg, manifests: dict[str, dict], wall_s: float) -> None:
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    table = Table(title=f"pipeline finished in {wall_s:.0f} s: {run_dir}", title_justify="left")
+    for col, justify in (("stage", "left"), ("in", "right"), ("out", "right"), ("rejected", "right"),
+                         ("wall s", "right"), ("output", "left")):
+        table.add_column(col, justify=justify)
+    for name, m in manifests.items():
+        table.add_row(name, str(m["rows_in"]), str(m["rows_out"]), str(m["rows_rejected"]),
+                      f"{m['wall_s']:.1f}", str(run_dir / name))
+    console.print(table)
+    judge = run_dir / "train" / "judge"
+    if judge.is_dir():
+        console.print(f"trained judge: {judge}")
+        console.print(f"serve it:      themis-ray serve --config <config> serve.model={judge}")
+    metrics = run_dir / "evaluate" / "metrics.json"
+    if metrics.is_file():
+        console.print(f"metrics:       {metrics}")
