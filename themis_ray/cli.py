@@ -42,10 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from pathlib import Path
 
+        from themis_ray.pipeline import init_ray
         from themis_ray.serve import run_server
 
         model = cfg.serve.model or str(Path(cfg.run_dir).expanduser().resolve() / "train" / "judge")
-        run_server(cfg.serve, model, blocking=True)
+        init_ray(cfg)
+        run_server(cfg.serve, model, blocking=True, scenarios_dir=cfg.scenarios_dir)
         return 0
     from themis_ray.pipeline import run_pipeline, run_stage
 

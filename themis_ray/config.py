@@ -120,8 +120,13 @@ class LabelConfig:
         default_factory=lambda: SamplingConfig(max_tokens=160, temperature=0.0, logprobs=10)
     )
     pool: PoolConfig = field(default_factory=PoolConfig)
-    # Prefill the answer with "[[" so a small teacher starts with its overall score; the engine must
-    # allow continuing an assistant message (hf does; many remote APIs do not).
+    # How the overall score is read. "text": parsed from the generated evaluation (a capable teacher).
+    # "choice": the most probable of "[[1]]".."[[5]]" after the prompt, then the explanation is
+    # generated after it, so even a small teacher always yields a well-formed evaluation and an exact
+    # score distribution. "choice" needs an engine that scores text (hf).
+    score_by: str = "text"
+    # With score_by=text: prefill the answer with "[[" so the first generated token is the score; the
+    # engine must continue an assistant message (hf and vLLM servers do; many remote APIs do not).
     prefill_score: bool = False
     max_attempts: int = 2  # a parse failure is re-asked (sampled) until this many attempts
     retry_temperature: float = 0.7

@@ -48,7 +48,11 @@ def _folder_documents(folder: Path) -> Iterator[tuple[str, str | None, str | Non
                 else:
                     yield f"{path}:{n}", None, "no string field 'text'"
         elif suffix == ".parquet":
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except (OSError, ValueError) as err:  # pa.ArrowInvalid is a ValueError
+                yield str(path), None, f"unreadable Parquet file ({type(err).__name__})"
+                continue
             if "text" not in table.column_names:
                 yield str(path), None, "Parquet file has no 'text' column"
                 continue

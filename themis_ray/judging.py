@@ -190,6 +190,18 @@ def _score_token_position(tokens: list[str]) -> Optional[int]:
     return None
 
 
+def score_options(scale: RatingScale = RatingScale()) -> list[str]:
+    """What may follow the "[[" prefill when the score is chosen by log-probability: "1]]", "2]]", ..."""
+    return [f"{score}]]" for score in scale.scores]
+
+
+def choice_distribution(option_logprobs: list[float], scale: RatingScale = RatingScale()) -> dict[int, float]:
+    """Log-probabilities of `score_options(scale)` -> P(score), normalised over the scale."""
+    peak = max(option_logprobs)
+    weights = [math.exp(lp - peak) for lp in option_logprobs]
+    return {score: w / sum(weights) for score, w in zip(scale.scores, weights)}
+
+
 def expected_score(distribution: Optional[dict[int, float]]) -> Optional[float]:
     if not distribution:
         return None

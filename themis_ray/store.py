@@ -107,6 +107,14 @@ class StageStore:
         ).hexdigest()[:16]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         if self.path.exists():
-            shutil.rmtree(self.path)
-        tmp.rename(self.path)
+            # Move the old stage aside (a rename is atomic) rather than deleting it in place: a crash
+            # half-way through a delete could leave its manifest next to missing parts, looking done.
+            old = self.path.with_name(self.path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            self.path.rename(old)
+            tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(self.path)
         return manifest

@@ -28,7 +28,7 @@ def print_stage_summary(manifest: dict, skipped: bool) -> None:
         console.print(f"  train: steps={t.get('steps')} loss {t.get('first_loss')} -> {t.get('final_loss')}")
     if "metrics" in manifest:
         metrics = Table(title="judges vs teacher labels (validation split)", title_justify="left")
-        cols = ["n", "parse_rate", "mae", "agr_2_2", "accuracy"]
+        cols = ["n", "parse_rate", "mae", "agreement", "accuracy"]  # agreement is Agr(2,2)
         metrics.add_column("judge")
         for c in cols:
             metrics.add_column(c, justify="right")

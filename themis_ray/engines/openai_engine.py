@@ -9,7 +9,6 @@ endpoint's capacity. The API key is read from the environment and never logged o
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 from typing import Optional
@@ -23,7 +22,10 @@ _RETRYABLE = (
     openai.APITimeoutError,
     openai.APIConnectionError,
     openai.InternalServerError,
-    json.JSONDecodeError,  # a malformed 200 body: the client does not retry it, we do
+    # A malformed 200 body: the client does not retry it, we do. ValueError covers both invalid JSON
+    # (json.JSONDecodeError) and a body that is not UTF-8 (UnicodeDecodeError), which would otherwise
+    # escape and fail the whole batch.
+    ValueError,
 )
 
 

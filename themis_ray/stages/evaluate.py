@@ -22,7 +22,7 @@ from themis_ray.schema import REJECT
 from themis_ray.stages import RowProcessor, map_rows
 from themis_ray.store import StageResult
 
-HEADLINE = ["judge", "n", "parse_rate", "mae", "agr_2_2", "accuracy", "pearson"]
+HEADLINE = ["judge", "n", "parse_rate", "mae", "agreement", "accuracy", "pearson"]  # agreement is Agr(2,2)
 
 
 class JudgeGrader(RowProcessor):

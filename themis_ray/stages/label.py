@@ -27,11 +27,12 @@ def judge_mode(row: dict, scenarios_dir=None) -> str:
 class Labeler(RowProcessor):
     stage = "label"
 
-    def __init__(self, output_schema, engine_cfg, sampling, prefill, max_attempts, retry_temperature, scenarios_dir):
+    def __init__(self, output_schema, engine_cfg, sampling, score_by, prefill, max_attempts, retry_temperature,
+                 scenarios_dir):
         super().__init__(output_schema)
         self.engine = build_engine(engine_cfg)
         self.teacher = engine_label(engine_cfg)
-        self.sampling, self.prefill = sampling, prefill
+        self.sampling, self.score_by, self.prefill = sampling, score_by, prefill
         self.max_attempts, self.retry_temperature = max_attempts, retry_temperature
         self.scenarios_dir = scenarios_dir
 
@@ -50,31 +51,55 @@ class Labeler(RowProcessor):
                 out[i] = {**base, REJECT: f"bad record: {err}"}
                 continue
             pending[i] = base
+        if self.score_by == "choice":
+            self._choose_scores(pending)
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
                 break
             sampling = self.sampling if attempt == 1 else replace_sampling(self.sampling, self.retry_temperature, attempt)
             order = list(pending)
-            messages = [judging.build_messages(pending[i]["prompt"], self.prefill) for i in order]
+            messages = [self._messages(pending[i]) for i in order]
             for i, done in zip(order, self.engine.generate(messages, sampling)):
                 row = pending[i]
                 row["attempts"] = attempt
                 row["prompt_tokens"] = (row.get("prompt_tokens") or 0) + done.prompt_tokens
                 row["completion_tokens"] = (row.get("completion_tokens") or 0) + done.completion_tokens
-                text = judging.full_text(done.text, self.prefill)
+                text = self._answer_start(row) + done.text
                 parsed = judging.parse_evaluation(text, row["mode"] if row["mode"] == "pairwise" else "single")
                 if done.error or not parsed.ok:
                     row["evaluation"] = text  # kept as the raw answer if this was the last attempt
                     row[REJECT] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
                     continue
-                dist = judging.score_distribution(done.tokens, done.top_logprobs, prefill=self.prefill)
+                dist = row.pop("_distribution", None) or judging.score_distribution(
+                    done.tokens, done.top_logprobs, prefill=self.prefill)
                 out[i] = {**row, "evaluation": text, "score": parsed.score,
                           "criterion_scores": parsed.criterion_scores,
                           "score_distribution": list(dist.values()) if dist else None,
                           "expected_score": judging.expected_score(dist), REJECT: None}
                 del pending[i]
-        out.update(pending)  # what is still pending failed every attempt and keeps its last reason
+        for row in pending.values():  # what is still pending failed every attempt: keep its last reason
+            row.pop("_distribution", None)
+        out.update(pending)
         return [out[i] for i in range(len(rows))]
+
+    def _choose_scores(self, pending: dict[int, dict]) -> None:
+        """score_by=choice: the overall score is the most probable "[[n]]" after the prompt."""
+        for row in pending.values():
+            messages = judging.build_messages(row["prompt"], prefill=True)
+            dist = judging.choice_distribution(self.engine.choice_logprobs(messages, judging.score_options()))
+            row["_distribution"] = dist
+            row["_score"] = max(dist, key=dist.get)
+
+    def _answer_start(self, row: dict) -> str:
+        """What the answer already says before the engine continues it."""
+        if "_score" in row:
+            return f"{judging.SCORE_PREFILL}{row['_score']}]]"
+        return judging.SCORE_PREFILL if self.prefill else ""
+
+    def _messages(self, row: dict) -> list[dict]:
+        start = self._answer_start(row)
+        messages = judging.build_messages(row["prompt"])
+        return messages + [{"role": "assistant", "content": start}] if start else messages
 
 
 def replace_sampling(sampling, temperature: float, attempt: int):
@@ -88,7 +113,10 @@ def replace_sampling(sampling, temperature: float, attempt: int):
 def run(cfg, inputs: dict, staging) -> StageResult:
     source: pa.Table = inputs["respond"]
     c = cfg.label
-    table = map_rows(source, Labeler, c.pool, engine_cfg=c.engine, sampling=c.sampling, prefill=c.prefill_score,
+    if c.score_by not in ("text", "choice"):
+        raise ValueError(f"label.score_by must be 'text' or 'choice', got {c.score_by!r}")
+    table = map_rows(source, Labeler, c.pool, engine_cfg=c.engine, sampling=c.sampling, score_by=c.score_by,
+                     prefill=c.prefill_score,
                      max_attempts=c.max_attempts, retry_temperature=c.retry_temperature,
                      scenarios_dir=cfg.scenarios_dir)
     return StageResult(table, rows_in=source.num_rows, extra={

@@ -27,8 +27,10 @@ from themis_ray.stages import RowProcessor, engine_label, map_rows
 from themis_ray.store import StageResult
 
 PROMPT_VERSION = "v1"
-_NUMBERED = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+(.*\S)\s*$")
-_QUIZ = re.compile(r"question\s*[:：]\s*(?P<q>.+?)\s*answer\s*[:：]\s*(?P<a>.+)", re.I | re.S)
+# "1." "2)" "-" "*" "•", also in Markdown bold ("**1.**") as small models often write them.
+_NUMBERED = re.compile(r"^\s*(?:\*\*)?(?:\d{1,2}[.)]|[-*•])(?:\*\*)?\s+(.*\S)\s*$")
+# "Question: ... Answer: ...", also with the labels in Markdown bold ("**Question:**").
+_QUIZ = re.compile(r"question[\s*]*[:：][\s*]*(?P<q>.+?)[\s*#]*answer[\s*]*[:：][\s*]*(?P<a>.+)", re.I | re.S)
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,122 @@
+"""IFD from log-probabilities, and the HF engine's batched scoring against a plain reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from themis_ray.engines import Engine
+from themis_ray.stages.ifd import ifd_from_logprobs
+
+
+def test_ifd_from_logprobs_by_hand():
+    cond = [-0.5, -1.0, -1.5]  # mean CE 1.0
+    alone = [-2.0, -2.0, -2.0]  # mean CE 2.0
+    got = ifd_from_logprobs(cond, alone)
+    assert got["ce_conditioned"] == pytest.approx(1.0)
+    assert got["ce_answer"] == pytest.approx(2.0)
+    assert got["ifd"] == pytest.approx(0.5)
+    assert got["ifd_ppl"] == pytest.approx(math.exp(1.0) / math.exp(2.0))
+    assert got["answer_tokens"] == 3
+
+
+def test_ifd_above_one_when_the_prompt_hurts():
+    got = ifd_from_logprobs([-3.0, -1.0], [-1.0, -1.0])
+    assert got["ifd"] == pytest.approx(2.0) and got["ifd_ppl"] == pytest.approx(math.e)
+
+
+def test_ifd_zero_unconditioned_loss_is_infinite():
+    got = ifd_from_logprobs([-0.1], [0.0])
+    assert got["ifd"] == math.inf
+    assert got["ifd_ppl"] == pytest.approx(math.exp(0.1))
+
+
+def test_mismatched_lengths_raise():
+    with pytest.raises(ValueError, match="3 vs 2"):
+        ifd_from_logprobs([-1.0, -1.0, -1.0], [-1.0, -1.0])
+
+
+# ------------------------------------------------------------------------------------ real model
+
+
+def _reference_logprobs(engine, prompt, completion):
+    """One record at a time, no padding: a full forward of prompt + completion ids."""
+    p, c = engine.prompt_ids(prompt), engine.text_ids(completion)
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    # the token at index t is predicted by position t - 1
+    return [logp[len(p) + j - 1, tok].item() for j, tok in enumerate(c)]
+
+
+RECORDS = [
+    ([{"role": "user", "content": "Rate this answer."}], "[[4]]"),
+    (None, "[[2]] The response misses the date entirely and rambles about unrelated history."),
+    (
+        [{"role": "system", "content": "You are a strict judge."},
+         {"role": "user", "content": "Grade the response below to the user instruction in the scenario "
+          "\"Closed question answering\". " + "The instruction asks for the capital of France. " * 12
+          + "[Response start]\nParis is the capital.\n[Response end]"}],
+        "[[5]] Correct and direct.",
+    ),
+    ([{"role": "user", "content": "Hi"}], "Hello! " * 30 + "How can I help you today with your questions?"),
+]
+
+
+def test_prompt_ids_none_is_a_single_begin_token(hf_engine):
+    tok = hf_engine.tokenizer
+    expected = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert hf_engine.prompt_ids(None) == [expected]
+
+
+@pytest.mark.parametrize("batch_size", [8, 2])
+def test_token_logprobs_equal_one_at_a_time_reference(hf_engine, batch_size):
+    prompts = [p for p, _ in RECORDS]
+    completions = [c for _, c in RECORDS]
+    lengths = [len(hf_engine.prompt_ids(p)) + len(hf_engine.text_ids(c)) for p, c in RECORDS]
+    assert max(lengths) > 3 * min(lengths)  # very different lengths, so padding matters
+    got = hf_engine.token_logprobs(prompts, completions, batch_size=batch_size)
+    assert len(got) == len(RECORDS)
+    for (prompt, completion), scores in zip(RECORDS, got):
+        assert scores.error is None
+        want = _reference_logprobs(hf_engine, prompt, completion)
+        assert len(scores.logprobs) == len(want) == len(hf_engine.text_ids(completion))
+        assert scores.num_prompt_tokens == len(hf_engine.prompt_ids(prompt))
+        assert max(abs(a - b) for a, b in zip(scores.logprobs, want)) < 1e-4
+        assert all(lp <= 0 for lp in scores.logprobs)
+
+
+def test_token_logprobs_per_item_errors(hf_engine):
+    long_prompt = [{"role": "user", "content": "word " * 2100}]
+    got = hf_engine.token_logprobs([RECORDS[0][0], RECORDS[0][0], long_prompt], ["", RECORDS[0][1], "[[3]]"])
+    assert got[0].logprobs is None and "empty" in got[0].error
+    assert got[1].error is None
+    assert max(abs(a - b) for a, b in zip(got[1].logprobs, _reference_logprobs(hf_engine, *RECORDS[0]))) < 1e-4
+    assert got[2].logprobs is None and "max_model_len" in got[2].error
+
+
+def test_choice_logprobs_equals_base_implementation(hf_engine):
+    prompt = [{"role": "user", "content": "Which scenario is this instruction in? Translate 'cat' into German."}]
+    options = ["translation", "close_qa", "creative_writing", "math"]
+    fast = hf_engine.choice_logprobs(prompt, options)
+    base = Engine.choice_logprobs(hf_engine, prompt, options)
+    assert len(fast) == len(base) == 4
+    assert max(abs(a - b) for a, b in zip(fast, base)) < 1e-4
+    # and both equal the plain reference sum
+    for option, total in zip(options, fast):
+        assert total == pytest.approx(sum(_reference_logprobs(hf_engine, prompt, option)), abs=1e-4)
+
+
+def test_choice_logprobs_after_a_prefill_equals_base_implementation(hf_engine):
+    # the label stage's score_by=choice: options "1]]".."5]]" after an assistant message "[["
+    prompt = [{"role": "user", "content": "Grade the response 'Paris' to 'Capital of France?' from 1 to 5."},
+              {"role": "assistant", "content": "[["}]
+    options = [f"{s}]]" for s in range(1, 6)]
+    fast = hf_engine.choice_logprobs(prompt, options)
+    base = Engine.choice_logprobs(hf_engine, prompt, options)
+    assert max(abs(a - b) for a, b in zip(fast, base)) < 1e-4
+    for option, total in zip(options, fast):
+        assert total == pytest.approx(sum(_reference_logprobs(hf_engine, prompt, option)), abs=1e-4)
