@@ -162,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "slow":
             import time
 
-            time.sleep(1.5)
+            time.sleep(2.0)
         last = body["messages"][-1]
         text = f"{last['content']}4]] fine" if last["role"] == "assistant" else f"answer to: {user}"
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
@@ -282,10 +282,10 @@ def test_openai_gives_up_after_max_retries(make_engine, server):
 def test_openai_timeout_is_retried(make_engine, server):
     _, state = server
     state.script = ["slow"]
-    engine = make_engine(timeout_s=0.5)
+    engine = make_engine(timeout_s=0.75)
     out = engine.generate([_conv("patience")], SamplingConfig())
     assert out[0].error is None and out[0].text == "answer to: patience"
-    assert engine.usage.retries == 1
+    assert engine.usage.retries >= 1 and engine.waits[0][1] is None
 
 
 def test_openai_key_is_sent_as_bearer_and_never_in_errors(make_engine, server):

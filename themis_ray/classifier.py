@@ -9,6 +9,7 @@ comes with a confidence. A small model prefers some names whatever the instructi
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional
 
 from themis_ray import prompts
@@ -24,6 +25,12 @@ def _scenario_logprobs(engine, instruction: str, scenarios_dir: Optional[str]) -
     return names, engine.choice_logprobs([{"role": "user", "content": text}], names)
 
 
+@lru_cache(maxsize=8)
+def scenario_prior(engine, scenarios_dir: Optional[str] = None) -> tuple[float, ...]:
+    """Each scenario name's log-probability for a content-free instruction; once per engine."""
+    return tuple(_scenario_logprobs(engine, CONTENT_FREE, scenarios_dir)[1])
+
+
 def softmax(logprobs: list[float]) -> list[float]:
     peak = max(logprobs)
     weights = [math.exp(lp - peak) for lp in logprobs]
@@ -34,7 +41,7 @@ def classify(
     engine, instructions: list[str], scenarios_dir: Optional[str] = None, calibrate: bool = True
 ) -> list[tuple[str, float]]:
     """(scenario name, probability) for each instruction."""
-    prior = _scenario_logprobs(engine, CONTENT_FREE, scenarios_dir)[1] if calibrate else None
+    prior = scenario_prior(engine, scenarios_dir) if calibrate else None
     results = []
     for instruction in instructions:
         names, totals = _scenario_logprobs(engine, instruction, scenarios_dir)

@@ -125,6 +125,10 @@ class LabelConfig:
     # generated after it, so even a small teacher always yields a well-formed evaluation and an exact
     # score distribution. "choice" needs an engine that scores text (hf).
     score_by: str = "text"
+    # With score_by=choice: divide out the teacher's score prior, measured on a content-free record
+    # ("N/A" instruction and response) of the same scenario and mode, so a small teacher's bias
+    # toward one score does not flatten every label to it (contextual calibration).
+    calibrate: bool = False
     # With score_by=text: prefill the answer with "[[" so the first generated token is the score; the
     # engine must continue an assistant message (hf and vLLM servers do; many remote APIs do not).
     prefill_score: bool = False

@@ -27,12 +27,13 @@ def judge_mode(row: dict, scenarios_dir=None) -> str:
 class Labeler(RowProcessor):
     stage = "label"
 
-    def __init__(self, output_schema, engine_cfg, sampling, score_by, prefill, max_attempts, retry_temperature,
-                 scenarios_dir):
+    def __init__(self, output_schema, engine_cfg, sampling, score_by, calibrate, prefill, max_attempts,
+                 retry_temperature, scenarios_dir):
         super().__init__(output_schema)
         self.engine = build_engine(engine_cfg)
         self.teacher = engine_label(engine_cfg)
         self.sampling, self.score_by, self.prefill = sampling, score_by, prefill
+        self.calibrate, self._priors = calibrate, {}
         self.max_attempts, self.retry_temperature = max_attempts, retry_temperature
         self.scenarios_dir = scenarios_dir
 
@@ -82,11 +83,25 @@ class Labeler(RowProcessor):
         out.update(pending)
         return [out[i] for i in range(len(rows))]
 
+    def _score_logprobs(self, prompt: str) -> list[float]:
+        return self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), judging.score_options())
+
+    def _prior(self, row: dict) -> list[float]:
+        """The teacher's score log-probabilities for a content-free record like `row` (cached)."""
+        key = (row["scenario"], row["mode"])
+        if key not in self._priors:
+            blank = judging.JudgeRequest(instruction="N/A", response="N/A", scenario=row["scenario"], mode=row["mode"],
+                                         reference="N/A" if row["mode"] == "reference" else None)
+            self._priors[key] = self._score_logprobs(judging.render_prompt(blank, self.scenarios_dir))
+        return self._priors[key]
+
     def _choose_scores(self, pending: dict[int, dict]) -> None:
         """score_by=choice: the overall score is the most probable "[[n]]" after the prompt."""
         for row in pending.values():
-            messages = judging.build_messages(row["prompt"], prefill=True)
-            dist = judging.choice_distribution(self.engine.choice_logprobs(messages, judging.score_options()))
+            logprobs = self._score_logprobs(row["prompt"])
+            if self.calibrate:
+                logprobs = [lp - prior for lp, prior in zip(logprobs, self._prior(row))]
+            dist = judging.choice_distribution(logprobs)
             row["_distribution"] = dist
             row["_score"] = max(dist, key=dist.get)
 
@@ -116,7 +131,7 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     if c.score_by not in ("text", "choice"):
         raise ValueError(f"label.score_by must be 'text' or 'choice', got {c.score_by!r}")
     table = map_rows(source, Labeler, c.pool, engine_cfg=c.engine, sampling=c.sampling, score_by=c.score_by,
-                     prefill=c.prefill_score,
+                     calibrate=c.calibrate, prefill=c.prefill_score,
                      max_attempts=c.max_attempts, retry_temperature=c.retry_temperature,
                      scenarios_dir=cfg.scenarios_dir)
     return StageResult(table, rows_in=source.num_rows, extra={
