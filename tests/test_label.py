@@ -1,0 +1,91 @@
+"""The label processor on the real embedded model, without Ray: modes, score choice, calibration, rejects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from themis_ray import judging
+from themis_ray.config import EngineConfig, SamplingConfig
+from themis_ray.schema import REJECT, output_schema
+from themis_ray.stages.label import Labeler, judge_mode
+
+
+def test_score_options_and_choice_distribution_by_hand():
+    assert judging.score_options(judging.RatingScale(1, 3)) == ["1]]", "2]]", "3]]"]
+    # log-probs ln(1), ln(3): probabilities 1/4 and 3/4 whatever the shared offset.
+    dist = judging.choice_distribution([math.log(1) - 7, math.log(3) - 7], judging.RatingScale(0, 1))
+    assert dist == pytest.approx({0: 0.25, 1: 0.75})
+
+
+def test_judge_mode_uses_a_reference_only_where_it_helps():
+    assert judge_mode({"scenario": "math_qa", "reference": "42"}) == "reference"
+    assert judge_mode({"scenario": "math_qa", "reference": None}) == "single"
+    assert judge_mode({"scenario": "creative_writing", "reference": "a poem"}) == "single"  # open-ended
+
+
+def rows():
+    base = {"instruction": "What is 2+2?", "scenario": "math_qa", "reference": "4"}
+    return [
+        {**base, "id": "r1", "response": "2+2 equals 4."},
+        {**base, "id": "r2", "response": "It is 5, obviously."},
+        {**base, "id": "r3", "response": "   "},  # nothing to judge: a reject with the reason
+    ]
+
+
+@pytest.fixture(scope="module")
+def labeler_factory():
+    import pyarrow as pa
+
+    schema = output_schema("label", pa.schema([("id", pa.string()), ("instruction", pa.string()),
+                                                ("scenario", pa.string()), ("reference", pa.string()),
+                                                ("response", pa.string())]))
+
+    def make(**kwargs):
+        args = dict(engine_cfg=EngineConfig(), sampling=SamplingConfig(max_tokens=8), score_by="choice",
+                    calibrate=False, prefill=False, max_attempts=1, retry_temperature=0.7, scenarios_dir=None)
+        return Labeler(schema, **{**args, **kwargs})
+
+    return make
+
+
+def test_choice_mode_labels_every_judgeable_row_and_rejects_the_rest(labeler_factory):
+    labeler = labeler_factory()
+    out = labeler.process(rows())
+    assert [r["response_id"] for r in out] == ["r1", "r2", "r3"]
+    good, bad = out[:2], out[2]
+    for row in good:
+        assert row[REJECT] is None
+        assert row["mode"] == "reference"
+        assert row["evaluation"].startswith(f"[[{int(row['score'])}]]")
+        assert sum(row["score_distribution"]) == pytest.approx(1)
+        # The chosen score is the distribution's most probable one.
+        assert row["score"] == 1 + max(range(5), key=row["score_distribution"].__getitem__)
+        assert "[Reference answer start]" in row["prompt"]
+    assert bad[REJECT].startswith("bad record: response is empty")
+    assert bad.get("score") is None  # null once the schema writes it
+
+
+def test_calibration_divides_out_the_content_free_prior(labeler_factory):
+    plain, calibrated = labeler_factory(), labeler_factory(calibrate=True)
+    [p] = plain.process(rows()[:1])
+    [c] = calibrated.process(rows()[:1])
+    prior = calibrated._prior(c)
+    expected = judging.choice_distribution(
+        [lp - q for lp, q in zip(calibrated._score_logprobs(c["prompt"]), prior)])
+    assert c["score_distribution"] == pytest.approx([expected[s] for s in range(1, 6)], abs=1e-6)
+    assert c["score_distribution"] != pytest.approx(p["score_distribution"], abs=1e-3)
+
+
+def test_text_mode_keeps_unparsable_answers_as_rejects_with_the_raw_text(labeler_factory):
+    # Eight tokens without a prefill: the base model does not open with [[n]] here.
+    labeler = labeler_factory(score_by="text", max_attempts=2)
+    out = labeler.process(rows()[:2])
+    for row in out:
+        if row[REJECT] is not None:
+            assert row[REJECT].startswith("unparsable evaluation")
+            assert row["evaluation"]  # the raw answer is kept
+            assert row["attempts"] == 2
+        else:
+            assert judging.parse_evaluation(row["evaluation"]).score == row["score"]
