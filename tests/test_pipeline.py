@@ -111,17 +111,27 @@ def test_metrics_compare_trained_and_base(finished_run):
             assert key in overall
 
 
+_SERVED: dict[str, str] = {}
+
+
+def served_judge(cfg) -> str:
+    """The run's judge on Ray Serve at 127.0.0.1 (started once per module); its base URL."""
+    from themis_ray.serve import run_server
+
+    if "url" not in _SERVED:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve_cfg = OmegaConf.merge(cfg.serve, {"port": port, "max_tokens": 16, "replica_num_cpus": 0.5})
+        _SERVED["url"] = run_server(serve_cfg, str(Path(cfg.run_dir) / "train" / "judge"), blocking=False)
+    return _SERVED["url"]
+
+
 def test_server_answers_judge_and_openai_client(finished_run):
     from openai import OpenAI
 
-    from themis_ray.serve import run_server
-
     cfg, _ = finished_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve_cfg = OmegaConf.merge(cfg.serve, {"port": port, "max_tokens": 16, "replica_num_cpus": 0.5})
-    url = run_server(serve_cfg, str(Path(cfg.run_dir) / "train" / "judge"), blocking=False)
+    url = served_judge(cfg)
     answer = httpx.post(f"{url}/v1/judge", json={
         "instruction": "What is 2+2?", "response": "4", "scenario": "math_qa"}, timeout=120)
     assert answer.status_code == 200, answer.text
@@ -135,8 +145,34 @@ def test_server_answers_judge_and_openai_client(finished_run):
     assert isinstance(chat.choices[0].message.content, str)
 
 
+def test_label_stage_through_our_server_as_an_openai_teacher(finished_run):
+    """The teacher can be any OpenAI-compatible endpoint: here, this project's own Serve app."""
+    from themis_ray.stages import map_rows
+    from themis_ray.stages.label import Labeler
+
+    cfg, _ = finished_run
+    url = served_judge(cfg)
+    responses = pq.read_table(Path(cfg.run_dir) / "respond" / "part-00000.parquet").slice(0, 3)
+    engine = OmegaConf.merge(cfg.label.engine, {"kind": "openai", "base_url": f"{url}/v1", "model": "judge",
+                                                 "max_concurrency": 4, "timeout_s": 120})
+    pool = OmegaConf.merge(cfg.label.pool, {"num_cpus": 0})  # I/O-bound: it must not hold a CPU
+    table = map_rows(responses, Labeler, pool, engine_cfg=engine, sampling=cfg.label.sampling, score_by="text",
+                     calibrate=False, prefill=True, max_attempts=2, retry_temperature=0.7, scenarios_dir=None)
+    rows = table.to_pylist()
+    assert len(rows) == 3
+    for row in rows:
+        assert row["teacher"] == "openai:judge"
+        assert row["evaluation"].startswith("[[")  # the prefill was continued by the server
+        if row["reject_reason"] is None:
+            assert row["score"] is not None and row["prompt_tokens"] > 0
+        else:
+            assert row["reject_reason"].startswith(("unparsable evaluation", "engine error"))
+
+
 def test_rerun_skips_finished_stages(finished_run, capsys):
     cfg, manifests = finished_run
     again = run_pipeline(cfg)
-    assert again == manifests  # identical manifests: nothing was re-run or rewritten
+    # Nothing was re-run or rewritten: the same manifests, finished at the same times.
+    assert {n: (m["digest"], m["finished_at"]) for n, m in again.items()} == {
+        n: (m["digest"], m["finished_at"]) for n, m in manifests.items()}
     assert capsys.readouterr().out.count("skipped: up to date") == len(STAGES)

@@ -77,7 +77,9 @@ def init_ray(cfg) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(cfg.train.torch_extensions_dir))
     if ray.is_initialized():
         return
-    kwargs = {"address": cfg.ray.address} if cfg.ray.address else {"num_cpus": cfg.ray.num_cpus}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # A running cluster (or `ray job submit`, which sets RAY_ADDRESS) has its own resources.
+    kwargs = {"address": address} if address else {"num_cpus": cfg.ray.num_cpus}
     ray.init(**kwargs, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = True
 

@@ -8,6 +8,7 @@ per scenario go to `metrics.json`, with a confusion matrix and score histograms 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -46,6 +47,15 @@ class JudgeGrader(RowProcessor):
         return out
 
 
+def _json_safe(value):
+    """NaN (an undefined metric, e.g. a correlation of constant scores) -> None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
 def judge_models(cfg, run_dir: Path) -> dict[str, str]:
     names = {"trained": str(run_dir / "train" / "judge"), "base": cfg.train.model}
     return {j: names.get(j, j) for j in cfg.evaluate.judges}
@@ -61,15 +71,15 @@ def run(cfg, inputs: dict, staging) -> StageResult:
         table = map_rows(validation, JudgeGrader, cfg.evaluate.pool, judge=judge, engine_cfg=engine_cfg,
                          sampling=cfg.evaluate.sampling, prefill=cfg.evaluate.prefill_score)
         pred, gold = table["predicted_score"].to_pylist(), table["score"].to_pylist()
-        metrics[judge] = {"overall": pointwise_metrics(pred, gold), "by_scenario": {}}
+        metrics[judge] = {"overall": _json_safe(pointwise_metrics(pred, gold)), "by_scenario": {}}
         for scenario in sorted(set(table["scenario"].to_pylist())):
             mask = [s == scenario for s in table["scenario"].to_pylist()]
-            metrics[judge]["by_scenario"][scenario] = pointwise_metrics(
-                [p for p, m in zip(pred, mask) if m], [g for g, m in zip(gold, mask) if m])
+            metrics[judge]["by_scenario"][scenario] = _json_safe(pointwise_metrics(
+                [p for p, m in zip(pred, mask) if m], [g for g, m in zip(gold, mask) if m]))
         if pred:
             write_plots(staging, pred, gold, name=judge)
         parts.append(table)
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     rows = [{"judge": j, **m["overall"]} for j, m in metrics.items()]
     print(format_table(rows, [c for c in HEADLINE if c == "judge" or c in rows[0]]) if rows else "no judges")
     table = pa.concat_tables(parts) if parts else None
