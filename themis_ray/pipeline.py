@@ -99,7 +99,7 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
         return manifest
     init_ray(cfg)
     inputs = {n: StageStore(cfg.run_dir, n).read() for n in stage.inputs}
-    staging = store.staging_dir()
+    staging = store.staging_dir(fp)
     start = time.perf_counter()
     result = stage.runner()(cfg, inputs, staging)
     manifest = store.commit(result, fp, time.perf_counter() - start, staging)

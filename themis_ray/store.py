@@ -23,6 +23,7 @@ from themis_ray.schema import REJECT
 
 MANIFEST = "_manifest.json"
 REJECTS = "_rejects"
+PARTIAL = "_partial"  # finished blocks of an unfinished run, for resuming it
 
 
 @dataclass
@@ -38,6 +39,14 @@ class StageResult:
 
 class StageStore:
     def __init__(self, run_dir: str | Path, stage: str):
+        if "://" in str(run_dir):
+            # Stages write through the local filesystem (the train stage's rank 0 exports the judge
+            # from whichever node it runs on), so a bucket URI would silently become a local folder.
+            raise ValueError(
+                f"run_dir must be a filesystem path, got the URI {run_dir!r}: on several nodes use a "
+                "path every node mounts (a shared volume), and copy the finished run to object storage "
+                "with the jobs' `--export URI` (see cluster/README.md)"
+            )
         self.stage = stage
         self.path = Path(run_dir).expanduser().resolve() / stage
         self.manifest_path = self.path / MANIFEST
@@ -66,12 +75,24 @@ class StageStore:
         return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
 
     # -- writing ---------------------------------------------------------------------------------
-    def staging_dir(self) -> Path:
-        """A fresh folder a stage may write extra artifacts into; it becomes the stage folder."""
+    def staging_dir(self, fingerprint: dict | None = None) -> Path:
+        """The folder a run writes into; it becomes the stage folder when the stage commits.
+
+        Finished blocks that an interrupted run with the same fingerprint left in `_partial/` are
+        kept, so the stage resumes; anything else there is cleared.
+        """
         tmp = self.path.with_name(self.path.name + ".tmp")
+        partial = tmp / PARTIAL
+        marker = partial / "_fingerprint.json"
+        keep = fingerprint is not None and marker.is_file() and json.loads(marker.read_text()) == fingerprint
         if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+            for child in tmp.iterdir():
+                if not (keep and child.name == PARTIAL):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        tmp.mkdir(parents=True, exist_ok=True)
+        if fingerprint is not None:
+            partial.mkdir(exist_ok=True)
+            marker.write_text(json.dumps(fingerprint, sort_keys=True))
         return tmp
 
     def commit(self, result: StageResult, fingerprint: dict, wall_s: float, staging: Path | None = None) -> dict:
@@ -85,6 +106,7 @@ class StageStore:
             pq.write_table(kept, tmp / "part-00000.parquet")
             (tmp / REJECTS).mkdir(exist_ok=True)
             pq.write_table(rejects, tmp / REJECTS / "part-00000.parquet")
+        shutil.rmtree(tmp / PARTIAL, ignore_errors=True)  # its rows are in the parts now
         units_ok = result.units_ok if result.units_ok is not None else rows_out
         if result.table is not None and result.rows_in != units_ok + rows_rejected:
             raise RuntimeError(

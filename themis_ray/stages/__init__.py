@@ -8,15 +8,22 @@ A stage's processor is a class: its constructor is the per-actor setup (it build
 from __future__ import annotations
 
 import os
+import uuid
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
-from themis_ray.schema import output_schema, to_table
+from themis_ray.schema import REJECT, output_schema, to_table
 
 
 class RowProcessor:
     stage: str = ""
+    # (input column, output column) naming the same unit of work: a checkpointed run skips input rows
+    # whose key already has an accepted output row. None: the processor cannot resume.
+    resume_key: tuple[str, str] | None = None
 
     def __init__(self, output_schema: pa.Schema):
         self.schema = output_schema
@@ -28,14 +35,29 @@ class RowProcessor:
         return to_table(self.process(batch.to_pylist()), self.schema, self.stage)
 
 
-def map_rows(table: pa.Table, processor: type[RowProcessor], pool, schema: pa.Schema | None = None, **kwargs) -> pa.Table:
+def map_rows(
+    table: pa.Table,
+    processor: type[RowProcessor],
+    pool,
+    schema: pa.Schema | None = None,
+    checkpoint: Path | None = None,
+    **kwargs,
+) -> pa.Table:
     """Run `processor` over the rows of `table` on an actor pool sized by `pool` (a PoolConfig).
 
     The output keeps the input's columns and adds the stage's, unless `schema` says otherwise.
+    With `checkpoint`, every finished block is written there as soon as it arrives, and a run that
+    finds blocks there (after a crash or an interrupt) processes only the rows not yet accepted.
     """
     schema = schema or output_schema(processor.stage, table.schema)
+    done = schema.empty_table()
+    if checkpoint is not None and processor.resume_key:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        done = _accepted(checkpoint, schema)
+        in_key, out_key = processor.resume_key
+        table = table.filter(pc.invert(pc.is_in(table[in_key], done[out_key])))
     if table.num_rows == 0:
-        return schema.empty_table()
+        return done
     # Small blocks so the pool has work to spread; one block per batch keeps actors busy.
     ds = ray.data.from_arrow(table).repartition(max(1, -(-table.num_rows // pool.batch_size)))
     ds = ds.map_batches(
@@ -46,9 +68,23 @@ def map_rows(table: pa.Table, processor: type[RowProcessor], pool, schema: pa.Sc
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
+        resources=dict(getattr(pool, "resources", None) or {}) or None,
     )
-    tables = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+    tables = [done]
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        block = block.cast(schema)
+        if checkpoint is not None and block.num_rows:
+            # Written before anything else can fail: a paid-for answer is never lost.
+            pq.write_table(block, checkpoint / f"part-{uuid.uuid4().hex}.parquet")
+        tables.append(block)
+    return pa.concat_tables(tables)
+
+
+def _accepted(checkpoint: Path, schema: pa.Schema) -> pa.Table:
+    """Rows a previous run finished and accepted (its rejects are tried again)."""
+    parts = [pq.read_table(p).cast(schema) for p in sorted(checkpoint.glob("part-*.parquet"))]
+    done = pa.concat_tables(parts) if parts else schema.empty_table()
+    return done.filter(pc.is_null(done[REJECT]))
 
 
 def engine_label(engine_cfg) -> str:

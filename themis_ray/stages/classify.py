@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -10,11 +12,12 @@ from themis_ray.classifier import classify
 from themis_ray.engines import build_engine
 from themis_ray.schema import REJECT
 from themis_ray.stages import RowProcessor, engine_label, map_rows
-from themis_ray.store import StageResult
+from themis_ray.store import PARTIAL, StageResult
 
 
 class Classifier(RowProcessor):
     stage = "classify"
+    resume_key = ("id", "id")
 
     def __init__(self, output_schema, engine_cfg, route_by, scenarios_dir):
         super().__init__(output_schema)
@@ -40,7 +43,8 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     if cfg.classify.route_by not in ("synthesis", "classifier"):
         raise ValueError(f"classify.route_by must be 'synthesis' or 'classifier', got {cfg.classify.route_by!r}")
     source: pa.Table = inputs["synthesize"]
-    table = map_rows(source, Classifier, cfg.classify.pool, engine_cfg=cfg.classify.engine,
+    table = map_rows(source, Classifier, cfg.classify.pool, checkpoint=Path(staging) / PARTIAL,
+                     engine_cfg=cfg.classify.engine,
                      route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
     ok = table.filter(pc.is_null(table[REJECT]))
     agree = pc.sum(pc.equal(ok["synthesis_scenario"], ok["predicted_scenario"])).as_py() or 0

@@ -8,6 +8,7 @@ on their own. An answer without a parsable overall score is asked again (sampled
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -16,7 +17,7 @@ from themis_ray.engines import build_engine
 from themis_ray.scenarios import get_scenario
 from themis_ray.schema import REJECT, stable_id
 from themis_ray.stages import RowProcessor, engine_label, map_rows
-from themis_ray.store import StageResult
+from themis_ray.store import PARTIAL, StageResult
 
 
 def judge_mode(row: dict, scenarios_dir=None) -> str:
@@ -26,6 +27,7 @@ def judge_mode(row: dict, scenarios_dir=None) -> str:
 
 class Labeler(RowProcessor):
     stage = "label"
+    resume_key = ("id", "response_id")
 
     def __init__(self, output_schema, engine_cfg, sampling, score_by, calibrate, prefill, max_attempts,
                  retry_temperature, scenarios_dir):
@@ -130,7 +132,7 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     c = cfg.label
     if c.score_by not in ("text", "choice"):
         raise ValueError(f"label.score_by must be 'text' or 'choice', got {c.score_by!r}")
-    table = map_rows(source, Labeler, c.pool, engine_cfg=c.engine, sampling=c.sampling, score_by=c.score_by,
+    table = map_rows(source, Labeler, c.pool, checkpoint=Path(staging) / PARTIAL, engine_cfg=c.engine, sampling=c.sampling, score_by=c.score_by,
                      calibrate=c.calibrate, prefill=c.prefill_score,
                      max_attempts=c.max_attempts, retry_temperature=c.retry_temperature,
                      scenarios_dir=cfg.scenarios_dir)

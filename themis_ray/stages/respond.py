@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
 from themis_ray.engines import build_engine
 from themis_ray.schema import REJECT, stable_id
 from themis_ray.stages import RowProcessor, engine_label, map_rows
-from themis_ray.store import StageResult
+from themis_ray.store import PARTIAL, StageResult
 
 
 class Responder(RowProcessor):
     stage = "respond"
+    resume_key = ("id", "instruction_id")  # per responder: each has its own checkpoint
 
     def __init__(self, output_schema, responder):
         super().__init__(output_schema)
@@ -38,6 +41,7 @@ def run(cfg, inputs: dict, staging) -> StageResult:
         raise ValueError(f"respond.responders: names must be unique, got {names}")
     source: pa.Table = inputs["classify"]
     # One pool per responder, one after another, so pools never compete for the same CPUs.
-    parts = [map_rows(source, Responder, cfg.respond.pool, responder=r) for r in cfg.respond.responders]
+    parts = [map_rows(source, Responder, cfg.respond.pool, checkpoint=Path(staging) / PARTIAL / r.name, responder=r)
+             for r in cfg.respond.responders]
     return StageResult(pa.concat_tables(parts), rows_in=source.num_rows * len(names),
                        extra={"responders": {r.name: engine_label(r.engine) for r in cfg.respond.responders}})

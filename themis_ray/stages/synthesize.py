@@ -24,7 +24,7 @@ from themis_ray.engines import build_engine
 from themis_ray.scenarios import get_scenario
 from themis_ray.schema import REJECT, output_schema, stable_id, to_table
 from themis_ray.stages import RowProcessor, engine_label, map_rows
-from themis_ray.store import StageResult
+from themis_ray.store import PARTIAL, StageResult
 
 PROMPT_VERSION = "v1"
 # "1." "2)" "-" "*" "•", also in Markdown bold ("**1.**") as small models often write them.
@@ -106,6 +106,7 @@ def build_tasks(cfg, scenarios_dir=None) -> tuple[list[dict], list[dict]]:
 
 class Synthesizer(RowProcessor):
     stage = "synthesize"
+    resume_key = ("task_id", "task_id")  # a task is done once any of its instructions is accepted
 
     def __init__(self, output_schema, engine_cfg, sampling, max_instruction_chars):
         super().__init__(output_schema)
@@ -142,7 +143,7 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     schema = output_schema("synthesize")
     s = cfg.synthesize
     table = map_rows(
-        pa.Table.from_pylist(tasks), Synthesizer, s.pool, schema=schema,
+        pa.Table.from_pylist(tasks), Synthesizer, s.pool, schema=schema, checkpoint=Path(staging) / PARTIAL,
         engine_cfg=s.engine, sampling=s.sampling, max_instruction_chars=s.max_instruction_chars,
     )
     table = pa.concat_tables([table, to_table(corpus_rejects, schema, "synthesize")])
