@@ -331,3 +331,38 @@ def test_backoff_bounds():
         base = min(30.0, 0.25 * 2 ** (attempt - 1))
         assert 0.5 * base <= wait <= 1.5 * base
     assert 2.0 <= OpenAIEngine._backoff(1, 2.0) <= 2.1
+
+
+def test_rate_limit_spends_and_refills_its_budget():
+    import asyncio
+
+    from themis_ray.engines.openai_engine import RateLimit
+
+    now = [0.0]
+    slept = []
+
+    async def sleep(seconds):  # a clock that moves only when the limiter sleeps
+        slept.append(seconds)
+        now[0] += seconds
+
+    async def scenario():
+        limit = RateLimit(per_minute=600, clock=lambda: now[0], sleep=sleep)  # 10/s, bucket of 600
+        for _ in range(6):
+            await limit.acquire(100)  # the full bucket, spent without waiting
+        assert slept == []
+        await limit.acquire(5)  # empty: needs 5 / (10 per second) = 0.5 s of refill
+        await limit.acquire(10**6)  # larger than the bucket: waits for a full bucket, then passes
+
+    asyncio.run(scenario())
+    assert slept[0] == pytest.approx(0.5)
+    assert sum(slept[1:]) == pytest.approx(60.0)  # 600 tokens at 10 per second
+
+
+def test_no_rate_limit_never_waits():
+    import asyncio
+
+    from themis_ray.engines.openai_engine import RateLimit
+
+    limit = RateLimit(None)
+    asyncio.run(limit.acquire(10**9))
+    assert limit.rate is None

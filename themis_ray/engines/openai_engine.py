@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from typing import Optional
 
 import openai
@@ -39,6 +40,8 @@ class OpenAIEngine(Engine):
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=cfg.timeout_s, max_retries=0)
         self.usage = Usage()
         self._loop = asyncio.new_event_loop()
+        self.request_budget = RateLimit(cfg.requests_per_minute)
+        self.token_budget = RateLimit(cfg.tokens_per_minute)
 
     def generate(self, conversations: list[Conversation], sampling) -> list[Completion]:
         return self._loop.run_until_complete(self._generate_all(conversations, sampling))
@@ -56,6 +59,9 @@ class OpenAIEngine(Engine):
                 await asyncio.sleep(self._backoff(attempt, last_retry_after))  # outside the slot
                 self.usage.retries += 1
             last_retry_after = None
+            # Wait for the endpoint's budget before taking a slot, so waiting never holds one.
+            await self.request_budget.acquire(1)
+            await self.token_budget.acquire(_estimated_tokens(request))
             async with slots:
                 try:
                     response = await self.client.chat.completions.create(**request)
@@ -112,6 +118,39 @@ class OpenAIEngine(Engine):
     def close(self) -> None:
         self._loop.run_until_complete(self.client.close())
         self._loop.close()
+
+
+class RateLimit:
+    """A token bucket refilled continuously at `per_minute`; None means unlimited.
+
+    The limit is per engine (per actor): give each actor its share of the account's limit.
+    """
+
+    def __init__(self, per_minute: Optional[float], clock=time.monotonic, sleep=asyncio.sleep):
+        self.rate = per_minute / 60.0 if per_minute else None
+        self.capacity = float(per_minute or 0)
+        self.level = self.capacity
+        self.clock, self.sleep = clock, sleep
+        self.updated = clock()
+
+    async def acquire(self, amount: float) -> None:
+        if self.rate is None:
+            return
+        amount = min(amount, self.capacity)  # one oversized request may still pass, alone
+        while True:
+            now = self.clock()
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.level >= amount:
+                self.level -= amount
+                return
+            await self.sleep((amount - self.level) / self.rate)
+
+
+def _estimated_tokens(request: dict) -> int:
+    """Prompt characters / 4 plus the completion budget: what TPM limits count before a reply."""
+    chars = sum(len(m.get("content") or "") for m in request["messages"])
+    return chars // 4 + int(request.get("max_tokens") or 0)
 
 
 def _retry_after(err: Exception) -> Optional[float]:
