@@ -1,7 +1,10 @@
-"""Run a command and report its wall time and the peak resident memory of its whole process tree.
+"""Run a command and report its wall time and the peak memory of its whole process tree.
 
-Ray starts its raylet, GCS and workers as descendants of the driver, so the tree's summed RSS is the
-memory the whole local cluster used; the driver's own peak alone would miss the model actors.
+Ray starts its raylet, GCS and workers as descendants of the driver, so the tree's memory is what
+the whole local cluster used; the driver's own peak alone would miss the model actors. Summed RSS
+counts shared pages (torch's libraries, the object store) once per process, so the proportional set
+size (PSS, shared pages split between their users) is the honest total; both are reported, with the
+machine's used-memory rise as a cross-check.
 
     python benchmarks/peak_memory.py -- themis-ray pipeline --config configs/quickstart.yaml
 """
@@ -16,30 +19,43 @@ import time
 import psutil
 
 
-def tree_rss(root: psutil.Process) -> int:
-    total = 0
+def tree_memory(root: psutil.Process) -> tuple[int, int]:
+    """(summed RSS, summed PSS) of `root` and its descendants."""
+    rss = pss = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            info = proc.memory_full_info()
+            rss, pss = rss + info.rss, pss + info.pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total
+    return rss, pss
+
+
+def used_memory() -> int:
+    vm = psutil.virtual_memory()
+    return vm.total - vm.available
 
 
 def main() -> int:
     command = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    baseline = used_memory()
     start = time.perf_counter()
     child = subprocess.Popen(command)
-    root, peak = psutil.Process(child.pid), 0
+    root = psutil.Process(child.pid)
+    peak_rss = peak_pss = peak_used = 0
     while child.poll() is None:
         try:
-            peak = max(peak, tree_rss(root))
+            rss, pss = tree_memory(root)
         except psutil.NoSuchProcess:
             break
-        time.sleep(0.5)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        peak_used = max(peak_used, used_memory() - baseline)
+        time.sleep(1.0)
     wall = time.perf_counter() - start
+    gib = 2**30
     print(json.dumps({"command": " ".join(command), "returncode": child.returncode, "wall_s": round(wall, 1),
-                      "peak_tree_rss_gib": round(peak / 2**30, 2)}), file=sys.stderr)
+                      "peak_tree_pss_gib": round(peak_pss / gib, 2), "peak_tree_rss_gib": round(peak_rss / gib, 2),
+                      "peak_machine_used_rise_gib": round(peak_used / gib, 2)}), file=sys.stderr)
     return child.returncode
 
 
