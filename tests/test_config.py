@@ -105,3 +105,14 @@ def test_digest_is_stable_and_changes_with_a_value():
     plain = OmegaConf.to_container(a.curate)
     reordered = dict(reversed(list(plain.items())))
     assert config.digest(reordered) == config.digest(a.curate)
+
+
+def test_judge_names_are_shorthand_for_specs(tmp_path):
+    from themis_ray.config import load
+
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluate:\n  judges: [trained, {name: teacher, model: /models/t}]\n")
+    cfg = load(path)
+    assert [(j.name, j.model) for j in cfg.evaluate.judges] == [("trained", None), ("teacher", "/models/t")]
+    cfg = load(path, ["evaluate.judges=[base]"])
+    assert [j.name for j in cfg.evaluate.judges] == ["base"]

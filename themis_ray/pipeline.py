@@ -25,6 +25,7 @@ class Stage:
     name: str
     inputs: tuple[str, ...]
     config_keys: tuple[str, ...]  # the config sections whose change invalidates the stage
+    data_keys: tuple[str, ...] = ()  # config keys naming files whose content invalidates the stage
 
     def runner(self) -> Callable:
         import importlib
@@ -42,7 +43,7 @@ STAGES = {
         Stage("ifd", ("label",), ("ifd",)),
         Stage("curate", ("ifd",), ("curate",)),
         Stage("train", ("curate",), ("train",)),
-        Stage("evaluate", ("curate", "train"), ("evaluate", "train.model")),
+        Stage("evaluate", ("curate", "train"), ("evaluate", "train.model"), ("evaluate.file.path",)),
     )
 }
 
@@ -67,7 +68,13 @@ def fingerprint(cfg, stage: Stage) -> dict:
         if manifest is None:
             raise FileNotFoundError(f"stage {stage.name!r} needs the output of {name!r}; run it first")
         inputs[name] = manifest["digest"]
-    return {"config": digest(sections), "inputs": inputs, "files": _files_digest(*folders), "version": __version__}
+    data = {}
+    for key in stage.data_keys:
+        path = OmegaConf.select(cfg, key)
+        if path and Path(path).expanduser().is_file():
+            data[key] = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+    return {"config": digest(sections), "inputs": inputs, "files": _files_digest(*folders), "data": data,
+            "version": __version__}
 
 
 def init_ray(cfg) -> None:

@@ -26,14 +26,20 @@ def print_stage_summary(manifest: dict, skipped: bool) -> None:
     if "train" in manifest:
         t = manifest["train"]
         console.print(f"  train: steps={t.get('steps')} loss {t.get('first_loss')} -> {t.get('final_loss')}")
-    if "metrics" in manifest:
-        metrics = Table(title="judges vs teacher labels (validation split)", title_justify="left")
-        cols = ["n", "parse_rate", "mae", "agreement", "accuracy"]  # agreement is Agr(2,2)
+    if manifest.get("metrics"):
+        bench = manifest.get("metrics_benchmark") or "validation"
+        gold = "teacher labels" if bench == "validation" else "gold labels"
+        metrics = Table(title=f"judges vs {gold} ({bench}; report.html has every benchmark)", title_justify="left")
+        rows = manifest["metrics"]
+        pairwise = any("accuracy_without_ties" in m for m in rows.values())
+        # agreement is Agr(2,2); aggregate: metrics normalised so random guessing is 0 and perfect is 1
+        cols = (["n", "parse_rate", "accuracy", "accuracy_without_ties", "position_consistency", "aggregate"]
+                if pairwise else ["n", "parse_rate", "mae", "agreement", "accuracy", "aggregate"])
         metrics.add_column("judge")
         for c in cols:
             metrics.add_column(c, justify="right")
-        for judge, m in manifest["metrics"].items():
-            metrics.add_row(judge, *[_fmt(m.get(c)) for c in cols])
+        for judge, m in rows.items():
+            metrics.add_row(judge, *[_fmt_ci(m, c) for c in cols])
         console.print(metrics)
 
 
@@ -41,6 +47,15 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _fmt_ci(metrics: dict, key: str) -> str:
+    """A metric, with its bootstrap interval where there is one: 0.512 [0.43, 0.60]."""
+    ci = metrics.get(f"{key}_ci")
+    text = _fmt(metrics.get(key))
+    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
+        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return text
 
 
 def print_pipeline_summary(cfg, manifests: dict[str, dict], wall_s: float) -> None:

@@ -1,0 +1,16 @@
+"""Instructions -> their scenario, by the log-probability of each scenario name.
+
+    ray job submit --address http://HEAD:8265 --working-dir . \\
+        --entrypoint-num-cpus 0 --entrypoint-num-gpus 0 --runtime-env cluster/runtime-env.yaml \\
+        -- python jobs/classify.py --config configs/quickstart.yaml run_dir=/shared/runs/x [--force] [--export URI] [key=value ...]
+
+Runs on the `classify.pool` actor pool; needs an engine that scores text (hf).
+Arguments, the runtime env and what the driver reserves: see jobs/_job.py.
+"""
+
+import sys
+
+from _job import main
+
+if __name__ == "__main__":
+    sys.exit(main("classify", sys.argv[1:]))

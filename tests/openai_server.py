@@ -1,0 +1,182 @@
+"""A small, real OpenAI-compatible HTTP server for tests: `POST /v1/chat/completions`, `GET /v1/models`.
+
+It runs in a thread on 127.0.0.1 (an ephemeral port by default), so Ray actors on any node of a local
+cluster can reach it. Every answer is a well-formed chat completion; by default a judge's answer
+("[[4]] ..."). Knobs, all optional:
+
+* `latency_s`: seconds each answer takes (the request holds its concurrency slot meanwhile);
+* `max_concurrency`: requests served at once; one more gets HTTP 429 with `Retry-After`;
+* `fail_first`: the first N requests of every distinct prompt get HTTP 500 (retries then succeed);
+* `fail_rate` / `malformed_rate`: a random share of requests gets HTTP 500 / a 200 whose body is
+  not JSON (seeded, so a run is repeatable);
+* `answer`: a function from the request's messages to the reply's text.
+
+It counts what it saw, per distinct prompt (the last user message): `requests` (every attempt) and
+`answered` (the 200s with a valid body), so a test can assert each record was labelled exactly once;
+`max_in_flight` is the highest number of requests it held at once.
+
+    with OpenAIServer(latency_s=0.2) as server:
+        EngineConfig(kind="openai", base_url=server.base_url, model="teacher")
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional
+
+Messages = list[dict]
+
+
+def judge_answer(messages: Messages) -> str:
+    """A valid single-answer evaluation: an overall score, then an explanation."""
+    return "[[4]] The response answers the question correctly and clearly; it could say a little more."
+
+
+def prompt_key(messages: Messages) -> str:
+    """What identifies a record: its last user message (the rendered evaluation prompt)."""
+    users = [m.get("content") for m in messages if m.get("role") == "user"]
+    content = users[-1] if users else json.dumps(messages, sort_keys=True)
+    return content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+
+
+class OpenAIServer:
+    def __init__(self, latency_s: float = 0.0, max_concurrency: Optional[int] = None, fail_first: int = 0,
+                 fail_rate: float = 0.0, malformed_rate: float = 0.0, answer: Callable[[Messages], str] = judge_answer,
+                 host: str = "127.0.0.1", port: int = 0, seed: int = 0):
+        self.latency_s, self.max_concurrency = latency_s, max_concurrency
+        self.fail_first, self.fail_rate, self.malformed_rate = fail_first, fail_rate, malformed_rate
+        self.answer = answer
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.answered: collections.Counter[str] = collections.Counter()
+        self.in_flight = self.max_in_flight = self.rejected = 0
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self._httpd.daemon_threads = True
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> "OpenAIServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="openai-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- what one request gets ----------------------------------------------------------------------
+    def _admit(self, key: str) -> Optional[str]:
+        """Count the request and take a slot; returns the fault to answer with, or None."""
+        with self._lock:
+            self.requests[key] += 1
+            if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
+                self.rejected += 1
+                return "busy"
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.requests[key] <= self.fail_first or self._random.random() < self.fail_rate:
+                return "error"
+            if self._random.random() < self.malformed_rate:
+                return "malformed"
+        return None
+
+    def _release(self, key: Optional[str] = None) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if key is not None:
+                self.answered[key] += 1
+
+    def completion(self, request: dict) -> dict:
+        messages = request.get("messages") or []
+        text = self.answer(messages)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        completion_tokens = len(text.split())
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", "test"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+
+def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet: tests read counters, not access logs
+            pass
+
+        def _send(self, status: int, body: bytes, headers: Optional[dict] = None) -> None:
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: int, message: str, headers: Optional[dict] = None) -> None:
+            self._send(status, json.dumps({"error": {"message": message, "type": "test_server"}}).encode(), headers)
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, json.dumps({"object": "list", "data": [{"id": "test", "object": "model"}]}).encode())
+            else:
+                self._error(404, f"no route {self.path}")
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._error(404, f"no route {self.path}")
+                return
+            try:
+                request = json.loads(raw or b"{}")
+                key = prompt_key(request["messages"])
+            except (ValueError, KeyError, TypeError):
+                self._error(400, "body must be JSON with a messages list")
+                return
+            fault = server._admit(key)
+            if fault == "busy":
+                self._error(429, "too many requests in flight", {"retry-after": "0.2"})
+                return
+            try:
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                if fault == "error":
+                    self._error(500, "injected fault")
+                elif fault == "malformed":
+                    self._send(200, b"{not json")
+                else:
+                    body = json.dumps(server.completion(request)).encode()
+                    server._release(key)
+                    fault = "done"  # released with its count
+                    self._send(200, body)
+            finally:
+                if fault != "done":
+                    server._release()
+
+    return Handler

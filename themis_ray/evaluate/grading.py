@@ -1,0 +1,114 @@
+"""A judge grades a benchmark's records on a Ray Data actor pool, with the prompt each record carries.
+
+Pointwise records get `predicted_score` (None when the answer had no parsable score in the scale),
+the score distribution at the `[[n]]` position and its expected value where the engine returned
+log-probabilities. Pairwise records are judged in both orders (`prompt`, then `prompt_ba` with the
+responses swapped): `verdict` is the order-independent verdict of `judging.combine_pairwise` (a
+verdict that flips with the order is a tie), None when either order gave no verdict; `consistent`
+says whether both orders agreed. A judge that fails is measured, not dropped: its row stays, with
+`judge_error` saying why and no prediction, and counts against the parse rate.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from themis_ray import judging
+from themis_ray.engines import build_engine
+from themis_ray.schema import REJECT
+from themis_ray.stages import RowProcessor, map_rows
+
+POINTWISE_COLUMNS = [
+    ("judge", pa.string()),
+    ("judge_output", pa.string()),  # the judge's whole answer (the order A, B for pairwise)
+    ("predicted_score", pa.float64()),
+    ("predicted_expected", pa.float64()),  # probability-weighted score, where log-probabilities exist
+    ("predicted_distribution", pa.list_(pa.float64())),  # P(score = low..high)
+    ("judge_error", pa.string()),  # engine error or why the answer did not parse
+]
+PAIRWISE_COLUMNS = [
+    ("judge_output_ba", pa.string()),
+    ("verdict_ab", pa.string()),  # A, B or C with the responses in the given order
+    ("verdict_ba", pa.string()),  # ... with them swapped, as the judge wrote it (not unswapped)
+    ("verdict", pa.string()),  # combined, in the given order
+    ("consistent", pa.bool_()),
+]
+
+
+def graded_schema(input_schema: pa.Schema, pairwise: bool) -> pa.Schema:
+    fields = [f for f in input_schema if f.name != REJECT]
+    names = {f.name for f in fields}
+    added = POINTWISE_COLUMNS + (PAIRWISE_COLUMNS if pairwise else [])
+    fields += [pa.field(n, t) for n, t in added if n not in names]
+    return pa.schema(fields + [pa.field(REJECT, pa.string())])
+
+
+class JudgeGrader(RowProcessor):
+    stage = "evaluate"
+
+    def __init__(self, output_schema, judge: str, engine_cfg, sampling, prefill: bool, scale=(1, 5)):
+        super().__init__(output_schema)
+        self.judge = judge
+        self.engine = build_engine(engine_cfg)
+        self.sampling, self.prefill = sampling, prefill
+        self.scale = judging.RatingScale(int(scale[0]), int(scale[1]))
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        conversations, where = [], []  # where[i]: (row index, which order)
+        for i, row in enumerate(rows):
+            conversations.append(judging.build_messages(row["prompt"], self.prefill))
+            where.append((i, "ab"))
+            if row.get("mode") == "pairwise":
+                conversations.append(judging.build_messages(row["prompt_ba"], self.prefill))
+                where.append((i, "ba"))
+        answers: dict[tuple[int, str], object] = dict(zip(where, self.engine.generate(conversations, self.sampling)))
+        out = []
+        for i, row in enumerate(rows):
+            # Every declared column is present: a failed answer has explicit nulls, not missing keys.
+            graded = {**dict.fromkeys(self.schema.names), **row, "judge": self.judge, REJECT: None}
+            if row.get("mode") == "pairwise":
+                graded.update(self._pairwise(answers[(i, "ab")], answers[(i, "ba")]))
+            else:
+                graded.update(self._pointwise(answers[(i, "ab")]))
+            out.append(graded)
+        return out
+
+    def _text(self, done) -> str | None:
+        return None if done.error else judging.full_text(done.text, self.prefill)
+
+    def _pointwise(self, done) -> dict:
+        text = self._text(done)
+        if text is None:
+            return {"judge_error": f"engine error: {done.error}"}
+        parsed = judging.parse_evaluation(text, "single", self.scale)
+        dist = judging.score_distribution(done.tokens, done.top_logprobs, self.scale, prefill=self.prefill)
+        return {"judge_output": text, "predicted_score": parsed.score, "judge_error": parsed.error,
+                "predicted_expected": judging.expected_score(dist),
+                "predicted_distribution": list(dist.values()) if dist else None}
+
+    def _pairwise(self, done_ab, done_ba) -> dict:
+        texts = [self._text(done_ab), self._text(done_ba)]
+        verdicts, errors = [], []
+        for order, done, text in (("A,B", done_ab, texts[0]), ("B,A", done_ba, texts[1])):
+            if text is None:
+                verdicts.append(None)
+                errors.append(f"order {order}: engine error: {done.error}")
+                continue
+            parsed = judging.parse_evaluation(text, "pairwise")
+            verdicts.append(parsed.verdict)
+            if parsed.error:
+                errors.append(f"order {order}: {parsed.error}")
+        verdict, consistent = judging.combine_pairwise(*verdicts)
+        if None in verdicts:
+            verdict = None  # unparsed: counts against the parse rate, not as a tie
+        return {"judge_output": texts[0], "judge_output_ba": texts[1], "verdict_ab": verdicts[0],
+                "verdict_ba": verdicts[1], "verdict": verdict, "consistent": consistent,
+                "judge_error": "; ".join(errors) or None}
+
+
+def grade(benchmark, judge, evaluate_cfg) -> pa.Table:
+    """`judge` (a judges.Judge) grades every record of `benchmark` on `evaluate.pool`."""
+    schema = graded_schema(benchmark.records.schema, benchmark.pairwise)
+    return map_rows(benchmark.records, JudgeGrader, evaluate_cfg.pool, schema=schema, judge=judge.name,
+                    engine_cfg=judge.engine, sampling=evaluate_cfg.sampling, prefill=judge.prefill,
+                    scale=tuple(benchmark.scale))

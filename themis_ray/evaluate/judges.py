@@ -1,0 +1,70 @@
+"""Which judges an evaluation compares: `evaluate.judges` specs -> a name, an engine and a prefill flag.
+
+"trained" is this run's fine-tuned judge (`<run_dir>/train/judge`), "base" is the model it was
+fine-tuned from (`train.model`); any other name is a model folder unless the spec names its model or
+its own engine, e.g. an OpenAI-compatible endpoint such as the teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from themis_ray.config import EngineConfig, JudgeSpec
+
+
+@dataclass
+class Judge:
+    name: str
+    engine: Any  # an EngineConfig (DictConfig), model set
+    prefill: bool  # continue an assistant message that reads "[[" so the first token is the score
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine.kind}:{self.engine.model}"
+
+
+def _spec(entry: Any) -> Any:
+    """A JudgeSpec config from a spec, a mapping or a bare name (as tests and callers may pass)."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    return OmegaConf.merge(OmegaConf.structured(JudgeSpec), entry)
+
+
+def resolve_judges(cfg, run_dir: str | Path | None = None) -> list[Judge]:
+    """Every judge of `cfg.evaluate.judges`, resolved; names must be unique."""
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).expanduser().resolve()
+    judges = []
+    for entry in cfg.evaluate.judges:
+        spec = _spec(entry)
+        if not spec.name or not str(spec.name).strip():
+            raise ValueError("evaluate.judges: every judge needs a name")
+        base = spec.engine if spec.engine is not None else cfg.evaluate.engine
+        engine = OmegaConf.merge(OmegaConf.structured(EngineConfig), base)
+        if spec.model:
+            model = spec.model
+        elif spec.name == "trained":
+            model = str(run_dir / "train" / "judge")
+        elif spec.name == "base":
+            model = cfg.train.model
+        elif spec.engine is not None:
+            model = engine.model
+        else:
+            model = spec.name
+        engine.model = model
+        if spec.prefill_score is not None:
+            prefill = bool(spec.prefill_score)
+        else:
+            # A remote API does not continue an assistant message: parse the score from the text.
+            prefill = bool(cfg.evaluate.prefill_score) and engine.kind != "openai"
+        judges.append(Judge(name=str(spec.name), engine=engine, prefill=prefill))
+    names = [j.name for j in judges]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"evaluate.judges: names must be unique; repeated: {', '.join(duplicates)}")
+    if not judges:
+        raise ValueError("evaluate.judges is empty: name at least one judge")
+    return judges
