@@ -1,33 +1,46 @@
 """IFD scoring speed: the ifd stage's processor vs a per-record reference loop, same model, same records.
 
-The reference is how the original IFD code scores: one record at a time, two forward passes (prompt +
-answer, then answer alone), full-vocabulary logits over the whole sequence. The stage batches
-length-sorted records, left-pads them and computes logits only for the answer positions.
+The reference is how the original IFD code (Cherry LLM) scores: one record at a time, two plain forward
+passes (prompt + answer, then the answer alone after a begin token), full-vocabulary logits over the
+whole sequence. The stage orders the table as its `run` does (scenario, mode, length), cuts it into
+the actor pool's batches, and each batch goes through `IFDScorer.process`: the prompt prefix a batch
+shares is run once, the remainders are length-sorted and left-padded, and only the answer positions'
+logits are computed.
 
-    python benchmarks/ifd_throughput.py --records 48 --threads 2
+The two are timed batch by batch, alternating which goes first, so that load from other processes on a
+shared machine falls on both alike; the load average is reported. Tokens per second count the same
+workload for both: prompt + answer tokens of the conditioned pass, plus begin + answer tokens of the
+unconditioned pass.
+
+    python benchmarks/ifd_throughput.py --records 32 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import random
 import resource
 import time
+from functools import partial
 
+import pyarrow as pa
 import torch
 
 from themis_ray import judging
 from themis_ray.assets import python_docs
 from themis_ray.config import EngineConfig
-from themis_ray.engines import build_engine
-from themis_ray.stages.ifd import IFDScorer, ifd_from_logprobs
 from themis_ray.schema import output_schema
+from themis_ray.stages.ifd import IFDScorer, batch_order, ifd_from_logprobs
+
+SCENARIOS = ("open_qa", "informative_writing", "close_qa")
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
-    """Evaluation records of very different lengths, built from Python's docs."""
+    """Evaluation records of very different lengths in three scenarios, built from Python's docs."""
     rng = random.Random(seed)
     texts = [t for t in python_docs().values() if len(t) > 2000]
     records = []
@@ -36,9 +49,10 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
         start = rng.randrange(0, len(text) - 1500)
         response = text[start:start + rng.choice([80, 300, 700, 1400])]
         request = judging.JudgeRequest(instruction=f"Explain this part of the Python docs ({i}).",
-                                       response=response, scenario="open_qa")
+                                       response=response, scenario=SCENARIOS[i % len(SCENARIOS)])
         evaluation = f"[[{rng.randint(1, 5)}]] " + text[start:start + rng.choice([60, 200, 500])]
-        records.append({"id": str(i), "prompt": judging.render_prompt(request), "evaluation": evaluation})
+        records.append({"id": str(i), "scenario": request.scenario, "mode": "single",
+                        "prompt": judging.render_prompt(request), "evaluation": evaluation})
     return records
 
 
@@ -58,41 +72,55 @@ def reference_ifd(engine, record: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=48)
+    parser.add_argument("--records", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="the actor pool's batch (ifd.pool.batch_size)")
+    parser.add_argument("--no-prefix", action="store_true", help="also time the stage without prefix sharing")
     args = parser.parse_args()
     records = make_records(args.records)
-    engine_cfg = EngineConfig(num_threads=args.threads)
-    import pyarrow as pa
-
-    scorer = IFDScorer(output_schema("ifd", pa.schema([("id", pa.string()), ("prompt", pa.string()),
-                                                        ("evaluation", pa.string())])), engine_cfg)
+    table = pa.Table.from_pylist(records)
+    ordered = [records[i] for i in batch_order(table)]
+    batches = [ordered[k:k + args.batch_size] for k in range(0, len(ordered), args.batch_size)]
+    schema = output_schema("ifd", table.schema)
+    scorer = IFDScorer(schema, EngineConfig(num_threads=args.threads), micro_batch_size=args.batch_size)
     engine = scorer.engine
-    tokens = sum(len(engine.prompt_ids(judging.build_messages(r["prompt"]))) + 2 * len(engine.text_ids(r["evaluation"]))
+    plain = copy.copy(scorer)  # the same engine, prefix sharing off
+    plain.conditioned = partial(engine.token_logprobs, batch_size=args.batch_size)
+    tokens = sum(len(engine.prompt_ids(judging.build_messages(r["prompt"]))) + 1 + 2 * len(engine.text_ids(r["evaluation"]))
                  for r in records)
-    scorer.process(records[:2])  # warm-up, both paths share the model
+    scorer.process(records[:2])  # warm-up; every path shares the model
     reference_ifd(engine, records[0])
 
-    start = time.perf_counter()
-    reference = [reference_ifd(engine, r) for r in records]
-    t_ref = time.perf_counter() - start
+    timings = {"reference": 0.0, "stage": 0.0, "stage_no_prefix": 0.0}
+    reference, stage, no_prefix = {}, {}, {}
+    load_before = os.getloadavg()
+    for k, batch in enumerate(batches):
+        runs = [("reference", lambda: reference.update({r["id"]: reference_ifd(engine, r) for r in batch})),
+                ("stage", lambda: stage.update({o["id"]: o["ifd"] for o in scorer.process(batch)}))]
+        if args.no_prefix:
+            runs.append(("stage_no_prefix", lambda: no_prefix.update({o["id"]: o["ifd"] for o in plain.process(batch)})))
+        for name, fn in (runs if k % 2 == 0 else runs[::-1]):  # alternate who goes first
+            start = time.perf_counter()
+            fn()
+            timings[name] += time.perf_counter() - start
+    load_after = os.getloadavg()
 
-    start = time.perf_counter()
-    out = []
-    for k in range(0, len(records), args.batch_size):
-        out += scorer.process(records[k:k + args.batch_size])
-    t_stage = time.perf_counter() - start
+    def figures(name: str) -> dict:
+        t = timings[name]
+        return {f"{name}_s": round(t, 2), f"{name}_records_per_s": round(len(records) / t, 4),
+                f"{name}_tokens_per_s": round(tokens / t, 1)}
 
-    max_diff = max(abs(a - b["ifd"]) for a, b in zip(reference, out))
     result = {
         "records": len(records), "tokens_scored": tokens, "threads": args.threads, "batch_size": args.batch_size,
-        "reference_s": round(t_ref, 2), "stage_s": round(t_stage, 2),
-        "reference_records_per_s": round(len(records) / t_ref, 3), "stage_records_per_s": round(len(records) / t_stage, 3),
-        "reference_tokens_per_s": round(tokens / t_ref, 1), "stage_tokens_per_s": round(tokens / t_stage, 1),
-        "speedup": round(t_ref / t_stage, 2), "max_abs_ifd_difference": max_diff,
+        **figures("reference"), **figures("stage"),
+        **(figures("stage_no_prefix") if args.no_prefix else {}),
+        "speedup": round(timings["reference"] / timings["stage"], 2),
+        **({"speedup_no_prefix": round(timings["reference"] / timings["stage_no_prefix"], 2)} if args.no_prefix else {}),
+        "max_abs_ifd_difference": max(abs(reference[i] - stage[i]) for i in reference),
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
     }
     print(json.dumps(result, indent=2))
 

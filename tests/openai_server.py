@@ -10,6 +10,13 @@ cluster can reach it. Every answer is a well-formed chat completion; by default 
 * `fail_rate` / `malformed_rate`: a random share of requests gets HTTP 500 / a 200 whose body is
   not JSON (seeded, so a run is repeatable);
 * `answer`: a function from the request's messages to the reply's text.
+* `rate_limit_rate`: a random share gets HTTP 429 with `Retry-After: retry_after_s`;
+* `hang_rate`: a random share is held `hang_s` seconds and then dropped with a 500 (a client whose
+  timeout is shorter has given up by then: the request never counts as answered);
+* `garbage_rate`: a random share gets a well-formed 200 whose text is `garbage_text` (no score);
+* `fail_after`: every request after the first N (all prompts together) gets HTTP 500: an endpoint
+  that went down;
+* `api_key`: a request without `Authorization: Bearer <api_key>` gets HTTP 401.
 
 It counts what it saw, per distinct prompt (the last user message): `requests` (every attempt) and
 `answered` (the 200s with a valid body), so a test can assert each record was labelled exactly once;
@@ -48,8 +55,17 @@ def prompt_key(messages: Messages) -> str:
 class OpenAIServer:
     def __init__(self, latency_s: float = 0.0, max_concurrency: Optional[int] = None, fail_first: int = 0,
                  fail_rate: float = 0.0, malformed_rate: float = 0.0, answer: Callable[[Messages], str] = judge_answer,
-                 host: str = "127.0.0.1", port: int = 0, seed: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, seed: int = 0, rate_limit_rate: float = 0.0,
+                 retry_after_s: float = 0.2, hang_rate: float = 0.0, hang_s: float = 2.0, garbage_rate: float = 0.0,
+                 garbage_text: str = "I would rather not grade this one.", fail_after: Optional[int] = None,
+                 api_key: Optional[str] = None):
         self.latency_s, self.max_concurrency = latency_s, max_concurrency
+        self.rate_limit_rate, self.retry_after_s = rate_limit_rate, retry_after_s
+        self.hang_rate, self.hang_s = hang_rate, hang_s
+        self.garbage_rate, self.garbage_text = garbage_rate, garbage_text
+        self.fail_after, self.api_key = fail_after, api_key
+        self.total_requests = self.unauthorized = 0
+        self.faults: collections.Counter[str] = collections.Counter()  # fault kind -> times injected
         self.fail_first, self.fail_rate, self.malformed_rate = fail_first, fail_rate, malformed_rate
         self.answer = answer
         self.requests: collections.Counter[str] = collections.Counter()
@@ -88,16 +104,28 @@ class OpenAIServer:
         """Count the request and take a slot; returns the fault to answer with, or None."""
         with self._lock:
             self.requests[key] += 1
+            self.total_requests += 1
             if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
                 self.rejected += 1
                 return "busy"
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.fail_after is not None and self.total_requests > self.fail_after:
+                return self._fault("down")
             if self.requests[key] <= self.fail_first or self._random.random() < self.fail_rate:
-                return "error"
+                return self._fault("error")
             if self._random.random() < self.malformed_rate:
-                return "malformed"
+                return self._fault("malformed")
+            # Drawn only when asked for, so the draws above stay as they were for existing seeds.
+            for kind, rate in (("rate_limited", self.rate_limit_rate), ("hang", self.hang_rate),
+                               ("garbage", self.garbage_rate)):
+                if rate and self._random.random() < rate:
+                    return self._fault(kind)
         return None
+
+    def _fault(self, kind: str) -> str:
+        self.faults[kind] += 1
+        return kind
 
     def _release(self, key: Optional[str] = None) -> None:
         with self._lock:
@@ -105,9 +133,9 @@ class OpenAIServer:
             if key is not None:
                 self.answered[key] += 1
 
-    def completion(self, request: dict) -> dict:
+    def completion(self, request: dict, text: Optional[str] = None) -> dict:
         messages = request.get("messages") or []
-        text = self.answer(messages)
+        text = self.answer(messages) if text is None else text
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = len(text.split())
         return {
@@ -159,6 +187,11 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             except (ValueError, KeyError, TypeError):
                 self._error(400, "body must be JSON with a messages list")
                 return
+            if server.api_key is not None and self.headers.get("authorization") != f"Bearer {server.api_key}":
+                with server._lock:
+                    server.unauthorized += 1
+                self._error(401, "missing or wrong API key")
+                return
             fault = server._admit(key)
             if fault == "busy":
                 self._error(429, "too many requests in flight", {"retry-after": "0.2"})
@@ -166,15 +199,23 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             try:
                 if server.latency_s:
                     time.sleep(server.latency_s)
-                if fault == "error":
+                if fault in ("error", "down"):
                     self._error(500, "injected fault")
+                elif fault == "rate_limited":
+                    self._error(429, "injected rate limit", {"retry-after": f"{server.retry_after_s:g}"})
+                elif fault == "hang":
+                    time.sleep(server.hang_s)
+                    self._error(500, "injected hang")
                 elif fault == "malformed":
                     self._send(200, b"{not json")
                 else:
-                    body = json.dumps(server.completion(request)).encode()
+                    text = server.garbage_text if fault == "garbage" else None
+                    body = json.dumps(server.completion(request, text)).encode()
                     server._release(key)
                     fault = "done"  # released with its count
                     self._send(200, body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (its timeout): nothing to answer
             finally:
                 if fault != "done":
                     server._release()

@@ -1,13 +1,17 @@
-"""IFD from log-probabilities, and the HF engine's batched scoring against a plain reference."""
+"""IFD from log-probabilities; the HF engine's batched scoring and the ifd stage against a plain reference."""
 
 from __future__ import annotations
 
 import math
 
+import pyarrow as pa
 import pytest
 import torch
 
+from themis_ray import judging
 from themis_ray.engines import Engine
+from themis_ray.schema import REJECT, output_schema
+from themis_ray.stages import ifd as ifd_stage
 from themis_ray.stages.ifd import ifd_from_logprobs
 
 
@@ -120,3 +124,87 @@ def test_choice_logprobs_after_a_prefill_equals_base_implementation(hf_engine):
     assert max(abs(a - b) for a, b in zip(fast, base)) < 1e-4
     for option, total in zip(options, fast):
         assert total == pytest.approx(sum(_reference_logprobs(hf_engine, prompt, option)), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ the stage itself
+
+
+def _eval_record(i, scenario, response, evaluation):
+    request = judging.JudgeRequest(instruction=f"Question {i}: what does this code do?", response=response,
+                                   scenario=scenario)
+    return {"id": f"r{i}", "scenario": scenario, "mode": "single", "prompt": judging.render_prompt(request),
+            "evaluation": evaluation}
+
+
+STAGE_RECORDS = [
+    _eval_record(0, "programming", "It prints.", "[[2]] Too short."),
+    _eval_record(1, "programming", "The loop walks the list and sums every even element. " * 12,
+                 "[[4]] Correct and explains the loop.\nCorrectness: [[4]] right.\nClarity: [[5]] easy to follow. " * 3),
+    _eval_record(2, "programming", "It sorts the list in place with a quicksort.", "[[3]] Partly right."),
+    _eval_record(3, "open_qa", "Use a virtual environment. " * 30, "[[5]] Thorough advice on environments."),
+]
+
+
+def _reference_ifd(engine, record):
+    """One record at a time, two plain forward passes, as the original IFD code scores."""
+    conditioned = _reference_logprobs(engine, judging.build_messages(record["prompt"]), record["evaluation"])
+    alone = _reference_logprobs(engine, None, record["evaluation"])
+    return ifd_from_logprobs(conditioned, alone)
+
+
+def _scorer(hf_engine, monkeypatch, **kwargs):
+    monkeypatch.setattr(ifd_stage, "build_engine", lambda cfg: hf_engine)
+    schema = output_schema("ifd", pa.schema([("id", pa.string())]))
+    return ifd_stage.IFDScorer(schema, engine_cfg=None, **kwargs)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_stage_ifd_equals_per_record_reference(hf_engine, monkeypatch, share_prefix):
+    lengths = [len(hf_engine.prompt_ids(judging.build_messages(r["prompt"]))) + len(hf_engine.text_ids(r["evaluation"]))
+               for r in STAGE_RECORDS]
+    assert max(lengths) > 2 * min(lengths)  # very different lengths, so padding and sorting matter
+    calls = []
+    scorer = _scorer(hf_engine, monkeypatch, micro_batch_size=2, share_prefix=share_prefix)
+    if share_prefix:
+        original = ifd_stage.SharedPrefixScorer._score_group
+        monkeypatch.setattr(ifd_stage.SharedPrefixScorer, "_score_group",
+                            lambda self, group, shared: calls.append((len(group), shared)) or original(self, group, shared))
+    out = scorer.process(STAGE_RECORDS)
+    assert [o["id"] for o in out] == [r["id"] for r in STAGE_RECORDS]
+    if share_prefix:
+        # the three programming records share their prompt's opening; open_qa has none to share with
+        assert [n for n, _ in calls] == [3] and calls[0][1] > 100
+    for record, got in zip(STAGE_RECORDS, out):
+        want = _reference_ifd(hf_engine, record)
+        assert got[REJECT] is None
+        assert got["answer_tokens"] == want["answer_tokens"] == len(hf_engine.text_ids(record["evaluation"]))
+        for key in ("ce_conditioned", "ce_answer", "ifd", "ifd_ppl"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+def test_stage_rejects_what_cannot_be_scored_with_the_reason(hf_engine, monkeypatch):
+    scorer = _scorer(hf_engine, monkeypatch)
+    too_long = {**STAGE_RECORDS[0], "id": "long", "evaluation": "[[3]] " + "very " * 2100}
+    empty = {**STAGE_RECORDS[0], "id": "empty", "evaluation": ""}
+    out = {o["id"]: o for o in scorer.process([too_long, STAGE_RECORDS[2], empty])}
+    assert "max_model_len" in out["long"][REJECT] and out["long"].get("ifd") is None
+    assert "empty" in out["empty"][REJECT] and out["empty"].get("ifd") is None
+    assert out["r2"][REJECT] is None and math.isfinite(out["r2"]["ifd"])
+
+
+def test_batch_order_groups_scenario_and_mode_then_length():
+    table = pa.Table.from_pylist([
+        {"scenario": "b", "mode": "single", "prompt": "xx", "evaluation": "x"},
+        {"scenario": "a", "mode": "single", "prompt": "xxxxxxx", "evaluation": "x"},
+        {"scenario": "a", "mode": "reference", "prompt": "xxxxxxxxxxx", "evaluation": "x"},
+        {"scenario": "a", "mode": "single", "prompt": "x", "evaluation": "xx"},
+    ])
+    assert ifd_stage.batch_order(table) == [2, 3, 1, 0]
+
+
+def test_prefix_groups_need_a_long_enough_common_prefix():
+    scorer = ifd_stage.SharedPrefixScorer(engine=None, min_prefix=3)
+    items = [(0, [1, 2, 3, 4, 9], [5]), (1, [7, 7, 7, 7], [5]), (2, [1, 2, 3, 5], [5]), (3, [1, 2, 8], [5])]
+    groups = [[i for i, _, _ in g] for g in scorer._groups(items)]
+    assert groups == [[0, 2], [3], [1]]
+    assert ifd_stage._common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2]]) == [1, 2]

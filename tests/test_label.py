@@ -89,3 +89,35 @@ def test_text_mode_keeps_unparsable_answers_as_rejects_with_the_raw_text(labeler
             assert row["attempts"] == 2
         else:
             assert judging.parse_evaluation(row["evaluation"]).score == row["score"]
+
+
+def test_cost_is_priced_per_record_from_its_tokens_over_every_attempt():
+    import sys
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from openai_server import OpenAIServer
+
+    calls = {"n": 0}
+
+    def answer(messages):  # the first answer has no score, so the record is asked twice
+        calls["n"] += 1
+        return "no score here" if calls["n"] == 1 else "[[3]] Fine."
+
+    schema = output_schema("label", pa.schema([("id", pa.string()), ("instruction", pa.string()),
+                                                ("scenario", pa.string()), ("response", pa.string())]))
+    with OpenAIServer(answer=answer) as server:
+        engine = EngineConfig(kind="openai", base_url=server.base_url, model="teacher", max_retries=0,
+                              usd_per_1k_prompt_tokens=2.5, usd_per_1k_completion_tokens=10.0)
+        labeler = Labeler(schema, engine_cfg=engine, sampling=SamplingConfig(max_tokens=16), score_by="text",
+                          calibrate=False, prefill=False, max_attempts=2, retry_temperature=0.7, scenarios_dir=None)
+        try:
+            [row] = labeler.process([{"id": "r1", "instruction": "Name a colour.", "scenario": "open_qa",
+                                      "response": "Blue."}])
+        finally:
+            labeler.engine.close()
+    assert row[REJECT] is None and row["score"] == 3 and row["attempts"] == 2
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] == len("no score here".split()) + 2
+    assert row["cost_usd"] == pytest.approx((row["prompt_tokens"] * 2.5 + row["completion_tokens"] * 10.0) / 1000)

@@ -137,6 +137,51 @@ def test_app_builder_reads_cli_style_args():
         app_builder({"model": "/nonexistent/judge"})
 
 
+def _model_deployment(app):
+    return app._bound_deployment.init_args[0]._bound_deployment  # JudgeAPI.bind(JudgeModel.bind(...), ...)
+
+
+def test_autoscaling_on_ongoing_requests_reaches_the_model_deployment():
+    from themis_ray.serve.app import app_builder
+
+    fixed = _model_deployment(app_builder({"model": "smollm2-135m-instruct", "num_replicas": "2"}))
+    assert fixed._deployment_config.autoscaling_config is None and fixed.num_replicas == 2
+    scaled = _model_deployment(app_builder({
+        "model": "smollm2-135m-instruct",
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 12},
+    }))
+    auto = scaled._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 12)
+    assert scaled._deployment_config.max_ongoing_requests >= 24  # room above the target
+    dotted = _model_deployment(app_builder({"model": "smollm2-135m-instruct", "autoscaling.max_replicas": "4"}))
+    assert dotted._deployment_config.autoscaling_config.max_replicas == 4
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
+        app_builder({"model": "smollm2-135m-instruct", "autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+
+
+def test_the_local_serve_config_runs_the_cluster_application():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from themis_ray.serve.app import JudgeAPI, JudgeModel, app_builder
+
+    root = Path(__file__).resolve().parents[1]
+    local = yaml.safe_load((root / "configs" / "serve.yaml").read_text())
+    ServeDeploySchema.model_validate(local)
+    (app,) = local["applications"]
+    (service,) = [d for d in yaml.safe_load_all((root / "cluster" / "rayservice-judge.yaml").read_text())
+                  if d and d.get("kind") == "RayService"]
+    (cluster_app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    for key in ("name", "route_prefix", "import_path"):
+        assert app[key] == cluster_app[key], key
+    assert {d["name"] for d in app.get("deployments", [])} <= {JudgeAPI.name, JudgeModel.name}
+    model = _model_deployment(app_builder(app["args"]))
+    auto = model._deployment_config.autoscaling_config
+    assert auto is not None and auto.max_replicas == app["args"]["autoscaling"]["max_replicas"]
+
+
 # --- the HTTP layer over a fake model (no Ray) ----------------------------------------------------
 
 

@@ -29,6 +29,10 @@ class EngineConfig:
     max_retries: int = 6  # openai: on 429, 5xx, timeouts, malformed bodies
     requests_per_minute: Optional[int] = None  # openai: per actor; None = no client-side limit
     tokens_per_minute: Optional[int] = None  # openai: per actor, prompt chars/4 + max_tokens per request
+    # openai: price per 1000 tokens, for the label stage's per-record `cost_usd` and its manifest total
+    # (0: not tracked). Prompt and completion tokens are priced apart, as the APIs bill them.
+    usd_per_1k_prompt_tokens: float = 0.0
+    usd_per_1k_completion_tokens: float = 0.0
 
 
 @dataclass
@@ -139,6 +143,12 @@ class LabelConfig:
     prefill_score: bool = False
     max_attempts: int = 2  # a parse failure is re-asked (sampled) until this many attempts
     retry_temperature: float = 0.7
+    # Pairwise labels beside the pointwise ones: for each instruction with two or more responses, up
+    # to `max_pairs_per_instruction` pairs of consecutive responses (by responder) are judged in both
+    # orders; a verdict that flips with the order is a tie. Each pair is one more unit of work: it
+    # adds one row (mode "pairwise"), labelled or rejected, and one to the stage's rows in.
+    pairwise: bool = False
+    max_pairs_per_instruction: int = 1
 
 
 @dataclass
@@ -286,6 +296,16 @@ class EvaluateConfig:
 
 
 @dataclass
+class ServeAutoscalingConfig:
+    """Ray Serve autoscaling of the model deployment on ongoing (queued + running) requests."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    # Requests per replica the autoscaler aims for; near max_batch_size keeps batches full.
+    target_ongoing_requests: float = 8.0
+
+
+@dataclass
 class ServeConfig:
     model: Optional[str] = None  # None: the run's trained judge
     host: str = "127.0.0.1"
@@ -295,7 +315,9 @@ class ServeConfig:
     max_request_bytes: int = 65536
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.05
-    num_replicas: int = 1
+    num_replicas: int = 1  # ignored when autoscaling is set
+    # Set: the model deployment autoscales between min_replicas and max_replicas on ongoing requests.
+    autoscaling: Optional[ServeAutoscalingConfig] = None
     replica_num_cpus: float = 1.0
     prefill_score: bool = True
     max_tokens: int = 128

@@ -49,6 +49,14 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
         ("attempts", pa.int64()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),  # tokens priced by the engine's usd_per_1k_* (0 when unpriced)
+        # Pairwise rows only (null on pointwise ones): the two responses, the verdict combined from
+        # both orders (A, B, C for a tie), whether the orders agreed, the swapped order's raw answer.
+        ("response_a", pa.string()),
+        ("response_b", pa.string()),
+        ("verdict", pa.string()),
+        ("verdict_consistent", pa.bool_()),
+        ("evaluation_swapped", pa.string()),
     ],
     "ifd": [
         ("ce_conditioned", pa.float64()),  # mean CE of the answer given the prompt

@@ -75,3 +75,6 @@ def print_pipeline_summary(cfg, manifests: dict[str, dict], wall_s: float) -> No
     metrics = run_dir / "evaluate" / "metrics.json"
     if metrics.is_file():
         console.print(f"metrics:       {metrics}")
+    report = run_dir / "evaluate" / "report.html"
+    if report.is_file():
+        console.print(f"report:        {report}")

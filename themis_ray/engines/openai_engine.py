@@ -1,9 +1,13 @@
 """Any OpenAI-compatible endpoint (OpenAI, a vLLM server, this project's own Serve app).
 
-Requests run concurrently up to `max_concurrency`; a failed request (429, 5xx, timeout, dropped
-connection, malformed body) is retried with exponential backoff and jitter, honouring Retry-After.
-The backoff sleep happens outside the concurrency slot, so waiting requests never hold the
-endpoint's capacity. The API key is read from the environment and never logged or stored.
+Requests run concurrently up to `max_concurrency` per engine, across every batch in flight: the
+engine's event loop runs on a thread of its own and `generate` may be called from several threads at
+once (an actor that takes its next batch while the last requests of the previous one are still out
+keeps the endpoint's capacity busy instead of draining it at every batch boundary). A failed request
+(429, 5xx, timeout, dropped connection, malformed body) is retried with exponential backoff and
+jitter, honouring Retry-After. The backoff sleep happens outside the concurrency slot, so waiting
+requests never hold the endpoint's capacity. The API key is read from the environment and never
+logged or stored.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 import time
 from typing import Optional
 
@@ -39,16 +44,18 @@ class OpenAIEngine(Engine):
         self.max_retries = cfg.max_retries
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=cfg.timeout_s, max_retries=0)
         self.usage = Usage()
+        self._slots = asyncio.Semaphore(self.max_concurrency)  # shared by every generate call
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine-loop", daemon=True)
+        self._thread.start()
         self.request_budget = RateLimit(cfg.requests_per_minute)
         self.token_budget = RateLimit(cfg.tokens_per_minute)
 
     def generate(self, conversations: list[Conversation], sampling) -> list[Completion]:
-        return self._loop.run_until_complete(self._generate_all(conversations, sampling))
+        return asyncio.run_coroutine_threadsafe(self._generate_all(conversations, sampling), self._loop).result()
 
     async def _generate_all(self, conversations, sampling) -> list[Completion]:
-        slots = asyncio.Semaphore(self.max_concurrency)
-        return await asyncio.gather(*(self._generate_one(c, sampling, slots) for c in conversations))
+        return await asyncio.gather(*(self._generate_one(c, sampling, self._slots) for c in conversations))
 
     async def _generate_one(self, conversation: Conversation, sampling, slots) -> Completion:
         request = self._request(conversation, sampling)
@@ -116,7 +123,11 @@ class OpenAIEngine(Engine):
         return min(30.0, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
     def close(self) -> None:
-        self._loop.run_until_complete(self.client.close())
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.client.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
         self._loop.close()
 
 

@@ -8,7 +8,8 @@ Two deployments:
   requests with the same sampling parameters share one `engine.generate` call.
 
 Start it from Python with `run_server(cfg, model)`, or with Serve's CLI through the application
-builder: `serve run themis_ray.serve.app:app_builder model=/path/to/judge max_tokens=64`.
+builder: `serve run themis_ray.serve.app:app_builder model=/path/to/judge max_tokens=64`, or from a Serve
+config file: `serve run configs/serve.yaml` (which also sets the model deployment's autoscaling).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import math
 import os
 import random
 import threading
@@ -156,12 +158,38 @@ def build_app(cfg: Any, model: Optional[str] = None, scenarios_dir: Optional[str
         scenarios_dir=scenarios_dir,
     )
     model_deployment = JudgeModel.options(
-        num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.replica_num_cpus},
-        # Enough requests in the replica at once to fill a batch, twice over.
-        max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
+        **model_deployment_options(cfg)
     ).bind(engine, cfg.max_batch_size, cfg.batch_wait_timeout_s, scenarios_dir)
     return JudgeAPI.bind(model_deployment, settings, cfg.api_keys_env)
+
+
+def model_deployment_options(cfg: ServeConfig) -> dict:
+    """`JudgeModel.options(...)` for a ServeConfig: fixed replicas, or autoscaling on ongoing requests."""
+    # Enough requests in the replica at once to fill a batch, twice over.
+    max_ongoing = max(2 * cfg.max_batch_size, 8)
+    options: dict = {"ray_actor_options": {"num_cpus": cfg.replica_num_cpus}}
+    scaling = cfg.autoscaling
+    if scaling is None:
+        return {**options, "num_replicas": cfg.num_replicas, "max_ongoing_requests": max_ongoing}
+    if not 0 <= scaling.min_replicas <= scaling.max_replicas or scaling.max_replicas < 1:
+        raise ValueError(
+            f"serve.autoscaling needs 0 <= min_replicas <= max_replicas and max_replicas >= 1; "
+            f"got {scaling.min_replicas}..{scaling.max_replicas}"
+        )
+    if scaling.target_ongoing_requests <= 0:
+        raise ValueError(
+            f"serve.autoscaling.target_ongoing_requests must be positive; got {scaling.target_ongoing_requests}"
+        )
+    return {
+        **options,
+        "autoscaling_config": {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+        },
+        # A replica must admit more than the target, or the autoscaler never sees the load it aims for.
+        "max_ongoing_requests": max(max_ongoing, int(math.ceil(2 * scaling.target_ongoing_requests))),
+    }
 
 
 def _is_embedded(name: str) -> bool:

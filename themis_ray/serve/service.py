@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import json
 import logging
+import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -98,6 +100,48 @@ class Backend(Protocol):
 
     async def classify(self, instruction: str) -> tuple[str, float]:
         """(scenario, confidence); raises APIError (see `engine_error`) when this request fails."""
+
+
+class EngineBackend:
+    """A backend over an engine in this process (no Ray): one engine call at a time, in a thread.
+
+    The Serve app batches through the `JudgeModel` deployment instead; this one serves tests, tools
+    and benchmarks that want the real model behind the real HTTP layer without a cluster.
+    """
+
+    def __init__(self, engine, scenarios_dir: Optional[str] = None):
+        self.engine = engine
+        self.scenarios_dir = scenarios_dir
+        self._lock = threading.Lock()
+
+    def _locked(self, fn, *args):
+        with self._lock:
+            return fn(*args)
+
+    async def generate(self, conversation: Conversation, sampling: dict) -> Completion:
+        from themis_ray.config import SamplingConfig
+
+        values = dict(sampling)
+        if values.get("seed") is None:
+            values["seed"] = random.randrange(2**31)
+        try:
+            (completion,) = await asyncio.to_thread(
+                self._locked, self.engine.generate, [conversation], SamplingConfig(**values)
+            )
+        except Exception as exc:  # a failure is this request's, as in the Serve deployment
+            completion = Completion(error=f"{type(exc).__name__}: {exc}")
+        return completion
+
+    async def classify(self, instruction: str) -> tuple[str, float]:
+        from themis_ray.classifier import classify
+
+        try:
+            ((name, confidence),) = await asyncio.to_thread(
+                self._locked, classify, self.engine, [instruction], self.scenarios_dir
+            )
+        except ValueError as exc:
+            raise engine_error(str(exc))
+        return name, confidence
 
 
 class JudgeService:

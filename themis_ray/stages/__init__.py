@@ -41,6 +41,7 @@ def map_rows(
     pool,
     schema: pa.Schema | None = None,
     checkpoint: Path | None = None,
+    calls_per_actor: int = 1,
     **kwargs,
 ) -> pa.Table:
     """Run `processor` over the rows of `table` on an actor pool sized by `pool` (a PoolConfig).
@@ -48,6 +49,9 @@ def map_rows(
     The output keeps the input's columns and adds the stage's, unless `schema` says otherwise.
     With `checkpoint`, every finished block is written there as soon as it arrives, and a run that
     finds blocks there (after a crash or an interrupt) processes only the rows not yet accepted.
+    With `calls_per_actor` > 1 each actor runs that many batches at once on threads: only for a
+    processor that is thread-safe and waits on I/O (a remote engine), so the next batch's requests go
+    out while the last ones of the previous batch are still in flight.
     """
     schema = schema or output_schema(processor.stage, table.schema)
     done = schema.empty_table()
@@ -65,7 +69,10 @@ def map_rows(
         fn_constructor_kwargs={"output_schema": schema, **kwargs},
         batch_size=pool.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
+                                           **({"enable_true_multi_threading": True,
+                                               "max_concurrent_calls_per_actor": calls_per_actor}
+                                              if calls_per_actor > 1 else {})),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
         resources=dict(getattr(pool, "resources", None) or {}) or None,

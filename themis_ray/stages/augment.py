@@ -432,7 +432,7 @@ def augment(train: list[dict], validation: list[dict], cfg, seed: int, scenarios
     if picked:
         report["criteria_regression"] = dropper.report()
 
-    scales = [parse_scale(s) for s in cfg.rating_scales]
+    scales = [s for s in map(parse_scale, cfg.rating_scales) if s != LABEL_SCALE]  # 1-5 would be a duplicate
     picked = _sample(pointwise, cfg.rescale_fraction, rng) if scales else []
     for k, row in enumerate(picked):
         target = scales[k % len(scales)]  # in turn, so every scale gets its share

@@ -178,12 +178,17 @@ def write_report(folder: Path, df: pd.DataFrame, cfg, steps: list[dict], manifes
               f"of which {sum(manifest.get('augmented', {}).values())} augmented copies.", "",
               "## IFD per scenario", "", "![IFD per scenario](ifd_by_scenario.png)", ""]
     ifd_rows = []
+    stats = zscore_stats(df, col)  # what the z-score uses: the records past Cherry's IFD > 1
     for scenario in scenarios:
         values = df.loc[df["scenario"] == scenario, col]
+        s = stats.loc[scenario] if scenario in stats.index else None
         lo, hi = cuts["zscore"].get(scenario, (None, None))
-        ifd_rows.append([scenario, len(values), float(values.mean()), float(values.std()) if len(values) > 1 else None,
-                         float(values.median()), lo, hi])
-    lines += _md_table(["scenario", "records", "mean", "sd", "median", "z-cut low", "z-cut high"], ifd_rows)
+        ifd_rows.append([scenario, len(values), float(values.median()),
+                         int(s["count"]) if s is not None else 0,
+                         float(s["mean"]) if s is not None else None,
+                         float(s["std"]) if s is not None and not math.isnan(s["std"]) else None, lo, hi])
+    lines += _md_table(["scenario", "records", "median", "past IFD > 1", "mean", "sd", "z-cut low", "z-cut high"],
+                       ifd_rows)
     if cuts["top_k"] is not None:
         lines += ["", f"Top {cfg.keep_top_percent:g}% cut: {col} >= {cuts['top_k']:.4f}."]
     lines += ["", "## Teacher scores before and after rebalancing", "",

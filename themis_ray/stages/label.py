@@ -11,11 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from themis_ray import judging, prompts
 from themis_ray.engines import build_engine
 from themis_ray.scenarios import get_scenario
-from themis_ray.schema import REJECT, stable_id
+from themis_ray.schema import REJECT, output_schema, stable_id
 from themis_ray.stages import RowProcessor, engine_label, map_rows
 from themis_ray.store import PARTIAL, StageResult
 
@@ -38,6 +39,8 @@ class Labeler(RowProcessor):
         self.calibrate, self._priors = calibrate, {}
         self.max_attempts, self.retry_temperature = max_attempts, retry_temperature
         self.scenarios_dir = scenarios_dir
+        self.usd_per_1k = (float(getattr(engine_cfg, "usd_per_1k_prompt_tokens", 0) or 0),
+                           float(getattr(engine_cfg, "usd_per_1k_completion_tokens", 0) or 0))
 
     def process(self, rows: list[dict]) -> list[dict]:
         out: dict[int, dict] = {}
@@ -67,6 +70,7 @@ class Labeler(RowProcessor):
                 row["attempts"] = attempt
                 row["prompt_tokens"] = (row.get("prompt_tokens") or 0) + done.prompt_tokens
                 row["completion_tokens"] = (row.get("completion_tokens") or 0) + done.completion_tokens
+                row["cost_usd"] = self._cost(row["prompt_tokens"], row["completion_tokens"])
                 text = self._answer_start(row) + done.text
                 parsed = judging.parse_evaluation(text, row["mode"] if row["mode"] == "pairwise" else "single")
                 if done.error or not parsed.ok:
@@ -84,6 +88,10 @@ class Labeler(RowProcessor):
             row.pop("_distribution", None)
         out.update(pending)
         return [out[i] for i in range(len(rows))]
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What the record's tokens (every attempt's) cost at the engine's prices."""
+        return (prompt_tokens * self.usd_per_1k[0] + completion_tokens * self.usd_per_1k[1]) / 1000.0
 
     def _score_logprobs(self, prompt: str) -> list[float]:
         return self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), judging.score_options())
@@ -119,6 +127,81 @@ class Labeler(RowProcessor):
         return messages + [{"role": "assistant", "content": start}] if start else messages
 
 
+class PairLabeler(Labeler):
+    """Pairwise: each pair judged in both orders (`judging.swap_pair`), combined by
+    `judging.combine_pairwise`, so a verdict that flips with the order is a tie.
+
+    An input row is one pair (`id`, `instruction`, `scenario`, `reference`, `response_a`,
+    `response_b`); its output row is labelled when both orders gave a parsable verdict, else a reject
+    with the reason and both raw answers. Verdicts are read from the text (no prefill, no choice).
+    """
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        out: dict[int, dict] = {}
+        pending: dict[tuple[int, int], str] = {}  # (row, order: 0 as given, 1 swapped) -> prompt
+        for i, row in enumerate(rows):
+            helps = judge_mode(row, self.scenarios_dir) == "reference"
+            request = judging.JudgeRequest(instruction=row["instruction"], scenario=row["scenario"], mode="pairwise",
+                                           response_a=row["response_a"], response_b=row["response_b"],
+                                           reference=row.get("reference") if helps else None)
+            base = {**row, "id": stable_id(row["id"], "label", "pairwise"), "response_id": row["id"],
+                    "mode": "pairwise", "teacher": self.teacher, "prompt_tokens": 0, "completion_tokens": 0}
+            try:
+                both = [judging.render_prompt(r, self.scenarios_dir) for r in (request, judging.swap_pair(request))]
+            except (ValueError, KeyError) as err:
+                out[i] = {**base, REJECT: f"bad record: {err}"}
+                continue
+            out[i] = {**base, "prompt": both[0], REJECT: None}
+            pending.update({(i, 0): both[0], (i, 1): both[1]})
+        texts, verdicts, errors, attempts = {}, {}, {}, {}
+        for attempt in range(1, self.max_attempts + 1):
+            if not pending:
+                break
+            sampling = self.sampling if attempt == 1 else replace_sampling(self.sampling, self.retry_temperature, attempt)
+            keys = list(pending)
+            for key, done in zip(keys, self.engine.generate([judging.build_messages(pending[k]) for k in keys], sampling)):
+                row = out[key[0]]
+                row["prompt_tokens"] += done.prompt_tokens
+                row["completion_tokens"] += done.completion_tokens
+                texts[key], attempts[key] = done.text, attempt
+                parsed = judging.parse_evaluation(done.text, "pairwise")
+                if done.error or not parsed.ok:
+                    errors[key] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
+                    continue
+                errors.pop(key, None)
+                verdicts[key] = parsed.verdict
+                del pending[key]
+        for i, row in out.items():
+            if (i, 0) not in texts:  # a bad record: nothing was asked
+                continue
+            row["attempts"] = max(attempts[(i, 0)], attempts[(i, 1)])
+            row["cost_usd"] = self._cost(row["prompt_tokens"], row["completion_tokens"])
+            row["evaluation"], row["evaluation_swapped"] = texts[(i, 0)], texts[(i, 1)]
+            failed = [f"{order}: {errors[(i, k)]}" for k, order in ((0, "as given"), (1, "swapped")) if (i, k) in errors]
+            if failed:
+                row[REJECT] = "; ".join(failed)
+            else:
+                row["verdict"], row["verdict_consistent"] = judging.combine_pairwise(verdicts[(i, 0)], verdicts[(i, 1)])
+        return [out[i] for i in range(len(rows))]
+
+
+def make_pairs(source: pa.Table, max_per_instruction: int) -> pa.Table:
+    """Pairs of consecutive responses (ordered by responder, then id) to the same instruction."""
+    groups: dict[str, list[dict]] = {}
+    for row in source.to_pylist():
+        key = row.get("instruction_id") or stable_id(row["instruction"], row.get("scenario"))
+        groups.setdefault(key, []).append(row)
+    pairs = []
+    for key, group in groups.items():
+        group.sort(key=lambda r: (str(r.get("responder") or ""), r["id"]))
+        for a, b in list(zip(group, group[1:]))[:max(0, max_per_instruction)]:
+            pairs.append({"id": stable_id(a["id"], b["id"], "pair"), "instruction_id": key,
+                          "instruction": a["instruction"], "scenario": a["scenario"], "reference": a.get("reference"),
+                          "response_a": a["response"], "response_b": b["response"],
+                          "responder": f"{a.get('responder')} vs {b.get('responder')}"})
+    return pa.Table.from_pylist(pairs)
+
+
 def replace_sampling(sampling, temperature: float, attempt: int):
     """The retry's sampling: sampled rather than greedy, with a new seed per attempt."""
     from omegaconf import OmegaConf
@@ -132,13 +215,34 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     c = cfg.label
     if c.score_by not in ("text", "choice"):
         raise ValueError(f"label.score_by must be 'text' or 'choice', got {c.score_by!r}")
-    table = map_rows(source, Labeler, c.pool, checkpoint=Path(staging) / PARTIAL, engine_cfg=c.engine, sampling=c.sampling, score_by=c.score_by,
-                     calibrate=c.calibrate, prefill=c.prefill_score,
-                     max_attempts=c.max_attempts, retry_temperature=c.retry_temperature,
-                     scenarios_dir=cfg.scenarios_dir)
-    return StageResult(table, rows_in=source.num_rows, extra={
+    # A remote teacher: two batches per actor at once, so its requests never wait for a batch's
+    # slowest one (the engine caps the requests in flight per actor either way). The openai engine
+    # and the text-scored Labeler are thread-safe; a local model is not, and runs one batch at a time.
+    calls = 2 if c.engine.kind == "openai" and c.score_by == "text" else 1
+    schema = output_schema("label", source.schema)
+    common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
+                  max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir)
+    table = map_rows(source, Labeler, c.pool, schema=schema, checkpoint=Path(staging) / PARTIAL,
+                     calls_per_actor=calls, score_by=c.score_by, prefill=c.prefill_score, **common)
+    rows_in, extra = source.num_rows, {}
+    if c.pairwise:
+        # Row accounting: each pair is one unit of work beside the responses, so rows in = responses +
+        # pairs, and each pair ends as one row, labelled or rejected.
+        pairs = make_pairs(source, c.max_pairs_per_instruction)
+        if pairs.num_rows:
+            pair_calls = 2 if c.engine.kind == "openai" else 1
+            judged = map_rows(pairs, PairLabeler, c.pool, schema=schema, checkpoint=Path(staging) / PARTIAL / "pairwise",
+                              calls_per_actor=pair_calls, score_by="text", prefill=False, **common)
+            table = pa.concat_tables([table, judged])
+            consistent = pc.sum(pc.fill_null(judged["verdict_consistent"], False)).as_py() or 0
+            extra = {"pairwise_pairs": pairs.num_rows, "pairwise_consistent": consistent}
+        rows_in += pairs.num_rows
+    return StageResult(table, rows_in=rows_in, extra={
+        **extra,
         "engine": engine_label(c.engine),
         "templates": {"evaluation": prompts.template_digest("evaluation")},
         "prompt_tokens": sum(v or 0 for v in table["prompt_tokens"].to_pylist()),
         "completion_tokens": sum(v or 0 for v in table["completion_tokens"].to_pylist()),
+        # Rejects included: their attempts were paid for too.
+        "cost_usd": round(sum(v or 0.0 for v in table["cost_usd"].to_pylist()), 6),
     })

@@ -1,0 +1,229 @@
+"""The label stage against a faulty OpenAI-compatible endpoint, on a real local Ray.
+
+Nothing is lost or duplicated whatever the endpoint does (429 with Retry-After, 500, hangs past the
+client's timeout, malformed bodies, unparsable judge text); a run that the endpoint cut short resumes
+without re-sending a finished record; the API key reaches no file and no log.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openai_server import OpenAIServer, judge_answer, prompt_key  # noqa: E402
+
+from themis_ray.config import PipelineConfig  # noqa: E402
+from themis_ray.schema import REJECT  # noqa: E402
+from themis_ray.store import PARTIAL, StageStore  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+KEY_ENV = "THEMIS_TEST_LABEL_KEY"
+SECRET = f"sk-themis-test-{uuid.uuid4().hex}"  # unique per run, so a hit can only come from this run
+UNGRADABLE = "UNGRADABLE"  # records whose instruction says this always get an answer without a score
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    old_key = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = SECRET  # before Ray starts, so its workers inherit it like a real deployment
+    temp_dir = tempfile.mkdtemp(prefix="tl-", dir="/tmp")  # short: Ray's socket paths live under it
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
+    try:
+        yield Path(temp_dir)
+    finally:
+        ray.shutdown()
+        if old_key is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = old_key
+
+
+def records(n: int, ungradable: int = 0, empty: int = 0) -> pa.Table:
+    rows = [{"id": f"r{i:03d}", "instruction": f"What is {i} + {i}?", "scenario": "open_qa", "reference": None,
+             "response": f"{i} + {i} = {2 * i}."} for i in range(n)]
+    for row in rows[:ungradable]:
+        row["instruction"] = f"{UNGRADABLE}: {row['instruction']}"
+    for row in rows[ungradable:ungradable + empty]:
+        row["response"] = "   "  # nothing to judge: rejected before any request
+    return pa.Table.from_pylist(rows)
+
+
+def answer(messages) -> str:
+    return "I will not grade this." if UNGRADABLE in prompt_key(messages) else judge_answer(messages)
+
+
+def make_cfg(server: OpenAIServer, batch_size: int = 8, max_size: int = 2, **engine):
+    engine = {"kind": "openai", "model": "teacher", "base_url": server.base_url, "api_key_env": KEY_ENV,
+              "max_concurrency": 8, "timeout_s": 5.0, "max_retries": 6, **engine}
+    return OmegaConf.merge(OmegaConf.structured(PipelineConfig), {"label": {
+        "engine": engine, "sampling": {"max_tokens": 64, "logprobs": 0}, "score_by": "text",
+        "prefill_score": False, "max_attempts": 2,
+        "pool": {"num_cpus": 0, "min_size": 1, "max_size": max_size, "batch_size": batch_size}}})
+
+
+def run_label(cfg, table: pa.Table, run_dir: Path, fingerprint: dict, commit: bool = True):
+    from themis_ray.stages import label
+
+    store = StageStore(run_dir, "label")
+    staging = store.staging_dir(fingerprint)
+    start = time.perf_counter()
+    result = label.run(cfg, {"respond": table}, staging)
+    manifest = store.commit(result, fingerprint, time.perf_counter() - start, staging) if commit else None
+    return result, manifest, store
+
+
+def test_faults_lose_and_duplicate_no_record(local_ray, tmp_path):
+    n, ungradable, empty = 80, 3, 2
+    table = records(n, ungradable, empty)
+    # About 20% of requests faulted, 4% of each kind; a hang outlasts the client's timeout.
+    with OpenAIServer(latency_s=0.02, answer=answer, fail_rate=0.04, malformed_rate=0.04, rate_limit_rate=0.04,
+                      retry_after_s=0.3, hang_rate=0.04, hang_s=4.0, garbage_rate=0.04, seed=7) as server:
+        cfg = make_cfg(server, timeout_s=2.0)
+        result, manifest, store = run_label(cfg, table, tmp_path, {"test": "faults"})
+    for kind in ("error", "malformed", "rate_limited", "hang", "garbage"):
+        assert server.faults[kind] > 0, f"no {kind} fault was injected: {dict(server.faults)}"
+
+    # Exact accounting: every input row is exactly one output row, labelled or rejected with its reason.
+    assert manifest["rows_in"] == n == manifest["rows_out"] + manifest["rows_rejected"]
+    kept, rejects = store.read(), store.read_rejects()
+    ids = kept["response_id"].to_pylist() + rejects["response_id"].to_pylist()
+    assert sorted(ids) == sorted(table["id"].to_pylist())  # none lost, none twice
+    assert len(set(kept["id"].to_pylist() + rejects["id"].to_pylist())) == n
+    reasons = dict(zip(rejects["response_id"].to_pylist(), rejects[REJECT].to_pylist()))
+    assert all(reasons.values()), reasons
+    for i in range(ungradable):  # asked max_attempts times, then kept with the raw answer
+        assert reasons[f"r{i:03d}"].startswith("unparsable evaluation"), reasons
+    for i in range(ungradable, ungradable + empty):
+        assert reasons[f"r{i:03d}"].startswith("bad record: response is empty"), reasons
+    ungraded = rejects.filter(pc.starts_with(rejects[REJECT], "unparsable"))
+    assert all(t == "I will not grade this." for t in ungraded["evaluation"].to_pylist())
+    assert set(ungraded["attempts"].to_pylist()) == {2}
+
+    # Labelled rows: a score, and at least one answered request behind each.
+    assert set(kept["score"].to_pylist()) == {4.0}
+    for prompt, attempts in zip(kept["prompt"].to_pylist(), kept["attempts"].to_pylist()):
+        assert server.answered[prompt] >= 1 and 1 <= attempts <= 2
+    assert manifest["prompt_tokens"] > 0 and manifest["completion_tokens"] > 0
+
+
+def test_an_interrupted_run_resumes_without_resending_finished_records(local_ray, tmp_path):
+    n = 40
+    table = records(n)
+    fingerprint = {"test": "resume"}
+    # The endpoint goes down after 12 requests: the first run ends with its later records failed.
+    with OpenAIServer(latency_s=0.02, fail_after=12) as down:
+        cfg = make_cfg(down, batch_size=4, max_size=1, max_concurrency=4, max_retries=1)
+        first, _, store = run_label(cfg, table, tmp_path, fingerprint, commit=False)
+    first_rows = first.table.to_pylist()
+    finished = {r["prompt"] for r in first_rows if r[REJECT] is None}
+    assert 0 < len(finished) < n, f"the first run should finish some records, not all: {len(finished)}"
+    assert any((store.path.with_name("label.tmp") / PARTIAL).glob("part-*.parquet"))
+
+    # Run again (same fingerprint, so the finished blocks are kept) against a healthy endpoint.
+    with OpenAIServer(latency_s=0.02) as up:
+        cfg = make_cfg(up, batch_size=4, max_size=1, max_concurrency=4)
+        _, manifest, store = run_label(cfg, table, tmp_path, fingerprint)
+    resent = {p for p in finished if up.requests[p]}
+    assert not resent, f"{len(resent)} finished records were requested again"
+    assert len(up.answered) == n - len(finished)  # every unfinished record, and only those
+    assert set(up.answered.values()) == {1}
+    assert manifest["rows_in"] == n == manifest["rows_out"] and manifest["rows_rejected"] == 0
+    kept = store.read()
+    assert sorted(kept["response_id"].to_pylist()) == sorted(table["id"].to_pylist())
+
+
+def test_api_key_reaches_no_file_and_no_log(local_ray, tmp_path, capfd):
+    n = 12
+    table = records(n)
+    with OpenAIServer(latency_s=0.01, api_key=SECRET, fail_rate=0.2, malformed_rate=0.1, seed=3) as server:
+        cfg = make_cfg(server, max_retries=8, usd_per_1k_prompt_tokens=2.5, usd_per_1k_completion_tokens=10.0)
+        _, manifest, store = run_label(cfg, table, tmp_path / "ok", {"test": "key"})
+    assert server.unauthorized == 0 and len(server.answered) == n  # the key was sent, and accepted
+    assert manifest["rows_out"] == n
+    kept = store.read()
+    expected = sum((p * 2.5 + c * 10.0) / 1000 for p, c in
+                   zip(kept["prompt_tokens"].to_pylist(), kept["completion_tokens"].to_pylist()))
+    assert manifest["cost_usd"] == pytest.approx(expected, abs=1e-6) and manifest["cost_usd"] > 0
+    assert kept["cost_usd"].to_pylist() == pytest.approx(
+        [(p * 2.5 + c * 10.0) / 1000 for p, c in zip(kept["prompt_tokens"].to_pylist(),
+                                                     kept["completion_tokens"].to_pylist())])
+
+    # An endpoint that refuses the key: every record a reject whose reason names the error, not the key.
+    with OpenAIServer(api_key="sk-some-other-key") as refusing:
+        cfg = make_cfg(refusing, max_retries=1)
+        _, refused, refused_store = run_label(cfg, table, tmp_path / "refused", {"test": "key-refused"})
+    assert refused["rows_rejected"] == n and refusing.unauthorized >= n
+    reasons = refused_store.read_rejects()[REJECT].to_pylist()
+    assert all("AuthenticationError (HTTP 401)" in r for r in reasons), reasons[:3]
+
+    time.sleep(1)  # let the workers' log lines reach the driver and the session's files
+    captured = capfd.readouterr()
+    secret = SECRET.encode()
+    leaks = [str(p) for p in [*tmp_path.rglob("*"), *local_ray.rglob("*")] if _contains(p, secret)]
+    assert not leaks, f"the API key was written to {leaks}"
+    assert SECRET not in captured.out and SECRET not in captured.err
+    assert any(tmp_path.rglob("_manifest.json")) and any(local_ray.rglob("*.log")), "nothing was grepped"
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    try:
+        return path.is_file() and not path.is_socket() and needle in path.read_bytes()
+    except OSError:  # a file Ray removed meanwhile
+        return False
+
+
+def pair_answer(messages) -> str:
+    """A judge that prefers the response saying "carefully", and otherwise always says A (position bias)."""
+    text = prompt_key(messages)
+    if "Response A start" not in text:
+        return judge_answer(messages)
+    a = text.split("[Response A start]")[1].split("[Response A end]")[0]
+    b = text.split("[Response B start]")[1].split("[Response B end]")[0]
+    if "carefully" in a or "carefully" in b:
+        return "[[A]] It is careful." if "carefully" in a else "[[B]] It is careful."
+    return "[[A]] The first one."
+
+
+def test_pairwise_rows_beside_pointwise_ones_with_exact_accounting(local_ray, tmp_path):
+    rows = []
+    for q in range(4):  # 4 responses each: consecutive pairs (0, 1), (1, 2), (2, 3); at most 3 per instruction
+        for k, text in enumerate(["It is 4.", "Adding carefully, it is 4.", "Four.", "4"]):
+            rows.append({"id": f"q{q}-{k}", "instruction_id": f"q{q}", "instruction": f"What is 2 + 2? ({q})",
+                         "scenario": "open_qa", "reference": None, "responder": f"m{k}", "response": text})
+    rows.append({"id": "lonely", "instruction_id": "q9", "instruction": "Alone?", "scenario": "open_qa",
+                 "reference": None, "responder": "m0", "response": "Yes."})  # one response: no pair
+    table = pa.Table.from_pylist(rows)
+    with OpenAIServer(latency_s=0.01, answer=pair_answer, fail_rate=0.1, seed=5) as server:
+        cfg = make_cfg(server, batch_size=4)
+        cfg.label.pairwise, cfg.label.max_pairs_per_instruction = True, 3
+        _, manifest, store = run_label(cfg, table, tmp_path, {"test": "pairwise"})
+    assert manifest["pairwise_pairs"] == 12
+    assert manifest["rows_in"] == len(rows) + 12 == manifest["rows_out"] + manifest["rows_rejected"]
+    kept = store.read().to_pylist()
+    pointwise = [r for r in kept if r["mode"] != "pairwise"]
+    pairs = [r for r in kept if r["mode"] == "pairwise"]
+    assert sorted(r["response_id"] for r in pointwise) == sorted(r["id"] for r in rows)
+    assert all(r["verdict"] is None and r["response_a"] is None for r in pointwise)
+    assert len(pairs) == 12 and len({r["id"] for r in kept}) == len(kept)
+    for r in pairs:
+        careful_a, careful_b = "carefully" in r["response_a"], "carefully" in r["response_b"]
+        # The careful answer wins in both orders; otherwise the judge's A in both orders is a flip: a tie.
+        expected = "A" if careful_a else "B" if careful_b else "C"
+        assert (r["verdict"], r["verdict_consistent"]) == (expected, careful_a or careful_b), r
+        assert r["evaluation"].startswith("[[") and r["evaluation_swapped"].startswith("[[")
+        assert r["score"] is None and r["prompt"].count("[Response A start]") == 1
+    assert manifest["pairwise_consistent"] == sum(r["verdict_consistent"] for r in pairs) == 8  # (2, 3) ties
