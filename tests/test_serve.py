@@ -83,6 +83,7 @@ def test_judge_body_rejects_bad_requests_with_clear_messages(body, message):
         ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
         ({"continue_final_message": True}, "last message to be from the assistant"),
         ({"temperature": "hot"}, "valid number"),
+        ({"seed": 2**64}, "less than or equal to 9223372036854775807"),
     ],
 )
 def test_chat_body_rejects_what_it_cannot_honour(extra, message):
@@ -339,6 +340,9 @@ def test_fake_chat_completions(fake):
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Hello there. "
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] == 2
+
+    fake.post("/v1/chat/completions", json={**body, "temperature": 2e-305})  # found by the fuzz test: NaN
+    assert fake.backend.calls[-1][1]["temperature"] == 0.0  # ...so a near-zero temperature is greedy
 
     r = fake.post("/v1/chat/completions", json={**body, "model": "gpt-4"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -148,7 +148,7 @@ class ChatCompletionBody(BaseModel):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
     # vLLM's extensions: continue the last assistant message instead of starting a new one.
     continue_final_message: bool = False
     add_generation_prompt: Optional[bool] = None

@@ -27,6 +27,7 @@ from themis_ray.serve.schemas import ChatCompletionBody, JudgeBody
 log = logging.getLogger(__name__)
 
 JUDGE_TOP_LOGPROBS = 10  # alternatives kept at each judge token: enough for a 1..5 score distribution
+GREEDY_BELOW = 1e-5  # a sampling temperature below this is greedy decoding (as vLLM treats it)
 UNKNOWN_LOGPROB = -9999.0  # OpenAI's value for a chosen token outside the returned alternatives
 
 
@@ -256,9 +257,12 @@ class JudgeService:
             raise APIError(400, f"max_tokens={max_tokens} must be below max_model_len={s.max_model_len}",
                            code="context_length_exceeded")
         top_k = body.top_logprobs or 0
+        temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's defaults
+        if temperature < GREEDY_BELOW:
+            temperature = 0.0  # dividing logits by ~0 overflows them into NaN probabilities
         sampling = {
             "max_tokens": max_tokens,
-            "temperature": 1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
+            "temperature": temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "seed": body.seed,  # None: the model deployment draws one per batch
             "logprobs": max(top_k, 1) if body.logprobs else 0,
