@@ -8,11 +8,12 @@ shares is run once, the remainders are length-sorted and left-padded, and only t
 logits are computed.
 
 The two are timed batch by batch, alternating which goes first, so that load from other processes on a
-shared machine falls on both alike; the load average is reported. Tokens per second count the same
-workload for both: prompt + answer tokens of the conditioned pass, plus begin + answer tokens of the
-unconditioned pass.
+shared machine falls on both alike; the load average, each batch's times, the median per-batch speed-up
+and the process CPU time are reported too. Tokens per second count the same workload for both: prompt +
+answer tokens of the conditioned pass, plus begin + answer tokens of the unconditioned pass.
+`--no-prefix` also times the stage with prefix sharing off, to show what each part contributes.
 
-    python benchmarks/ifd_throughput.py --records 32 --threads 2
+    python benchmarks/ifd_throughput.py --records 24 --threads 2 --no-prefix
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import time
 from functools import partial
 
@@ -92,6 +94,8 @@ def main() -> None:
     reference_ifd(engine, records[0])
 
     timings = {"reference": 0.0, "stage": 0.0, "stage_no_prefix": 0.0}
+    cpu = dict.fromkeys(timings, 0.0)
+    per_batch = []
     reference, stage, no_prefix = {}, {}, {}
     load_before = os.getloadavg()
     for k, batch in enumerate(batches):
@@ -99,16 +103,20 @@ def main() -> None:
                 ("stage", lambda: stage.update({o["id"]: o["ifd"] for o in scorer.process(batch)}))]
         if args.no_prefix:
             runs.append(("stage_no_prefix", lambda: no_prefix.update({o["id"]: o["ifd"] for o in plain.process(batch)})))
+        walls = {}
         for name, fn in (runs if k % 2 == 0 else runs[::-1]):  # alternate who goes first
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            timings[name] += time.perf_counter() - start
+            walls[name] = time.perf_counter() - start
+            timings[name] += walls[name]
+            cpu[name] += time.process_time() - start_cpu
+        per_batch.append({name: round(t, 2) for name, t in walls.items()})
     load_after = os.getloadavg()
 
     def figures(name: str) -> dict:
         t = timings[name]
-        return {f"{name}_s": round(t, 2), f"{name}_records_per_s": round(len(records) / t, 4),
-                f"{name}_tokens_per_s": round(tokens / t, 1)}
+        return {f"{name}_s": round(t, 2), f"{name}_cpu_s": round(cpu[name], 2),
+                f"{name}_records_per_s": round(len(records) / t, 4), f"{name}_tokens_per_s": round(tokens / t, 1)}
 
     result = {
         "records": len(records), "tokens_scored": tokens, "threads": args.threads, "batch_size": args.batch_size,
@@ -116,7 +124,10 @@ def main() -> None:
         **(figures("stage_no_prefix") if args.no_prefix else {}),
         "speedup": round(timings["reference"] / timings["stage"], 2),
         **({"speedup_no_prefix": round(timings["reference"] / timings["stage_no_prefix"], 2)} if args.no_prefix else {}),
+        "median_batch_speedup": round(statistics.median(b["reference"] / b["stage"] for b in per_batch), 2),
+        "cpu_time_speedup": round(cpu["reference"] / cpu["stage"], 2),
         "max_abs_ifd_difference": max(abs(reference[i] - stage[i]) for i in reference),
+        "per_batch_s": per_batch,
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "

@@ -138,7 +138,7 @@ def _eval_record(i, scenario, response, evaluation):
 
 STAGE_RECORDS = [
     _eval_record(0, "programming", "It prints.", "[[2]] Too short."),
-    _eval_record(1, "programming", "The loop walks the list and sums every even element. " * 12,
+    _eval_record(1, "programming", "The loop walks the list and sums every even element. " * 40,
                  "[[4]] Correct and explains the loop.\nCorrectness: [[4]] right.\nClarity: [[5]] easy to follow. " * 3),
     _eval_record(2, "programming", "It sorts the list in place with a quicksort.", "[[3]] Partly right."),
     _eval_record(3, "open_qa", "Use a virtual environment. " * 30, "[[5]] Thorough advice on environments."),
@@ -172,8 +172,9 @@ def test_stage_ifd_equals_per_record_reference(hf_engine, monkeypatch, share_pre
     out = scorer.process(STAGE_RECORDS)
     assert [o["id"] for o in out] == [r["id"] for r in STAGE_RECORDS]
     if share_prefix:
-        # the three programming records share their prompt's opening; open_qa has none to share with
-        assert [n for n, _ in calls] == [3] and calls[0][1] > 100
+        # Every prompt opens with the chat template and the evaluator's first sentence: one group whose
+        # shared prefix is run once, at least `min_prefix` tokens long.
+        assert [n for n, _ in calls] == [4] and calls[0][1] >= 32
     for record, got in zip(STAGE_RECORDS, out):
         want = _reference_ifd(hf_engine, record)
         assert got[REJECT] is None

@@ -174,7 +174,8 @@ def write_report(folder: Path, df: pd.DataFrame, cfg, steps: list[dict], manifes
                        [[s["step"], s["dropped"], s["remaining"]] + [s["by_scenario"][x] for x in scenarios]
                         for s in steps])
     splits = manifest.get("splits", {})
-    lines += ["", f"Written: {sum(splits.values())} records ({', '.join(f'{k} {v}' for k, v in sorted(splits.items()))}), "
+    split_text = ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))
+    lines += ["", f"Written: {sum(splits.values())} records ({split_text}), "
               f"of which {sum(manifest.get('augmented', {}).values())} augmented copies.", "",
               "## IFD per scenario", "", "![IFD per scenario](ifd_by_scenario.png)", ""]
     ifd_rows = []
@@ -212,7 +213,8 @@ def write_report(folder: Path, df: pd.DataFrame, cfg, steps: list[dict], manifes
                   f"{regression['validation_predictions']} predictions."]
     if "paraphrases" in manifest:
         p = manifest["paraphrases"]
-        lines += ["", f"Criterion paraphrases: {p['usable']} usable of {p['asked']} asked; unusable: {p['unusable'] or 'none'}."]
+        lines += ["", f"Criterion paraphrases: {p['usable']} usable of {p['asked']} asked; "
+                  f"unusable: {p['unusable'] or 'none'}."]
     lines += ["", "## Overview", "", "![Overview](distributions.png)", ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
