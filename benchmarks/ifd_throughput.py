@@ -7,13 +7,16 @@ the actor pool's batches, and each batch goes through `IFDScorer.process`: the p
 shares is run once, the remainders are length-sorted and left-padded, and only the answer positions'
 logits are computed.
 
-The two are timed batch by batch, alternating which goes first, so that load from other processes on a
-shared machine falls on both alike; the load average, each batch's times, the median per-batch speed-up
-and the process CPU time are reported too. Tokens per second count the same workload for both: prompt +
+The two are timed batch by batch, alternating which goes first, `--repeats` times, so that load from
+other processes on a shared machine falls on both alike. The headline figures sum each batch's least
+disturbed time (its minimum over the repeats, as `timeit` does); means over the repeats, the median
+per-batch speed-up, the process CPU time, every batch's times and the load average are reported too. Tokens per second count the same workload for both: prompt +
 answer tokens of the conditioned pass, plus begin + answer tokens of the unconditioned pass.
-`--no-prefix` also times the stage with prefix sharing off, to show what each part contributes.
+`--no-prefix` also times the stage with prefix sharing off, to show what each part contributes;
+`--workers 2` also times it as two single-threaded processes (what an actor pool of two one-CPU actors
+with `num_threads: 1` runs, without Ray's scheduling), each batch going to one of them.
 
-    python benchmarks/ifd_throughput.py --records 24 --threads 2 --no-prefix
+    python benchmarks/ifd_throughput.py --records 32 --threads 2 --no-prefix --workers 2
 """
 
 from __future__ import annotations
@@ -21,22 +24,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import platform
 import random
 import resource
 import statistics
 import time
-from functools import partial
 
 import pyarrow as pa
 import torch
 
 from themis_ray import judging
 from themis_ray.assets import python_docs
-from themis_ray.config import EngineConfig
+from themis_ray.config import EngineConfig, IFDConfig
 from themis_ray.schema import output_schema
-from themis_ray.stages.ifd import IFDScorer, batch_order, ifd_from_logprobs
+from themis_ray.stages.ifd import IFDScorer, SharedPrefixScorer, batch_order, ifd_from_logprobs
 
 SCENARIOS = ("open_qa", "informative_writing", "close_qa")
 
@@ -72,62 +75,110 @@ def reference_ifd(engine, record: dict) -> float:
     return ifd_from_logprobs(conditioned, alone)["ifd"]
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(schema: pa.Schema, micro_batch_size: int, max_padding: float, warm_up: list[dict]) -> None:
+    """One single-threaded stage processor per process, as in an actor pool of one-CPU actors."""
+    scorer = IFDScorer(schema, EngineConfig(num_threads=1), micro_batch_size=micro_batch_size,
+                       max_padding=max_padding)
+    scorer.process(warm_up)
+    _WORKER["scorer"] = scorer
+
+
+def _process_batch(batch: list[dict]) -> dict:
+    return {o["id"]: o["ifd"] for o in _WORKER["scorer"].process(batch)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="the actor pool's batch (ifd.pool.batch_size)")
+    parser.add_argument("--micro-batch-size", type=int, default=IFDConfig.micro_batch_size)
+    parser.add_argument("--max-padding", type=float, default=IFDConfig.max_padding)
     parser.add_argument("--no-prefix", action="store_true", help="also time the stage without prefix sharing")
+    parser.add_argument("--repeats", type=int, default=3, help="times each batch is timed per path")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also time the stage as N single-threaded processes, each batch to one of them")
     args = parser.parse_args()
     records = make_records(args.records)
     table = pa.Table.from_pylist(records)
     ordered = [records[i] for i in batch_order(table)]
     batches = [ordered[k:k + args.batch_size] for k in range(0, len(ordered), args.batch_size)]
     schema = output_schema("ifd", table.schema)
-    scorer = IFDScorer(schema, EngineConfig(num_threads=args.threads), micro_batch_size=args.batch_size)
+    scorer = IFDScorer(schema, EngineConfig(num_threads=args.threads), micro_batch_size=args.micro_batch_size,
+                       max_padding=args.max_padding)
     engine = scorer.engine
     plain = copy.copy(scorer)  # the same engine, prefix sharing off
-    plain.conditioned = partial(engine.token_logprobs, batch_size=args.batch_size)
+    plain.conditioned = plain.unconditioned = SharedPrefixScorer(
+        engine, args.micro_batch_size, args.max_padding, share_prefix=False).token_logprobs
     tokens = sum(len(engine.prompt_ids(judging.build_messages(r["prompt"]))) + 1 + 2 * len(engine.text_ids(r["evaluation"]))
                  for r in records)
     scorer.process(records[:2])  # warm-up; every path shares the model
     reference_ifd(engine, records[0])
 
-    timings = {"reference": 0.0, "stage": 0.0, "stage_no_prefix": 0.0}
-    cpu = dict.fromkeys(timings, 0.0)
-    per_batch = []
+    names = ["reference", "stage"] + (["stage_no_prefix"] if args.no_prefix else [])
+    pool = None
+    if args.workers:
+        names.append(f"stage_{args.workers}x1")
+        pool = multiprocessing.get_context("spawn").Pool(
+            args.workers, _init_worker, (schema, args.micro_batch_size, args.max_padding, records[:2]))
+        pool.map(_process_batch, [records[:1]] * args.workers)  # wait until every worker is up
+    workers = {}
+    # Units of `workers` batches (one batch without workers): the workers take a unit's batches at
+    # once, the other paths one after the other; each unit's time is shared out to its batches.
+    units = [list(range(k, min(k + max(1, args.workers), len(batches)))) for k in
+             range(0, len(batches), max(1, args.workers))]
+    walls: dict[str, list[list[float]]] = {n: [[] for _ in batches] for n in names}  # [batch][repeat]
+    cpu = dict.fromkeys(names, 0.0)
     reference, stage, no_prefix = {}, {}, {}
     load_before = os.getloadavg()
-    for k, batch in enumerate(batches):
-        runs = [("reference", lambda: reference.update({r["id"]: reference_ifd(engine, r) for r in batch})),
-                ("stage", lambda: stage.update({o["id"]: o["ifd"] for o in scorer.process(batch)}))]
-        if args.no_prefix:
-            runs.append(("stage_no_prefix", lambda: no_prefix.update({o["id"]: o["ifd"] for o in plain.process(batch)})))
-        walls = {}
-        for name, fn in (runs if k % 2 == 0 else runs[::-1]):  # alternate who goes first
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            walls[name] = time.perf_counter() - start
-            timings[name] += walls[name]
-            cpu[name] += time.process_time() - start_cpu
-        per_batch.append({name: round(t, 2) for name, t in walls.items()})
+    for repeat in range(args.repeats):
+        for u, unit in enumerate(units):
+            todo = [batches[k] for k in unit]
+            runs = {"reference": lambda: reference.update({r["id"]: reference_ifd(engine, r) for b in todo for r in b}),
+                    "stage": lambda: [stage.update({o["id"]: o["ifd"] for o in scorer.process(b)}) for b in todo],
+                    "stage_no_prefix": lambda: [no_prefix.update({o["id"]: o["ifd"] for o in plain.process(b)})
+                                                for b in todo],
+                    f"stage_{args.workers}x1": lambda: [workers.update(d) for d in pool.map(_process_batch, todo, 1)]}
+            order = names if (u + repeat) % 2 == 0 else names[::-1]  # alternate who goes first
+            for name in order:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                runs[name]()
+                for k in unit:
+                    walls[name][k].append((time.perf_counter() - start) / len(unit))
+                cpu[name] += time.process_time() - start_cpu
+    if pool is not None:
+        pool.close()
     load_after = os.getloadavg()
 
+    # Each batch's least-disturbed time (the minimum over repeats, as timeit does), summed; and all of it.
+    best = {n: sum(min(times) for times in walls[n]) for n in names}
+    total = {n: sum(sum(times) for times in walls[n]) / args.repeats for n in names}
+
     def figures(name: str) -> dict:
-        t = timings[name]
-        return {f"{name}_s": round(t, 2), f"{name}_cpu_s": round(cpu[name], 2),
-                f"{name}_records_per_s": round(len(records) / t, 4), f"{name}_tokens_per_s": round(tokens / t, 1)}
+        return {"best_s": round(best[name], 2), "mean_s": round(total[name], 2),
+                "cpu_s": round(cpu[name] / args.repeats, 2) if not name.endswith("x1") else None,  # workers: not ours
+                "records_per_s": round(len(records) / best[name], 4), "tokens_per_s": round(tokens / best[name], 1),
+                "records_per_s_mean": round(len(records) / total[name], 4),
+                "tokens_per_s_mean": round(tokens / total[name], 1)}
 
     result = {
         "records": len(records), "tokens_scored": tokens, "threads": args.threads, "batch_size": args.batch_size,
-        **figures("reference"), **figures("stage"),
-        **(figures("stage_no_prefix") if args.no_prefix else {}),
-        "speedup": round(timings["reference"] / timings["stage"], 2),
-        **({"speedup_no_prefix": round(timings["reference"] / timings["stage_no_prefix"], 2)} if args.no_prefix else {}),
-        "median_batch_speedup": round(statistics.median(b["reference"] / b["stage"] for b in per_batch), 2),
+        "micro_batch_size": args.micro_batch_size, "max_padding": args.max_padding, "repeats": args.repeats,
+        **{name: figures(name) for name in names},
+        "speedup": round(best["reference"] / best["stage"], 2),
+        "speedup_mean": round(total["reference"] / total["stage"], 2),
+        **({"speedup_no_prefix": round(best["reference"] / best["stage_no_prefix"], 2)} if args.no_prefix else {}),
+        **({f"speedup_{args.workers}x1": round(best["reference"] / best[f"stage_{args.workers}x1"], 2),
+            f"max_abs_ifd_difference_{args.workers}x1": max(abs(reference[i] - workers[i]) for i in reference)}
+           if args.workers else {}),
+        "median_batch_speedup": round(statistics.median(
+            r / s for rs, ss in zip(walls["reference"], walls["stage"]) for r, s in zip(rs, ss)), 2),
         "cpu_time_speedup": round(cpu["reference"] / cpu["stage"], 2),
         "max_abs_ifd_difference": max(abs(reference[i] - stage[i]) for i in reference),
-        "per_batch_s": per_batch,
+        "per_batch_s": {n: [[round(t, 2) for t in times] for times in walls[n]] for n in names},
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "

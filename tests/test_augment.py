@@ -164,6 +164,8 @@ def test_drop_criteria_needs_enough_records_and_complete_scores():
 @pytest.mark.parametrize("text,ok", [
     ("The answer gives the correct fact without contradictions.", True),
     ('Rewritten criterion: "States the true fact and nothing against it."', True),
+    ("Sure! Here is the rewritten criterion:\nStates the true fact and nothing against it.", True),
+    ("Here is the rewritten sentence.", False),
     ("", False), ("Fine [[5]]", False), ("Short", False),
     ("The answer states the right fact and nothing that contradicts it.", False),  # unchanged
 ])

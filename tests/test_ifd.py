@@ -158,29 +158,41 @@ def _scorer(hf_engine, monkeypatch, **kwargs):
     return ifd_stage.IFDScorer(schema, engine_cfg=None, **kwargs)
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_stage_ifd_equals_per_record_reference(hf_engine, monkeypatch, share_prefix):
+@pytest.mark.parametrize("share_prefix,micro_batch_size,max_padding", [(True, 1, 0.1), (True, 4, 1.0), (False, 4, 1.0)])
+def test_stage_ifd_equals_per_record_reference(hf_engine, monkeypatch, share_prefix, micro_batch_size, max_padding):
     lengths = [len(hf_engine.prompt_ids(judging.build_messages(r["prompt"]))) + len(hf_engine.text_ids(r["evaluation"]))
                for r in STAGE_RECORDS]
     assert max(lengths) > 2 * min(lengths)  # very different lengths, so padding and sorting matter
     calls = []
-    scorer = _scorer(hf_engine, monkeypatch, micro_batch_size=2, share_prefix=share_prefix)
-    if share_prefix:
-        original = ifd_stage.SharedPrefixScorer._score_group
-        monkeypatch.setattr(ifd_stage.SharedPrefixScorer, "_score_group",
-                            lambda self, group, shared: calls.append((len(group), shared)) or original(self, group, shared))
+    original = ifd_stage.SharedPrefixScorer._score
+    monkeypatch.setattr(ifd_stage.SharedPrefixScorer, "_score",
+                        lambda self, group, shared: calls.append((len(group), shared)) or original(self, group, shared))
+    scorer = _scorer(hf_engine, monkeypatch, micro_batch_size=micro_batch_size, max_padding=max_padding,
+                     share_prefix=share_prefix)
     out = scorer.process(STAGE_RECORDS)
     assert [o["id"] for o in out] == [r["id"] for r in STAGE_RECORDS]
+    conditioned = calls[:-1]  # the last call is the unconditioned pass: nothing shared, all 4 answers
+    assert calls[-1] == (4, 0)
     if share_prefix:
-        # Every prompt opens with the chat template and the evaluator's first sentence: one group whose
-        # shared prefix is run once, at least `min_prefix` tokens long.
-        assert [n for n, _ in calls] == [4] and calls[0][1] >= 32
+        # the three programming records share their prompt's opening; open_qa has none to share with
+        assert [n for n, _ in conditioned] == [3, 1] and conditioned[0][1] > 100 and conditioned[1][1] == 0
+    else:
+        assert conditioned == [(4, 0)]
     for record, got in zip(STAGE_RECORDS, out):
         want = _reference_ifd(hf_engine, record)
         assert got[REJECT] is None
         assert got["answer_tokens"] == want["answer_tokens"] == len(hf_engine.text_ids(record["evaluation"]))
         for key in ("ce_conditioned", "ce_answer", "ifd", "ifd_ppl"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+def test_micro_batches_respect_size_and_padding_budget():
+    scorer = ifd_stage.SharedPrefixScorer(engine=None, micro_batch_size=3, max_padding=0.1)
+    lengths = [100, 10, 98, 95, 11, 50, 99]
+    batches = scorer.micro_batches(lengths)
+    assert sorted(k for b in batches for k in b) == list(range(len(lengths)))
+    assert [[lengths[k] for k in b] for b in batches] == [[10, 11], [50], [95, 98, 99], [100]]
+    assert ifd_stage.SharedPrefixScorer(None, micro_batch_size=1).micro_batches([5, 5, 5]) == [[0], [1], [2]]
 
 
 def test_stage_rejects_what_cannot_be_scored_with_the_reason(hf_engine, monkeypatch):
@@ -208,4 +220,10 @@ def test_prefix_groups_need_a_long_enough_common_prefix():
     items = [(0, [1, 2, 3, 4, 9], [5]), (1, [7, 7, 7, 7], [5]), (2, [1, 2, 3, 5], [5]), (3, [1, 2, 8], [5])]
     groups = [[i for i, _, _ in g] for g in scorer._groups(items)]
     assert groups == [[0, 2], [3], [1]]
+    # a deep prefix shared by two beats a shallow one shared by three
+    deep = [(0, [1, 1, 1, 1, 1, 5], [5]), (1, [1, 1, 1, 1, 1, 6], [5]), (2, [1, 1, 2, 9], [5])]
+    assert [[i for i, _, _ in g] for g in ifd_stage.SharedPrefixScorer(None, min_prefix=2)._groups(deep)] == [[0, 1], [2]]
+    # ...but not when the deeper prefix is only a little longer: 3 x 2 saved together, 1 x 3 + 1 x 2 apart
+    close = [(0, [1, 1, 1, 5], [5]), (1, [1, 1, 1, 6], [5]), (2, [1, 1, 2, 9], [5]), (3, [1, 1, 3, 9], [5])]
+    assert len(ifd_stage.SharedPrefixScorer(None, min_prefix=2)._groups(close)) == 1
     assert ifd_stage._common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2]]) == [1, 2]

@@ -288,9 +288,14 @@ PARAPHRASE_SCHEMA = pa.schema([("id", pa.string()), ("scenario", pa.string()), (
                                ("paraphrase", pa.string()), (REJECT, pa.string())])
 
 
+_PREAMBLE = re.compile(r"^(sure|here is|here's|certainly|okay|of course)\b", re.I)
+
+
 def clean_paraphrase(text: str, original: str) -> tuple[Optional[str], Optional[str]]:
     """A model's answer -> (paraphrase, None) or (None, why it is unusable)."""
     lines = [line.strip() for line in (text or "").strip().split("\n") if line.strip()]
+    # Skip a preamble ("Sure! Here is the rewritten criterion:") to the sentence itself.
+    lines = [line for line in lines if not (line.endswith(":") or _PREAMBLE.match(line))]
     if not lines:
         return None, "empty paraphrase"
     line = re.sub(r"^(rewritten( criterion)?|criterion|paraphrase)\s*:\s*", "", lines[0], flags=re.I)
