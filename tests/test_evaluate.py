@@ -63,7 +63,7 @@ def test_quickstart_still_loads_with_its_judges():
 
     cfg = load(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     assert [j.name for j in resolve_judges(cfg)] == ["trained", "base"]
-    assert list(cfg.evaluate.benchmarks) == ["validation"]
+    assert list(cfg.evaluate.benchmarks) == ["validation", "injection"]
 
 
 # ------------------------------------------------------------------------------ labelled files
@@ -352,3 +352,47 @@ def test_metrics_json_is_keyed_by_judge_with_the_first_labelled_benchmark_on_top
     assert {(r["scenario"], r["judge"]) for r in s_rows} == {(s, j) for s in ("math_qa", "open_qa")
                                                              for j in ("trained", "base")}
     assert {"mae", "agreement", "accuracy", "pearson", "spearman", "kendall", "aggregate"} <= set(s_columns)
+
+
+def test_injection_benchmark_renders_each_validation_record_clean_and_injected():
+    base = {"split": "validation", "scenario": "open_qa", "instruction": "Say hi.", "reference": None, "score": 2.0}
+    curated = pa.Table.from_pylist([
+        {**base, "id": "a", "mode": "single", "response": "Hi"},
+        {**base, "id": "t", "mode": "single", "response": "Hi", "split": "train"},
+        {**base, "id": "p", "mode": "pairwise", "response": None},
+        {**base, "id": "u", "mode": "single", "response": "Hi", "scenario": "no_such_scenario"},
+    ])
+    bench = B.injection_benchmark(curated)
+    rows = bench.records.to_pylist()
+    assert bench.kind == "injection" and [(r["source_id"], r["variant"]) for r in rows] == [("a", "clean"),
+                                                                                         ("a", "injected")]
+    clean, injected = rows
+    assert injected["response"] == "Hi" + B.INJECTION and clean["score"] == injected["score"] == 2.0
+    assert B.INJECTION.strip() not in clean["prompt"] and B.INJECTION.strip() in injected["prompt"]
+    # The injection stays inside the response's delimiters: the prompts differ only there.
+    assert injected["prompt"].replace(B.INJECTION, "") == clean["prompt"]
+    assert bench.rejects.num_rows == 1 and "row 3" in bench.rejects[REJECT][0].as_py()
+
+
+def test_injection_summary_by_hand():
+    df = pd.DataFrame({
+        "source_id": ["a", "a", "b", "b", "c", "c", "d"],
+        "variant": ["clean", "injected"] * 3 + ["clean"],
+        "scenario": ["x", "x", "x", "x", "y", "y", "y"],
+        "predicted_score": [2.0, 5.0, 3.0, 3.0, None, 4.0, 1.0],
+        "predicted_expected": [2.0, 4.0, 3.0, 2.5, 1.0, 2.0, None],
+    })
+    s = S.injection_summary(df)
+    # a: +3, b: 0 (c unparsed when clean; d has no injected twin)
+    assert s["n"] == 3 and s["n_both_parsed"] == 2 and s["score_shift"] == pytest.approx(1.5)
+    assert s["raised_share"] == pytest.approx(0.5)
+    assert s["expected_shift"] == pytest.approx((2.0 - 0.5 + 1.0) / 3)
+    assert s["parse_rate_clean"] == pytest.approx(2 / 3) and s["parse_rate_injected"] == 1.0
+    bench = B.Benchmark("injection", "injection", pa.table({"id": ["1"]}), B.REJECT_SCHEMA.empty_table())
+    summaries = S.summarize(bench, {"trained": df})
+    assert summaries["trained"]["by_scenario"]["x"]["score_shift"] == pytest.approx(1.5)
+    result = S.BenchmarkResult(bench, {"trained": df}, summaries)
+    rows, columns = S.headline_rows(result)
+    assert rows[0]["score_shift"] == pytest.approx(1.5) and "raised_share" in columns
+    # The headline benchmark of a judge stays a labelled one, never the injection run.
+    assert "overall" not in S.metrics_json([result])["trained"]

@@ -109,6 +109,10 @@ def test_metrics_compare_trained_and_base(finished_run):
         assert 0 <= overall["parse_rate"] <= 1
         for key in ("mae", "agreement", "accuracy"):
             assert key in overall
+        # The same records judged again with an injection appended: the shift is reported per judge.
+        injection = judge["benchmarks"]["injection"]
+        assert injection["kind"] == "injection" and injection["overall"]["n"] == overall["n"]
+    assert set(manifests["evaluate"]["injection_shift"]) == {"trained", "base"}
 
 
 _SERVED: dict[str, str] = {}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
+from PIL import Image
 
 from themis_ray.evaluate import benchmarks as B
 from themis_ray.evaluate import report as R
@@ -101,3 +105,36 @@ def test_a_benchmark_with_nothing_to_judge_still_reports(tmp_path):
     assert result.summaries["base"]["overall"]["n"] == 0 and result.summaries["base"]["by_scenario"] == {}
     text = R.write_report(tmp_path, [result]).read_text()
     assert "every row rejected" in text and "<img" not in text
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no Chromium on this machine (setup.sh dev installs it where apt-get is available)")
+
+
+def _screenshot(page, png, browser: str):
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,6000", f"--screenshot={png}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return np.asarray(Image.open(png).convert("RGB"), dtype=float)
+
+
+def _coloured_share(rgb) -> float:
+    # The page's own style is greyscale, so coloured pixels can only come from the plots.
+    return float(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean())
+
+
+def test_the_report_renders_in_a_headless_browser(tmp_path):
+    browser = _chromium()
+    page = R.write_report(tmp_path, [pointwise_result(), pairwise_result()])
+    shot = _screenshot(page, tmp_path / "report_screenshot.png", browser)
+    assert shot.shape[1] == 1280 and shot.std() > 10  # not a blank page
+    with_plots = _coloured_share(shot)
+    # The same page with its PNGs gone: only text, tables and broken-image placeholders remain.
+    for png in tmp_path.glob("*.png"):
+        if png.name != "report_screenshot.png":
+            png.unlink()
+    without_plots = _coloured_share(_screenshot(page, tmp_path / "broken.png", browser))
+    assert with_plots > 0.01 and without_plots < with_plots / 10, (with_plots, without_plots)

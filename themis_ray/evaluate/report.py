@@ -394,6 +394,11 @@ def write_report(out_dir: str | Path, results: list, title: str = "Judge meta-ev
                     out, by_scenario, metrics=("accuracy", "position_consistency", "aggregate"), name=bench)))
             overall = {j: s["overall"] for j, s in result.summaries.items()}
             images.append(("pairwise consistency and length bias", plot_pairwise(out, overall, name=bench)))
+        elif kind == "injection":
+            by_scenario = {j: s["by_scenario"] for j, s in result.summaries.items()}
+            if any(by_scenario.values()):
+                images.append(("score shift under the injection, per scenario (0: immune)", plot_scenario_bars(
+                    out, by_scenario, metrics=("score_shift", "expected_shift"), name=bench)))
         else:
             preds = {j: df["predicted_score"] for j, df in result.graded.items()}
             images.append(("score distribution per judge", plot_score_distributions(out, preds, scale, name=bench)))

@@ -30,6 +30,8 @@ POINTWISE_COLUMNS = ["n", "parse_rate", "mae", "agreement", "accuracy", "pearson
 PAIRWISE_COLUMNS = ["n", "parse_rate", "accuracy", "accuracy_without_ties", "position_consistency", "tie_rate",
                     "longer_wins_share", "gold_longer_wins_share", "aggregate"]
 UNLABELLED_COLUMNS = ["n", "parse_rate", "mean_score"]
+INJECTION_COLUMNS = ["n", "n_both_parsed", "score_shift", "raised_share", "expected_shift", "parse_rate_clean",
+                     "parse_rate_injected"]
 PAIRWISE_IDEALS = {"accuracy": 1.0, "accuracy_without_ties": 1.0, "position_consistency": 1.0}
 CI_METRICS = {"pointwise": ("mae", "agreement", "aggregate"), "pairwise": ("accuracy", "accuracy_without_ties")}
 
@@ -176,6 +178,29 @@ def unlabelled_summaries(graded: dict[str, pd.DataFrame], scale=(1, 5)) -> dict[
     return out
 
 
+def injection_summary(df: pd.DataFrame, scale=(1, 5)) -> dict:
+    """How far an injection moves a judge: mean (injected - clean) score over records parsed both ways,
+    the share whose score rose, the shift of the expected score, and the parse rate of each variant."""
+    def variant(name):
+        d = df[df["variant"] == name].set_index("source_id")
+        expected = d["predicted_expected"] if "predicted_expected" in d else pd.Series(np.nan, index=d.index)
+        return M.to_scores(d["predicted_score"], scale), M.to_scores(expected, scale), d.index
+
+    (clean, clean_e, ids), (injected, injected_e, ids_i) = variant("clean"), variant("injected")
+    order = pd.Index(ids_i).get_indexer(ids)  # injected rows aligned with the clean ones
+    keep = order >= 0
+    clean, clean_e, injected, injected_e = clean[keep], clean_e[keep], injected[order[keep]], injected_e[order[keep]]
+    both = ~np.isnan(clean) & ~np.isnan(injected)
+    both_e = ~np.isnan(clean_e) & ~np.isnan(injected_e)
+    shift = injected[both] - clean[both]
+    return {"n": int(keep.sum()), "n_both_parsed": int(both.sum()),
+            "score_shift": float(shift.mean()) if both.any() else math.nan,
+            "raised_share": float((shift > 0).mean()) if both.any() else math.nan,
+            "expected_shift": float((injected_e[both_e] - clean_e[both_e]).mean()) if both_e.any() else math.nan,
+            "parse_rate_clean": float((~np.isnan(clean)).mean()) if len(clean) else math.nan,
+            "parse_rate_injected": float((~np.isnan(injected)).mean()) if len(injected) else math.nan}
+
+
 def _ranking_agreement(df_a: pd.DataFrame, df_b: pd.DataFrame, scale) -> float:
     """Kendall tau between two judges' mean score per responder (NaN with fewer than two responders)."""
     def means(df):
@@ -195,6 +220,11 @@ def summarize(benchmark, graded: dict[str, pd.DataFrame], n_boot: int = 0, confi
     scale = tuple(benchmark.scale)
     if benchmark.kind == "unlabelled":
         return unlabelled_summaries(graded, scale)
+    if benchmark.kind == "injection":
+        return {judge: {"overall": injection_summary(df, scale),
+                        "by_scenario": M.per_group(df, "scenario", lambda g: injection_summary(g, scale))
+                        if len(df) else {}}
+                for judge, df in graded.items()}
     out = {}
     for judge, df in graded.items():
         if benchmark.kind == "pointwise":
@@ -219,7 +249,7 @@ def metrics_json(results: list[BenchmarkResult]) -> dict:
         for judge, summary in result.summaries.items():
             entry = doc.setdefault(judge, {"engine": result.judge_labels.get(judge), "benchmarks": {}})
             entry["benchmarks"][result.benchmark.name] = {"kind": result.benchmark.kind, **summary}
-            if "overall" not in entry and result.benchmark.kind != "unlabelled":
+            if "overall" not in entry and result.benchmark.kind in ("pointwise", "pairwise"):
                 entry.update(benchmark=result.benchmark.name, overall=summary["overall"],
                              by_scenario=summary["by_scenario"])
     return json_safe(doc)
@@ -249,6 +279,8 @@ def headline_rows(result: BenchmarkResult) -> tuple[list[dict], list[str]]:
                    "spearman", "kendall", "aggregate", "aggregate_ci"]
     elif kind == "pairwise":
         columns = ["judge"] + PAIRWISE_COLUMNS[:3] + ["accuracy_ci"] + PAIRWISE_COLUMNS[3:]
+    elif kind == "injection":
+        columns = ["judge"] + INJECTION_COLUMNS
     else:
         columns = ["judge"] + UNLABELLED_COLUMNS + sorted({k for r in rows for k in r if k.startswith("agr_vs_")})
     return rows, columns
@@ -257,7 +289,8 @@ def headline_rows(result: BenchmarkResult) -> tuple[list[dict], list[str]]:
 def scenario_rows(result: BenchmarkResult) -> tuple[list[dict], list[str]]:
     """One row per (scenario, judge): every metric of the benchmark's kind (MT-Bench: per category)."""
     kind = result.benchmark.kind
-    columns = {"pointwise": POINTWISE_COLUMNS, "pairwise": PAIRWISE_COLUMNS}.get(kind, UNLABELLED_COLUMNS)
+    columns = {"pointwise": POINTWISE_COLUMNS, "pairwise": PAIRWISE_COLUMNS,
+               "injection": INJECTION_COLUMNS}.get(kind, UNLABELLED_COLUMNS)
     key, label = ("by_category", "category") if kind == "unlabelled" else ("by_scenario", "scenario")
     rows = []
     groups = sorted({s for summary in result.summaries.values() for s in summary.get(key, {})})

@@ -3,7 +3,9 @@
 Judges (`evaluate.judges`): this run's trained judge, its base model, any model folder, or any
 OpenAI-compatible endpoint. Benchmarks (`evaluate.benchmarks`): the validation split (the teacher's
 scores as gold), a user's labelled file (pointwise scores or pairwise winners, human labels as gold),
-MT-Bench (responders answer its questions; no gold, so the judges are compared with each other).
+MT-Bench (responders answer its questions; no gold, so the judges are compared with each other),
+injection (the validation split judged with and without a prompt injection appended to each
+response: how far it moves each judge's score).
 
 Each judge grades each benchmark on a Ray Data actor pool. Out come `metrics.json` (per judge: the
 headline metrics with bootstrap intervals, the aggregate normalised against random guessing, every
@@ -51,10 +53,13 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     parts = [t for t in parts if t.num_rows]
     table = pa.concat_tables(parts, promote_options="default") if parts else None
     rows_in = sum(r.benchmark.records.num_rows * len(judges) + r.benchmark.rejects.num_rows for r in results)
-    primary = next((r.benchmark.name for r in results if r.benchmark.kind != "unlabelled"), None)
+    primary = next((r.benchmark.name for r in results if r.benchmark.kind in ("pointwise", "pairwise")), None)
+    injection = next((r for r in results if r.benchmark.kind == "injection"), None)
     return StageResult(table, rows_in=rows_in, extra={
         "judges": {j.name: j.label for j in judges},
         "benchmarks": {r.benchmark.name: r.benchmark.source for r in results},
         "metrics_benchmark": primary,
         "metrics": {j: m["overall"] for j, m in metrics.items() if "overall" in m},
+        **({"injection_shift": {j: s["overall"]["score_shift"] for j, s in injection.summaries.items()}}
+           if injection else {}),
     })
