@@ -9,7 +9,8 @@ from rich.table import Table
 
 console = Console()
 _SHOWN = ("instructions_by_scenario", "agreement_with_synthesis", "responders", "prompt_tokens",
-          "completion_tokens", "splits", "rejected_by_rule", "score_histogram", "engine")
+          "completion_tokens", "splits", "rejected_by_rule", "augmented", "score_histogram", "injection_shift",
+          "engine")
 
 
 def print_stage_summary(manifest: dict, skipped: bool) -> None:
