@@ -37,6 +37,26 @@ def test_non_hf_engine_cannot_score(monkeypatch):
         engine.close()
 
 
+def test_hf_dtype_is_checked_before_anything_loads():
+    with pytest.raises(ValueError, match="engine.dtype"):
+        build_engine(EngineConfig(dtype="int8", model="/nonexistent"))
+
+
+def test_hf_bfloat16_on_cpu_scores_close_to_float32(hf_engine):
+    import torch
+
+    low = build_engine(EngineConfig(dtype="bfloat16"))
+    try:
+        assert next(low.model.parameters()).dtype == torch.bfloat16
+        answer = "Red\nGreen\nBlue"
+        (full,), (half,) = hf_engine.token_logprobs([USER], [answer]), low.token_logprobs([USER], [answer])
+        assert len(full.logprobs) == len(half.logprobs) > 3
+        mean_full, mean_half = sum(full.logprobs) / len(full.logprobs), sum(half.logprobs) / len(half.logprobs)
+        assert mean_half == pytest.approx(mean_full, rel=0.05, abs=0.05)  # a rounding of weights, not a new model
+    finally:
+        low.close()
+
+
 # ------------------------------------------------------------------------------------ HF generate
 
 USER = [{"role": "user", "content": "List three primary colours, one per line."}]

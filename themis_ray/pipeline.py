@@ -114,10 +114,38 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
     return manifest
 
 
+def engine_configs(node, path: str = ""):
+    """(dotted path, engine config) for every engine block under a config node."""
+    if OmegaConf.is_dict(node):
+        if "kind" in node and "model" in node and "tensor_parallel_size" in node:
+            yield path, node
+            return
+        for key in node:
+            yield from engine_configs(node[key], f"{path}.{key}" if path else str(key))
+    elif OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            yield from engine_configs(item, f"{path}[{i}]")
+
+
+def preflight_engines(cfg, stages) -> None:
+    """Every engine the stages will build, checked before the first stage starts (vllm: installed, GPUs)."""
+    from themis_ray.engines import preflight
+
+    engines = [(where, engine) for name in stages for key in STAGES[name].config_keys
+               for where, engine in engine_configs(OmegaConf.select(cfg, key), key)]
+    for where, engine in engines:
+        preflight(engine, where)  # installed? (the GPU check needs Ray)
+    if any(engine.kind == "vllm" for _, engine in engines):
+        init_ray(cfg)
+        for where, engine in engines:
+            preflight(engine, where)  # now against the cluster's GPUs
+
+
 def run_pipeline(cfg, force: bool = False) -> dict[str, dict]:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise KeyError(f"unknown stages {unknown}; stages: {', '.join(STAGES)}")
+    preflight_engines(cfg, cfg.stages)  # a vllm teacher fails now, not after an hour of synthesis
     start = time.perf_counter()
     manifests = {name: run_stage(cfg, name, force=force) for name in cfg.stages}
     from themis_ray.summary import print_pipeline_summary

@@ -11,6 +11,7 @@ message rather than starting a new one.
 from __future__ import annotations
 
 import importlib.util
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
@@ -73,7 +74,26 @@ class Engine(ABC):
         pass
 
 
-def build_engine(cfg) -> Engine:
+def chat_prompt_ids(tokenizer, conversation: Optional[Conversation]) -> list[int]:
+    """Token ids of a chat-templated conversation, ready for the assistant to write next.
+
+    Shared by the engines that tokenize themselves (hf, vllm), so both score and continue the same ids.
+    """
+    if conversation is None:
+        # No prompt: start from a single begin token so the first answer token is scored too.
+        start = tokenizer.bos_token_id
+        return [start if start is not None else tokenizer.eos_token_id]
+    prefill = conversation[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(
+        conversation,
+        tokenize=False,
+        add_generation_prompt=not prefill,
+        continue_final_message=prefill,
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_engine(cfg, where: str = "engine") -> Engine:
     """Build the engine named by `cfg.kind`; call this inside the actor that will use it."""
     if cfg.kind == "hf":
         from themis_ray.engines.hf import HFEngine
@@ -84,14 +104,59 @@ def build_engine(cfg) -> Engine:
 
         return OpenAIEngine(cfg)
     if cfg.kind == "vllm":
-        check_vllm_available()
-        raise NotImplementedError("engine kind 'vllm' is not implemented yet; use 'hf' or 'openai'")
+        check_vllm_installed(where)
+        from themis_ray.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg)
     raise ValueError(f"engine.kind must be one of hf, openai, vllm; got {cfg.kind!r}")
 
 
-def check_vllm_available() -> None:
-    """Fail at once, before any actor waits for a GPU that is not there."""
+# -- vllm preflight: checked on the driver before any actor is asked for, so nothing waits forever ---
+
+VLLM_INSTALL = "pip install 'themis-ray[vllm]'"
+
+
+def check_vllm_installed(where: str = "engine") -> None:
+    """Fail at once when vLLM is not installed (found without importing it)."""
     if importlib.util.find_spec("vllm") is None:
         raise RuntimeError(
-            "engine kind 'vllm' needs the vllm extra: pip install 'themis-ray[vllm]' on a GPU machine"
+            f"{where}.kind is 'vllm' but vLLM is not installed; install the extra on a machine with "
+            f"NVIDIA GPUs: {VLLM_INSTALL} (or use {where}.kind=hf)"
         )
+
+
+def gpus_per_engine(cfg) -> int:
+    """GPUs one engine of `cfg` needs: tensor_parallel_size for vllm on GPUs, else none."""
+    if cfg.kind != "vllm" or getattr(cfg, "device", "cuda") == "cpu":
+        return 0
+    return max(1, int(getattr(cfg, "tensor_parallel_size", 1) or 1))
+
+
+def check_vllm_gpus(cfg, cluster_resources: dict, where: str = "engine") -> None:
+    """Fail at once when the Ray cluster has fewer GPUs than one vllm engine needs.
+
+    A vLLM actor asking for a GPU on a GPU-less cluster waits for one forever, without an error.
+    """
+    needed = gpus_per_engine(cfg)
+    have = float(cluster_resources.get("GPU", 0) or 0)
+    if needed and have < needed:
+        raise RuntimeError(
+            f"{where}.kind is 'vllm' with tensor_parallel_size={needed}: it needs {needed} "
+            f"GPU(s) but the Ray cluster has {have:g} GPU(s). Connect to a cluster with GPUs (ray.address), or use "
+            f"{where}.kind=hf on CPU ({where}.device=cpu only with a CPU build of vLLM)"
+        )
+
+
+def preflight(cfg, where: str = "engine") -> None:
+    """On the driver, before a stage or server asks Ray for an engine: fail at once if it cannot run."""
+    if cfg.kind != "vllm":
+        return
+    device = getattr(cfg, "device", "cuda")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"{where}.device must be 'cuda' or 'cpu'; got {device!r}")
+    check_vllm_installed(where)
+    import ray
+
+    # An autoscaling cluster whose GPU nodes start at zero shows no GPU yet: THEMIS_WAIT_FOR_GPUS=1 there.
+    if ray.is_initialized() and os.environ.get("THEMIS_WAIT_FOR_GPUS") != "1":
+        check_vllm_gpus(cfg, ray.cluster_resources(), where)

@@ -5,7 +5,9 @@ Two deployments:
 * `JudgeAPI`: the FastAPI ingress (num_cpus=0, so it never competes with the model for a small box's
   CPUs). It validates, renders prompts, parses answers and speaks OpenAI's chat-completions dialect.
 * `JudgeModel`: builds the engine inside its replica and batches generate calls with `@serve.batch`;
-  requests with the same sampling parameters share one `engine.generate` call.
+  requests with the same sampling parameters share one `engine.generate` call. With `engine.kind:
+  vllm` it runs vLLM's AsyncLLM instead, which batches every request in flight by itself (continuous
+  batching), on the GPUs the replica holds.
 
 Start it from Python with `run_server(cfg, model)`, or with Serve's CLI through the application
 builder: `serve run themis_ray.serve.app:app_builder model=/path/to/judge max_tokens=64`, or from a Serve
@@ -30,7 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from themis_ray.config import EngineConfig, SamplingConfig, ServeConfig
-from themis_ray.engines import Completion, Conversation
+from themis_ray.engines import Completion, Conversation, gpus_per_engine, preflight
 from themis_ray.serve.api import create_fastapi_app
 from themis_ray.serve.service import JudgeService, ServeSettings, engine_error, parse_keys
 
@@ -43,9 +45,16 @@ class JudgeModel:
 
     def __init__(self, engine_cfg: EngineConfig, max_batch_size: int, batch_wait_timeout_s: float,
                  scenarios_dir: Optional[str] = None):
-        from themis_ray.engines import build_engine
+        from themis_ray.engines import build_engine, check_vllm_installed
 
-        self.engine = build_engine(engine_cfg)
+        self.continuous = engine_cfg.kind == "vllm"
+        if self.continuous:
+            check_vllm_installed("serve.engine")
+            from themis_ray.engines.vllm_engine import AsyncVLLMEngine
+
+            self.engine = AsyncVLLMEngine(engine_cfg)
+        else:
+            self.engine = build_engine(engine_cfg)
         self.scenarios_dir = scenarios_dir
         self._lock = threading.Lock()  # one engine call at a time: the replica's CPUs are the engine's
         self._generate_batch.set_max_batch_size(max_batch_size)
@@ -56,6 +65,12 @@ class JudgeModel:
             return fn(*args)
 
     async def generate(self, conversation: Conversation, sampling: dict) -> Completion:
+        if self.continuous:  # vLLM batches requests in flight itself
+            values = {k: sampling.get(k) for k in _SAMPLING_KEYS}
+            if values["seed"] is None:
+                values["seed"] = random.randrange(2**31)
+            (completion,) = await self.engine.agenerate([conversation], SamplingConfig(**values))
+            return completion
         return await self._generate_batch((conversation, tuple(sampling.get(k) for k in _SAMPLING_KEYS)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both reset from the config in __init__
@@ -83,6 +98,8 @@ class JudgeModel:
         """{"scenario", "confidence"}, or {"error"} when this instruction cannot be classified."""
         from themis_ray.classifier import classify
 
+        if self.continuous:  # the classifier's scoring calls run on this loop, from the worker thread
+            self.engine.bind_loop(asyncio.get_running_loop())
         try:
             ((name, confidence),) = await asyncio.to_thread(
                 self._locked, classify, self.engine, [instruction], self.scenarios_dir
@@ -142,12 +159,13 @@ def build_app(cfg: Any, model: Optional[str] = None, scenarios_dir: Optional[str
     cfg = _serve_config(cfg)
     engine = copy.deepcopy(cfg.engine)
     engine.model = model or cfg.model or engine.model
-    if engine.kind == "hf" and not _is_embedded(engine.model) and not os.path.isdir(os.path.expanduser(engine.model)):
+    if engine.kind in ("hf", "vllm") and not _is_embedded(engine.model) and not os.path.isdir(os.path.expanduser(engine.model)):
         raise FileNotFoundError(f"judge model folder not found: {engine.model}")
     if cfg.max_tokens < 1 or cfg.max_tokens >= engine.max_model_len:
         raise ValueError(f"serve.max_tokens must be in 1..{engine.max_model_len - 1}; got {cfg.max_tokens}")
     if cfg.max_request_bytes < 1:
         raise ValueError(f"serve.max_request_bytes must be positive; got {cfg.max_request_bytes}")
+    preflight(engine, "serve.engine")  # vllm: installed, and GPUs in the cluster when Ray is up
     settings = ServeSettings(
         model_id=engine.model,
         prefill_score=cfg.prefill_score,
@@ -168,6 +186,8 @@ def model_deployment_options(cfg: ServeConfig) -> dict:
     # Enough requests in the replica at once to fill a batch, twice over.
     max_ongoing = max(2 * cfg.max_batch_size, 8)
     options: dict = {"ray_actor_options": {"num_cpus": cfg.replica_num_cpus}}
+    if gpus_per_engine(cfg.engine):
+        options["ray_actor_options"]["num_gpus"] = gpus_per_engine(cfg.engine)  # vllm runs on them
     scaling = cfg.autoscaling
     if scaling is None:
         return {**options, "num_replicas": cfg.num_replicas, "max_ongoing_requests": max_ongoing}
@@ -235,6 +255,7 @@ def run_server(cfg: Any, model: Optional[str] = None, blocking: bool = True,
     serve_cfg = _serve_config(cfg)
     app = build_app(serve_cfg, model, scenarios_dir)
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    preflight(serve_cfg.engine, "serve.engine")  # Ray is up now: a vllm replica would wait forever for a GPU
     serve.run(app, route_prefix="/")
     url = f"http://{serve_cfg.host}:{serve_cfg.port}"
     auth = f"bearer keys from ${serve_cfg.api_keys_env}" if os.environ.get(serve_cfg.api_keys_env) else "no auth"

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from themis_ray.engines import build_engine, gpus_per_engine, preflight
 from themis_ray.schema import REJECT, output_schema, to_table
 
 
@@ -35,6 +36,30 @@ class RowProcessor:
         return to_table(self.process(batch.to_pylist()), self.schema, self.stage)
 
 
+class GenerationProcessor(RowProcessor):
+    """A processor whose work is one `generate` call: requests from rows, then rows from completions.
+
+    Split this way, the same prompt building and parsing run with any engine in `process`, and with
+    `engine: vllm` through ray.data.llm's vLLM processor (see `vllm_batch`), where no engine is built
+    here (`with_engine=False`).
+    """
+
+    sampling = None  # the SamplingConfig of the generate call
+
+    def __init__(self, output_schema: pa.Schema, engine_cfg, with_engine: bool = True):
+        super().__init__(output_schema)
+        self.engine = build_engine(engine_cfg, f"{self.stage}.engine") if with_engine else None
+
+    def conversations(self, rows: list[dict]) -> list:
+        raise NotImplementedError
+
+    def parse(self, rows: list[dict], completions: list) -> list[dict]:
+        raise NotImplementedError
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        return self.parse(rows, self.engine.generate(self.conversations(rows), self.sampling))
+
+
 def map_rows(
     table: pa.Table,
     processor: type[RowProcessor],
@@ -52,8 +77,13 @@ def map_rows(
     With `calls_per_actor` > 1 each actor runs that many batches at once on threads: only for a
     processor that is thread-safe and waits on I/O (a remote engine), so the next batch's requests go
     out while the last ones of the previous batch are still in flight.
+    A `vllm` engine is checked on the driver first (installed, enough GPUs in the cluster), each actor
+    gets the GPUs it needs, and a `GenerationProcessor` runs through ray.data.llm instead.
     """
     schema = schema or output_schema(processor.stage, table.schema)
+    engine_cfg, where = _engine_config(processor, kwargs)
+    if engine_cfg is not None:
+        preflight(engine_cfg, where)  # before any actor waits for a GPU that is not there
     done = schema.empty_table()
     if checkpoint is not None and processor.resume_key:
         checkpoint.mkdir(parents=True, exist_ok=True)
@@ -64,7 +94,25 @@ def map_rows(
         return done
     # Small blocks so the pool has work to spread; one block per batch keeps actors busy.
     ds = ray.data.from_arrow(table).repartition(max(1, -(-table.num_rows // pool.batch_size)))
-    ds = ds.map_batches(
+    if engine_cfg is not None and engine_cfg.kind == "vllm" and issubclass(processor, GenerationProcessor):
+        from themis_ray.stages.vllm_batch import map_generation
+
+        ds = map_generation(ds, processor, pool, engine_cfg, schema, kwargs)
+    else:
+        ds = _map_actors(ds, processor, pool, schema, calls_per_actor, engine_cfg, kwargs)
+    tables = [done]
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        block = block.cast(schema)
+        if checkpoint is not None and block.num_rows:
+            # Written before anything else can fail: a paid-for answer is never lost.
+            pq.write_table(block, checkpoint / f"part-{uuid.uuid4().hex}.parquet")
+        tables.append(block)
+    return pa.concat_tables(tables)
+
+
+def _map_actors(ds, processor, pool, schema, calls_per_actor, engine_cfg, kwargs):
+    """The processor as `map_batches` on an autoscaling actor pool; each actor builds its engine once."""
+    return ds.map_batches(
         processor,
         fn_constructor_kwargs={"output_schema": schema, **kwargs},
         batch_size=pool.batch_size,
@@ -74,17 +122,23 @@ def map_rows(
                                                "max_concurrent_calls_per_actor": calls_per_actor}
                                               if calls_per_actor > 1 else {})),
         num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus or None,
+        # A vllm engine's actor holds the GPUs it runs on, whatever the pool says.
+        num_gpus=max(pool.num_gpus, gpus_per_engine(engine_cfg) if engine_cfg is not None else 0) or None,
         resources=dict(getattr(pool, "resources", None) or {}) or None,
     )
-    tables = [done]
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        block = block.cast(schema)
-        if checkpoint is not None and block.num_rows:
-            # Written before anything else can fail: a paid-for answer is never lost.
-            pq.write_table(block, checkpoint / f"part-{uuid.uuid4().hex}.parquet")
-        tables.append(block)
-    return pa.concat_tables(tables)
+
+
+def _engine_config(processor: type[RowProcessor], kwargs: dict):
+    """The engine config a processor builds its engine from, and its name for error messages.
+
+    Processors take it as `engine_cfg`, or inside a `responder`.
+    """
+    if kwargs.get("engine_cfg") is not None:
+        return kwargs["engine_cfg"], f"{processor.stage}.engine"
+    responder = kwargs.get("responder")
+    if responder is not None and getattr(responder, "engine", None) is not None:
+        return responder.engine, f"{processor.stage}.responders[{responder.name}].engine"
+    return None, processor.stage
 
 
 def _accepted(checkpoint: Path, schema: pa.Schema) -> pa.Table:

@@ -6,26 +6,27 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from themis_ray.engines import build_engine
 from themis_ray.schema import REJECT, stable_id
-from themis_ray.stages import RowProcessor, engine_label, map_rows
+from themis_ray.stages import GenerationProcessor, engine_label, map_rows
 from themis_ray.store import PARTIAL, StageResult
 
 
-class Responder(RowProcessor):
+class Responder(GenerationProcessor):
     stage = "respond"
     resume_key = ("id", "instruction_id")  # per responder: each has its own checkpoint
 
-    def __init__(self, output_schema, responder):
-        super().__init__(output_schema)
+    def __init__(self, output_schema, responder, with_engine: bool = True):
+        super().__init__(output_schema, responder.engine, with_engine)
         self.responder = responder
-        self.engine = build_engine(responder.engine)
+        self.sampling = responder.sampling
 
-    def process(self, rows: list[dict]) -> list[dict]:
+    def conversations(self, rows: list[dict]) -> list:
         system = [{"role": "system", "content": self.responder.system_prompt}] if self.responder.system_prompt else []
-        conversations = [system + [{"role": "user", "content": r["instruction"]}] for r in rows]
+        return [system + [{"role": "user", "content": r["instruction"]}] for r in rows]
+
+    def parse(self, rows: list[dict], completions: list) -> list[dict]:
         out = []
-        for row, done in zip(rows, self.engine.generate(conversations, self.responder.sampling)):
+        for row, done in zip(rows, completions):
             base = {**row, "id": stable_id(row["id"], self.responder.name), "instruction_id": row["id"],
                     "responder": self.responder.name}
             if done.error or not done.text.strip():
