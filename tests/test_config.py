@@ -71,8 +71,8 @@ def test_quickstart_loads_and_anchor_blocks_are_dropped():
     assert cfg.synthesize.engine.num_threads == 2
     assert cfg.label.engine.num_threads == 2
     assert cfg.respond.responders[0].engine.num_threads == 2
-    assert [r.name for r in cfg.respond.responders] == ["careful", "casual"]
-    assert cfg.respond.responders[1].sampling.temperature == 1.0
+    assert [r.name for r in cfg.respond.responders] == ["careful", "careless"]
+    assert cfg.respond.responders[1].sampling.temperature == 1.3
     assert cfg.label.sampling.max_tokens == 96 and cfg.label.sampling.logprobs == 10
     assert cfg.corpus.max_docs == 6 and cfg.corpus.chunk_chars == 1200
     assert cfg.ray.num_cpus == 2

@@ -135,3 +135,60 @@ def test_missing_folder_raises_naming_it(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list(documents([missing]))
+
+
+def test_oversized_documents_are_rejected_with_the_limit(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    para = "Python is a programming language that lets you work quickly. " * 4
+    (d / "ok.txt").write_text(para)
+    (d / "huge.txt").write_text((para + "\n\n") * 20)
+    cfg = SimpleNamespace(sources=[str(d)], max_docs=10, chunk_chars=300, min_chars=200, seed=0,
+                          max_doc_chars=len(para) + 10)
+    chunks, rejects = load_chunks(cfg)
+    assert [c["source"] for c in chunks] == [f"{d / 'ok.txt'}#0"]
+    [reject] = rejects
+    assert reject["raw"] == str(d / "huge.txt")
+    assert reject["reason"].startswith("oversized document (") and "max_doc_chars" in reject["reason"]
+
+
+def test_chunk_text_to_a_token_budget():
+    from themis_ray.corpus import token_length
+
+    length = token_length("smollm2-135m-instruct")
+    paras = _paragraphs(10, 120) + ["Z" * 3000]
+    text = "\n\n".join(paras)
+    chunks = chunk_text(text, 64, length)
+    assert len(chunks) > 3 and all(0 < length(c) <= 64 for c in chunks)
+    assert "".join("\n\n".join(chunks).split()) == "".join(text.split())
+    # a budget in tokens packs more characters than the same number as a character budget
+    assert max(map(len, chunks)) > 64
+
+
+def test_a_single_file_source(tmp_path):
+    f = tmp_path / "one.md"
+    f.write_text("# Title\n\nBody text.")
+    assert list(documents([str(f)])) == [(str(f), "# Title\n\nBody text.", None)]
+
+
+def test_local_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    para = "A saved dataset row about Python's data model and its special methods. " * 4
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict({"body": [para, "", None, para + " Second."]}).save_to_disk(str(single))
+    with_splits = tmp_path / "splits"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"body": [para]}),
+        "test": datasets.Dataset.from_dict({"other": ["no body column"]}),
+    }).save_to_disk(str(with_splits))
+    got = list(documents([str(single), str(with_splits)], text_field="body"))
+    assert got[0] == (f"{single}#0", para, None)
+    assert got[2] == (f"{single}#2", None, "text is not a string")
+    by_source = {src: reason for src, _, reason in got}
+    assert by_source[f"{with_splits}[train]#0"] is None
+    assert by_source[f"{with_splits}[test]"] == "dataset has no 'body' column (corpus.text_field)"
+    cfg = SimpleNamespace(sources=[str(single)], max_docs=10, chunk_chars=1000, min_chars=100, seed=0,
+                          text_field="body")
+    chunks, rejects = load_chunks(cfg)
+    assert len(chunks) == 2
+    assert {r["reason"] for r in rejects} == {"empty document", "text is not a string"}

@@ -121,3 +121,18 @@ def test_cost_is_priced_per_record_from_its_tokens_over_every_attempt():
     assert row[REJECT] is None and row["score"] == 3 and row["attempts"] == 2
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] == len("no score here".split()) + 2
     assert row["cost_usd"] == pytest.approx((row["prompt_tokens"] * 2.5 + row["completion_tokens"] * 10.0) / 1000)
+
+
+def test_score_histogram_by_responder_counts_accepted_pointwise_scores():
+    import pyarrow as pa
+
+    from themis_ray.stages.label import score_histogram_by_responder
+
+    table = pa.table({
+        "responder": ["careful", "careful", "careless", "careless", "careless", "careless"],
+        "score": [5.0, 4.0, 1.0, None, 2.0, 1.0],
+        "mode": ["single", "reference", "single", "single", "pairwise", "single"],
+        REJECT: [None, None, None, "unparsable", None, "unparsable"],
+    })
+    # rejects, score-less rows and pairwise verdicts are not scores
+    assert score_histogram_by_responder(table) == {"careful": {"4": 1, "5": 1}, "careless": {"1": 1}}

@@ -1,8 +1,30 @@
-"""Parsing the synthesizer's output: numbered instructions and quiz question/answer pairs."""
+"""Parsing the synthesizer's output (numbered instructions, quiz question/answer pairs), task planning,
+dedup of a stage table, and one real synthesis run on local Ray covering the ten scenarios."""
 
 from __future__ import annotations
 
-from themis_ray.stages.synthesize import parse_instructions, parse_quiz
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from themis_ray.config import DedupConfig, load
+from themis_ray.schema import REJECT, output_schema, to_table
+from themis_ray.stages.synthesize import (
+    build_tasks,
+    drop_duplicates,
+    parse_answer,
+    parse_instructions,
+    parse_quiz,
+    parse_quiz_question,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEN = {"close_qa", "open_qa", "math_qa", "creative_writing", "informative_writing", "rewriting", "translation",
+       "reading_comprehension", "role_playing", "programming"}
 
 A = "Explain what a Python generator is and when to use one."
 B = "Write a short poem about list comprehensions."
@@ -76,3 +98,96 @@ def test_parse_quiz_missing_parts():
     assert parse_quiz("What is 2 + 2? The answer is 4.") is None
     assert parse_quiz("Question: What is 2 + 2?") is None
     assert parse_quiz("Answer: 4") is None
+
+
+def test_parse_quiz_question_without_an_answer():
+    assert parse_quiz_question("The question: What is 3 squared?") == "What is 3 squared?"
+    assert parse_quiz_question("**Question:** Name a prime below 10.") == "Name a prime below 10."
+    assert parse_quiz_question("What is 3 squared?") is None
+
+
+@pytest.mark.parametrize("text", ["Answer: 9", "**Answer:** 9", "The answer is: 9", "The reference answer: 9", " 9 "])
+def test_parse_answer_strips_its_label(text):
+    assert parse_answer(text) == "9"
+
+
+def test_tasks_cover_every_scenario_with_its_method():
+    cfg = load(ROOT / "configs" / "quickstart.yaml")
+    tasks, _ = build_tasks(cfg)
+    methods = {(t["scenario"], t["method"]) for t in tasks}
+    assert {s for s, _ in methods} == TEN
+    assert {s for s, m in methods if m == "quizzing"} == {"math_qa", "programming", "reading_comprehension"}
+    per_doc = {}
+    for t in tasks:
+        if t["method"] == "questioning":
+            per_doc.setdefault(t["doc_id"], []).append(t["scenario"])
+    assert all(len(v) == len(set(v)) == cfg.synthesize.scenarios_per_doc for v in per_doc.values())
+    assert build_tasks(cfg)[0] == tasks  # seeded
+
+
+def _row(i, instruction, reject=None):
+    return {"id": f"id{i}", "task_id": f"t{i}", "doc_id": "d", "scenario": "open_qa", "method": "questioning",
+            "instruction": instruction, "reference": None, "prompt_version": "v1", "raw": instruction,
+            REJECT: reject}
+
+
+def test_drop_duplicates_flags_twins_and_names_the_kept_one():
+    base = "Explain what a Python generator is and when you would use one instead of a list."
+    rows = [_row(1, base), _row(2, base.replace("Explain", "Describe")), _row(3, base.upper()),
+            _row(4, "Write a haiku about rain falling on a tin roof."), _row(5, None, "engine error: boom")]
+    table = to_table(rows, output_schema("synthesize"), "synthesize")
+    out, n = drop_duplicates(table, DedupConfig())
+    reasons = dict(zip(out["id"].to_pylist(), out[REJECT].to_pylist()))
+    assert n == 2
+    assert reasons["id1"] is None and reasons["id4"] is None
+    assert reasons["id3"] == "exact duplicate of id1"
+    assert reasons["id2"].startswith("near duplicate of id1 (Jaccard ")
+    assert reasons["id5"] == "engine error: boom"  # an earlier reject keeps its reason
+    assert out.num_rows == table.num_rows
+    off, none = drop_duplicates(table, DedupConfig(enabled=False))
+    assert none == 0 and off.equals(table)
+
+
+@pytest.mark.integration
+def test_synthesis_run_on_local_ray_covers_the_ten_scenarios(tmp_path):
+    import ray
+
+    from themis_ray.pipeline import run_stage
+    from themis_ray.store import StageStore
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "empty.txt").write_text("  \n")
+    (docs / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cfg = load(ROOT / "configs" / "quickstart.yaml", [
+        f"run_dir={tmp_path / 'run'}", "corpus.max_docs=4", "synthesize.quizzes=3",
+        "synthesize.sampling.max_tokens=72", f"corpus.sources=[python-docs,{docs}]",
+    ])
+    try:
+        manifest = run_stage(cfg, "synthesize")
+    finally:
+        ray.shutdown()
+    store = StageStore(cfg.run_dir, "synthesize")
+    kept, rejects = store.read(), store.read_rejects()
+    # every unit is accounted for: tasks (4 chunks x 2 scenarios + 3 quizzes), corpus rejects, duplicates
+    assert manifest["rows_in"] == 4 * 2 + 3 + 2 + manifest["duplicates"]
+    assert manifest["rows_in"] == manifest["units_ok"] + manifest["rows_rejected"]
+    assert set(manifest["instructions_by_scenario"]) == TEN
+    assert manifest["methods_by_scenario"]["math_qa"] == ["quizzing"]
+    assert manifest["methods_by_scenario"]["close_qa"] == ["questioning"]
+    quizzes = kept.filter(pa.compute.equal(kept["method"], "quizzing")).to_pylist()
+    assert quizzes and all(q["reference"] for q in quizzes)  # a quiz always carries its reference answer
+    assert all(r["doc_id"] and r["prompt_version"] for r in kept.filter(
+        pa.compute.equal(kept["method"], "questioning")).to_pylist())
+    reasons = rejects[REJECT].to_pylist()
+    assert "empty document" in reasons and any(r.startswith("not UTF-8") for r in reasons)
+    # duplicates name a twin that was kept
+    kept_ids = set(kept["id"].to_pylist())
+    for reason in reasons:
+        if "duplicate of " in reason:
+            assert reason.split("duplicate of ")[1].split()[0] in kept_ids
+    diversity = manifest["diversity"]
+    assert set(diversity) == TEN | {"all"}
+    assert diversity["all"]["count"] == kept.num_rows
+    assert all(0 < d["distinct_1"] <= 1 for d in diversity.values())

@@ -1,4 +1,4 @@
-"""`themis-ray <pipeline|stage|serve|assets> --config FILE [--force] [key=value ...]`."""
+"""`themis-ray <pipeline|stage|serve|train-classifier|assets> --config FILE [--force] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="re-run even when the manifest matches")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser("serve", help="serve the judge on Ray Serve (POST /v1/judge, /v1/chat/completions)")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("train-classifier", help="fine-tune the scenario classifier on labelled instructions "
+                       "(train_classifier.*) and report held-out accuracy and a confusion matrix")
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*")
     sub.add_parser("assets", help="prepare the embedded default model (GGUF -> Hugging Face folder)")
@@ -48,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         model = cfg.serve.model or str(Path(cfg.run_dir).expanduser().resolve() / "train" / "judge")
         init_ray(cfg)
         run_server(cfg.serve, model, blocking=True, scenarios_dir=cfg.scenarios_dir)
+        return 0
+    if args.command == "train-classifier":
+        from themis_ray.pipeline import init_ray
+        from themis_ray.scenario_model import print_summary, train_classifier
+
+        init_ray(cfg)
+        print_summary(train_classifier(cfg))
         return 0
     from themis_ray.pipeline import run_pipeline, run_stage
 

@@ -1,4 +1,6 @@
-"""Scenario classification: the model picks each instruction's scenario by log-probability."""
+"""Scenario classification: each instruction's scenario, picked zero-shot by the model's
+log-probabilities (`classify.method: zero_shot`) or by a classifier that `themis-ray train-classifier`
+fine-tuned (`trained`)."""
 
 from __future__ import annotations
 
@@ -19,17 +21,27 @@ class Classifier(RowProcessor):
     stage = "classify"
     resume_key = ("id", "id")
 
-    def __init__(self, output_schema, engine_cfg, route_by, scenarios_dir):
+    def __init__(self, output_schema, engine_cfg, route_by, scenarios_dir, model_dir=None):
         super().__init__(output_schema)
-        self.engine = build_engine(engine_cfg)
+        if model_dir:
+            from themis_ray.scenario_model import ScenarioModel
+
+            self.trained, self.engine = ScenarioModel(model_dir, scenarios_dir, num_threads=engine_cfg.num_threads), None
+        else:
+            self.trained, self.engine = None, build_engine(engine_cfg)
         self.route_by = route_by
         self.scenarios_dir = scenarios_dir
+
+    def _predict(self, instruction: str) -> tuple[str, float]:
+        if self.trained is not None:
+            return self.trained.predict([instruction])[0]
+        return classify(self.engine, [instruction], self.scenarios_dir)[0]
 
     def process(self, rows: list[dict]) -> list[dict]:
         out = []
         for row in rows:
             try:
-                [(predicted, confidence)] = classify(self.engine, [row["instruction"]], self.scenarios_dir)
+                predicted, confidence = self._predict(row["instruction"])
             except ValueError as err:
                 out.append({**row, REJECT: f"classifier failed: {err}"})
                 continue
@@ -42,14 +54,23 @@ class Classifier(RowProcessor):
 def run(cfg, inputs: dict, staging) -> StageResult:
     if cfg.classify.route_by not in ("synthesis", "classifier"):
         raise ValueError(f"classify.route_by must be 'synthesis' or 'classifier', got {cfg.classify.route_by!r}")
+    if cfg.classify.method not in ("zero_shot", "trained"):
+        raise ValueError(f"classify.method must be 'zero_shot' or 'trained', got {cfg.classify.method!r}")
+    model_dir = None
+    if cfg.classify.method == "trained":
+        model_dir = str(Path(cfg.classify.model or Path(cfg.run_dir) / "classifier").expanduser().resolve())
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"classify.method=trained: no classifier in {model_dir}; "
+                                    "run `themis-ray train-classifier` or set classify.model")
     source: pa.Table = inputs["synthesize"]
     table = map_rows(source, Classifier, cfg.classify.pool, checkpoint=Path(staging) / PARTIAL,
-                     engine_cfg=cfg.classify.engine,
+                     engine_cfg=cfg.classify.engine, model_dir=model_dir,
                      route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
     ok = table.filter(pc.is_null(table[REJECT]))
     agree = pc.sum(pc.equal(ok["synthesis_scenario"], ok["predicted_scenario"])).as_py() or 0
     return StageResult(table, rows_in=source.num_rows, extra={
-        "engine": engine_label(cfg.classify.engine),
+        "engine": engine_label(cfg.classify.engine) if model_dir is None else f"trained:{model_dir}",
+        "method": cfg.classify.method,
         "agreement_with_synthesis": round(agree / ok.num_rows, 4) if ok.num_rows else None,
         "templates": {"classify": prompts.template_digest("classify")},
     })

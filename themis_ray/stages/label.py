@@ -210,6 +210,19 @@ def replace_sampling(sampling, temperature: float, attempt: int):
     return replace(plain, temperature=temperature, seed=plain.seed + attempt)
 
 
+def score_histogram_by_responder(table: pa.Table) -> dict[str, dict[str, int]]:
+    """{responder: {score: count}} over accepted pointwise labels, scores rounded to integers."""
+    ok = table.filter(pc.is_null(table[REJECT]))
+    out: dict[str, dict[str, int]] = {}
+    for responder, score, mode in zip(ok["responder"].to_pylist(), ok["score"].to_pylist(), ok["mode"].to_pylist()
+                                      if "mode" in ok.column_names else [None] * ok.num_rows):
+        if score is None or mode == "pairwise":
+            continue
+        counts = out.setdefault(str(responder), {})
+        counts[str(round(score))] = counts.get(str(round(score)), 0) + 1
+    return {r: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for r, c in sorted(out.items())}
+
+
 def run(cfg, inputs: dict, staging) -> StageResult:
     source: pa.Table = inputs["respond"]
     c = cfg.label
@@ -240,6 +253,8 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     return StageResult(table, rows_in=rows_in, extra={
         **extra,
         "engine": engine_label(c.engine),
+        # The spread the responders were chosen for: each responder's pointwise score histogram.
+        "score_histogram_by_responder": score_histogram_by_responder(table),
         "templates": {"evaluation": prompts.template_digest("evaluation")},
         "prompt_tokens": sum(v or 0 for v in table["prompt_tokens"].to_pylist()),
         "completion_tokens": sum(v or 0 for v in table["completion_tokens"].to_pylist()),
