@@ -1,4 +1,6 @@
-"""The train stage: the curated train split -> a fine-tuned judge folder in `<run_dir>/train/judge`."""
+"""The train stage: the curated train split -> a fine-tuned judge folder in `<run_dir>/train/judge`,
+with `train_metrics.jsonl` (loss by objective, lr, tokens/s, packing efficiency per step) and
+`train_loss.png` beside it; the manifest's `train` entry holds the run's summary."""
 
 from __future__ import annotations
 
@@ -26,4 +28,8 @@ def run(cfg, inputs: dict, staging) -> StageResult:
     reasons = {r["id"]: r["reason"] for r in result.get("rejected", [])}
     table = train.append_column(REJECT, pa.array([reasons.get(i) for i in train["id"].to_pylist()], pa.string()))
     summary = {k: v for k, v in result.items() if k != "rejected"}
+    # The staging folder is renamed into place on commit: name the outputs relative to the stage.
+    for key in ("judge_dir", "metrics", "loss_plot"):
+        if summary.get(key):
+            summary[key] = Path(summary[key]).name
     return StageResult(table, rows_in=train.num_rows, extra={"train": summary})
