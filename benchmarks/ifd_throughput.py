@@ -90,6 +90,20 @@ def _process_batch(batch: list[dict]) -> dict:
     return {o["id"]: o["ifd"] for o in _WORKER["scorer"].process(batch)}
 
 
+def bf16_figures(reference: dict, bf16: dict, best: dict) -> dict:
+    """Speed of the bfloat16 stage and how far its IFD moves from the float32 reference: absolute and
+    relative differences, rank agreement (what top-k% filtering uses), and flips of Cherry's IFD > 1 rule."""
+    from scipy.stats import spearmanr
+
+    ids = sorted(reference)
+    ref, low = [reference[i] for i in ids], [bf16[i] for i in ids]
+    return {"speedup_bf16": round(best["reference"] / best["stage_bf16"], 2),
+            "max_abs_ifd_difference_bf16": round(max(abs(a - b) for a, b in zip(ref, low)), 5),
+            "mean_rel_ifd_difference_bf16": round(statistics.fmean(abs(a - b) / abs(a) for a, b in zip(ref, low)), 5),
+            "spearman_ifd_bf16_vs_fp32": round(float(spearmanr(ref, low).statistic), 4),
+            "ifd_above_one_flips_bf16": sum((a > 1) != (b > 1) for a, b in zip(ref, low))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=32)
@@ -99,6 +113,8 @@ def main() -> None:
     parser.add_argument("--max-padding", type=float, default=IFDConfig.max_padding)
     parser.add_argument("--no-prefix", action="store_true", help="also time the stage without prefix sharing")
     parser.add_argument("--repeats", type=int, default=3, help="times each batch is timed per path")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time the stage with the model in bfloat16 (vs the float32 reference)")
     parser.add_argument("--workers", type=int, default=0,
                         help="also time the stage as N single-threaded processes, each batch to one of them")
     args = parser.parse_args()
@@ -119,6 +135,12 @@ def main() -> None:
     reference_ifd(engine, records[0])
 
     names = ["reference", "stage"] + (["stage_no_prefix"] if args.no_prefix else [])
+    bf16 = None
+    if args.bf16:  # its own engine: the same weights in bfloat16
+        names.append("stage_bf16")
+        bf16 = IFDScorer(schema, EngineConfig(num_threads=args.threads, dtype="bfloat16"),
+                         micro_batch_size=args.micro_batch_size, max_padding=args.max_padding)
+        bf16.process(records[:2])
     pool = None
     if args.workers:
         names.append(f"stage_{args.workers}x1")
@@ -132,7 +154,7 @@ def main() -> None:
              range(0, len(batches), max(1, args.workers))]
     walls: dict[str, list[list[float]]] = {n: [[] for _ in batches] for n in names}  # [batch][repeat]
     cpu = dict.fromkeys(names, 0.0)
-    reference, stage, no_prefix = {}, {}, {}
+    reference, stage, no_prefix, stage_bf16 = {}, {}, {}, {}
     load_before = os.getloadavg()
     for repeat in range(args.repeats):
         for u, unit in enumerate(units):
@@ -141,6 +163,8 @@ def main() -> None:
                     "stage": lambda: [stage.update({o["id"]: o["ifd"] for o in scorer.process(b)}) for b in todo],
                     "stage_no_prefix": lambda: [no_prefix.update({o["id"]: o["ifd"] for o in plain.process(b)})
                                                 for b in todo],
+                    "stage_bf16": lambda: [stage_bf16.update({o["id"]: o["ifd"] for o in bf16.process(b)})
+                                           for b in todo],
                     f"stage_{args.workers}x1": lambda: [workers.update(d) for d in pool.map(_process_batch, todo, 1)]}
             order = names if (u + repeat) % 2 == 0 else names[::-1]  # alternate who goes first
             for name in order:
@@ -174,6 +198,7 @@ def main() -> None:
         **({f"speedup_{args.workers}x1": round(best["reference"] / best[f"stage_{args.workers}x1"], 2),
             f"max_abs_ifd_difference_{args.workers}x1": max(abs(reference[i] - workers[i]) for i in reference)}
            if args.workers else {}),
+        **(bf16_figures(reference, stage_bf16, best) if args.bf16 else {}),
         "median_batch_speedup": round(statistics.median(
             r / s for rs, ss in zip(walls["reference"], walls["stage"]) for r, s in zip(rs, ss)), 2),
         "cpu_time_speedup": round(cpu["reference"] / cpu["stage"], 2),
