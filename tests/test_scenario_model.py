@@ -4,7 +4,6 @@ matrix by hand; one real Ray Train run on two CPU workers that must beat chance 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pytest
@@ -93,17 +92,6 @@ def test_labelled_set_is_deterministic_and_balanced():
     counts = Counter(r["scenario"] for r in rows)
     assert len(counts) == 10 and set(counts.values()) == {20}
     assert len({r["instruction"] for r in rows}) == len(rows)
-
-
-@pytest.fixture
-def ray_local(monkeypatch):
-    import ray
-
-    if "RAY_AUTH_MODE" not in os.environ:  # a local test cluster needs no auth token
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.integration

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import replace
 from itertools import islice
 
@@ -285,17 +284,6 @@ def test_a_missing_base_model_folder_is_named(tmp_path):
 
 
 # --- a real run ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ray_local(monkeypatch):
-    import ray
-
-    if "RAY_AUTH_MODE" not in os.environ:  # a local test cluster needs no auth token
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.integration

@@ -93,6 +93,24 @@ def chat_prompt_ids(tokenizer, conversation: Optional[Conversation]) -> list[int
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def plan_prompts(engine, conversations: list[Conversation], max_tokens: int):
+    """Tokenize each conversation; one too long for `engine.max_model_len` with `max_tokens` to write
+    becomes that item's error. Returns (results with those errors, [(index, ids)] still to run)."""
+    results: list[Optional[Completion]] = [None] * len(conversations)
+    todo = []
+    for i, conv in enumerate(conversations):
+        ids = engine.prompt_ids(conv)
+        if len(ids) + max_tokens > engine.max_model_len:
+            results[i] = Completion(
+                prompt_tokens=len(ids),
+                error=f"prompt has {len(ids)} tokens; with max_tokens={max_tokens} "
+                f"that exceeds max_model_len={engine.max_model_len}",
+            )
+        else:
+            todo.append((i, ids))
+    return results, todo
+
+
 def build_engine(cfg, where: str = "engine") -> Engine:
     """Build the engine named by `cfg.kind`; call this inside the actor that will use it."""
     if cfg.kind == "hf":

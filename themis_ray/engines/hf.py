@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from themis_ray.assets import resolve_model
-from themis_ray.engines import Completion, Conversation, Engine, TokenScores, chat_prompt_ids
+from themis_ray.engines import Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts
 
 
 class HFEngine(Engine):
@@ -47,18 +47,7 @@ class HFEngine(Engine):
     # -- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, conversations: list[Conversation], sampling) -> list[Completion]:
-        results: list[Optional[Completion]] = [None] * len(conversations)
-        encoded = []
-        for i, conv in enumerate(conversations):
-            ids = self.prompt_ids(conv)
-            if len(ids) + sampling.max_tokens > self.max_model_len:
-                results[i] = Completion(
-                    prompt_tokens=len(ids),
-                    error=f"prompt has {len(ids)} tokens; with max_tokens={sampling.max_tokens} "
-                    f"that exceeds max_model_len={self.max_model_len}",
-                )
-            else:
-                encoded.append((i, ids))
+        results, encoded = plan_prompts(self, conversations, sampling.max_tokens)
         if encoded:
             # Sort by length so each call pads little; results go back to their places.
             encoded.sort(key=lambda item: len(item[1]))

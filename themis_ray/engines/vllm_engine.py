@@ -19,7 +19,7 @@ import uuid
 from typing import Any, Optional
 
 from themis_ray.assets import resolve_model
-from themis_ray.engines import Completion, Conversation, Engine, TokenScores, chat_prompt_ids
+from themis_ray.engines import Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts
 
 
 def sampling_params(sampling) -> dict:
@@ -92,19 +92,7 @@ class _VLLMBase(Engine):
     # -- generation: plan, run (offline or async), read ------------------------------------------
     def _plan_generate(self, conversations: list[Conversation], sampling):
         """Per-item errors for prompts too long, and the (index, ids) pairs vLLM is to run."""
-        results: list[Optional[Completion]] = [None] * len(conversations)
-        todo = []
-        for i, conv in enumerate(conversations):
-            ids = self.prompt_ids(conv)
-            if len(ids) + sampling.max_tokens > self.max_model_len:
-                results[i] = Completion(
-                    prompt_tokens=len(ids),
-                    error=f"prompt has {len(ids)} tokens; with max_tokens={sampling.max_tokens} "
-                    f"that exceeds max_model_len={self.max_model_len}",
-                )
-            else:
-                todo.append((i, ids))
-        return results, todo
+        return plan_prompts(self, conversations, sampling.max_tokens)
 
     def _read_generation(self, results, todo, outputs, top_k: int) -> list[Completion]:
         for (i, ids), output in zip(todo, outputs):
