@@ -136,3 +136,6 @@ def test_score_histogram_by_responder_counts_accepted_pointwise_scores():
     })
     # rejects, score-less rows and pairwise verdicts are not scores
     assert score_histogram_by_responder(table) == {"careful": {"4": 1, "5": 1}, "careless": {"1": 1}}
+    # A user's own responses table need not say who wrote them.
+    assert score_histogram_by_responder(table.drop_columns(["responder", "mode"])) == {"None": {"1": 1, "2": 1,
+                                                                                             "4": 1, "5": 1}}

@@ -213,9 +213,12 @@ def replace_sampling(sampling, temperature: float, attempt: int):
 def score_histogram_by_responder(table: pa.Table) -> dict[str, dict[str, int]]:
     """{responder: {score: count}} over accepted pointwise labels, scores rounded to integers."""
     ok = table.filter(pc.is_null(table[REJECT]))
+
+    def column(name):  # responses labelled from a user's own table may lack responder or mode
+        return ok[name].to_pylist() if name in ok.column_names else [None] * ok.num_rows
+
     out: dict[str, dict[str, int]] = {}
-    for responder, score, mode in zip(ok["responder"].to_pylist(), ok["score"].to_pylist(), ok["mode"].to_pylist()
-                                      if "mode" in ok.column_names else [None] * ok.num_rows):
+    for responder, score, mode in zip(column("responder"), column("score"), column("mode")):
         if score is None or mode == "pairwise":
             continue
         counts = out.setdefault(str(responder), {})
