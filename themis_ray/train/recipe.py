@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -137,6 +138,9 @@ def _quant_method(quant: Any) -> str:
 def _train_worker(config: dict) -> dict | None:
     # DeepSpeed JIT-compiles its shm_comm op on first use; a persistent cache makes that once ever.
     os.environ["TORCH_EXTENSIONS_DIR"] = config["torch_extensions_dir"]
+    # ZeRO-3 calls torch's old collective names on every gather: one deprecation line per call
+    # would bury the training log.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed
     import ray
     import ray.train
