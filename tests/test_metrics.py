@@ -176,6 +176,78 @@ def test_aggregate():
     assert M.aggregate(nan_case, baselines, ideals, skipna=True) == 1.0
 
 
+def test_credit_unparsed_by_hand():
+    # Half parsed at 0.8 of the way from random to perfect: the unparsed half earns random's 0.
+    assert M.credit_unparsed(0.8, 0.5) == pytest.approx(0.4)
+    # Worse than random on the parsed half: the unparsed half earns no more than that.
+    assert M.credit_unparsed(-0.4, 0.5) == pytest.approx(-0.4)
+    assert M.credit_unparsed(0.8, 1.0) == pytest.approx(0.8)
+    assert M.credit_unparsed(float("nan"), 0.0) == 0.0  # nothing parsed: random's level
+    assert M.credit_unparsed(0.8, None) == 0.8
+    with pytest.raises(ValueError, match="parse_rate"):
+        M.credit_unparsed(0.8, 1.5)
+
+
+def test_aggregate_with_a_parse_rate_counts_unparsed_records():
+    baselines = {"mae": 1.6, "pearson": 0.0, "spearman": float("nan")}
+    ideals = {"mae": 0.0, "pearson": 1.0, "spearman": 1.0}
+    perfect = {"mae": 0.0, "pearson": 1.0, "spearman": 1.0}
+    assert M.aggregate(perfect, baselines, ideals, skipna=True) == 1.0
+    assert M.aggregate(perfect, baselines, ideals, skipna=True, parse_rate=0.25) == pytest.approx(0.25)
+    # A metric over every record already counts the unparsed ones: it is not scaled again.
+    assert M.aggregate(perfect, baselines, ideals, skipna=True, parse_rate=0.25,
+                       over_all_records=("pearson",)) == pytest.approx((0.25 + 1.0) / 2)
+    # No parsed record: every metric with a baseline scores random's 0; one without a baseline stays out.
+    nothing = {"mae": float("nan"), "pearson": float("nan"), "spearman": float("nan")}
+    assert M.aggregate(nothing, baselines, ideals, skipna=True, parse_rate=0.0) == 0.0
+
+
+def test_a_judge_that_parses_one_percent_perfectly_aggregates_low():
+    from themis_ray.evaluate.summaries import pairwise_summary, pointwise_summary
+
+    gold = [1, 2, 3, 4, 5] * 20
+    pred = [gold[0]] + [None] * 99  # one parsed answer in 100, and it is right
+    m = pointwise_summary(pred, gold)
+    assert (m["n"], m["n_parsed"], m["mae"], m["accuracy"]) == (100, 1, 0.0, 1.0)
+    assert m["aggregate_parsed"] == pytest.approx(1.0)  # the parsed record alone looks perfect...
+    assert m["aggregate"] == pytest.approx(0.01)  # ...but 99 records went unanswered
+    # The same judge answering every record perfectly is the one that scores 1.
+    assert pointwise_summary(gold, gold)["aggregate"] == pytest.approx(1.0)
+    # Off-scale answers are unparsed too: they cannot rescue the aggregate.
+    assert pointwise_summary([gold[0]] + [9] * 99, gold)["aggregate"] == pytest.approx(0.01)
+    # Its bootstrap interval is about the aggregate over every record as well.
+    low, high = pointwise_summary(pred, gold, n_boot=200)["aggregate_ci"]
+    assert high < 0.1
+
+    gold_v = ["A", "B", "C", "A"] * 25
+    verdicts = [gold_v[0]] + [None] * 99
+    w = pairwise_summary(verdicts, gold_v, verdicts, [M.unswap([v])[0] for v in verdicts])
+    assert w["accuracy"] == 1.0 and w["parse_rate"] == pytest.approx(0.01)
+    assert w["aggregate_parsed"] > 0.3  # accuracies perfect; consistency counted over all records
+    assert w["aggregate"] < 0.01
+
+
+def test_parsing_more_never_lowers_the_aggregate_and_silence_never_beats_answering():
+    from themis_ray.evaluate.summaries import pointwise_summary
+
+    rng = np.random.default_rng(5)
+    gold = rng.integers(1, 6, size=60).astype(float)
+    good = np.clip(gold + rng.integers(-1, 2, size=60), 1, 5).astype(object)
+    previous = -math.inf
+    for parsed in (6, 15, 30, 45, 60):  # the same good answers, more and more of them parsed
+        pred = good.copy()
+        pred[parsed:] = None
+        value = pointwise_summary(pred, gold)["aggregate"]
+        assert value >= previous - 1e-9
+        previous = value
+    # A judge worse than random (always the opposite end of the scale) gains nothing by not answering.
+    bad = (6 - gold).astype(object)
+    full = pointwise_summary(bad, gold)["aggregate"]
+    half = bad.copy()
+    half[::2] = None
+    assert full < 0 and pointwise_summary(half, gold)["aggregate"] <= full + 0.05
+
+
 def test_random_baseline_pointwise():
     gold = [3] * 50
     # uniform over 1..5 against gold 3: E|U-3| = (2+1+0+1+2)/5 = 1.2; P(hit) = 1/5

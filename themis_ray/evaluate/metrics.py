@@ -18,6 +18,12 @@ correlation); no warnings are emitted for them.
 Aggregation follows the paper: each metric is normalised linearly so that random guessing scores 0
 and a perfect judge 1 (`normalize`, `random_baseline`), then the normalised values are averaged
 (`aggregate`). MAE works the same way with its ideal at 0, because the map is linear.
+
+The aggregate answers for every record, parsed or not. Given the parse rate p, a normalised metric
+v measured on the parsed records only becomes `p * v + (1 - p) * min(v, 0)` (`credit_unparsed`): an
+unparsed record earns what random guessing earns (0), or what the judge's parsed answers earn when
+those are worse than random, so failing to answer never scores better than answering. A judge that
+parses 1% of the records with perfect answers aggregates to 0.01, not 1; one that parses nothing, 0.
 """
 
 from __future__ import annotations
@@ -325,21 +331,55 @@ def pointwise_baselines(
     return {name: random_baseline(gold, scale, fn, n_draws, seed) for name, fn in POINTWISE_METRICS.items()}
 
 
+def credit_unparsed(value: float, parse_rate: Optional[float]) -> float:
+    """A normalised metric measured on the parsed records, as a figure for all records.
+
+    The parsed share `parse_rate` earns `value`; the unparsed share earns the random-guessing level
+    (0), or `value` when that is below it: `p * value + (1 - p) * min(value, 0)`. With nothing parsed
+    the result is 0 (`value` is then undefined). `parse_rate` None leaves `value` as it is.
+    """
+    if parse_rate is None:
+        return value
+    p = float(parse_rate)
+    if not math.isfinite(p) or not 0 <= p <= 1:
+        raise ValueError(f"parse_rate must be in [0, 1]; got {parse_rate}")
+    if p == 0:
+        return 0.0
+    if value is None or not math.isfinite(value):
+        return math.nan
+    return float(p * value + (1 - p) * min(value, 0.0))
+
+
 def aggregate(
     metrics: Mapping[str, Optional[float]],
     baselines: Mapping[str, float],
     ideals: Mapping[str, float],
     skipna: bool = False,
+    parse_rate: Optional[float] = None,
+    over_all_records: Sequence[str] = (),
 ) -> float:
     """Mean of normalised values over the metrics that have both a baseline and an ideal.
 
     A metric that is NaN (e.g. a correlation of constant predictions) makes the result NaN unless
-    `skipna`, which averages the rest.
+    `skipna`, which averages the rest. With `parse_rate`, every metric except those named in
+    `over_all_records` (already computed over every record, unparsed ones included) is taken as
+    measured on the parsed records only and goes through `credit_unparsed`, so unparsed records count.
+    A metric whose baseline is undefined (e.g. a correlation against constant gold labels) stays NaN.
     """
     keys = [k for k in metrics if k in baselines and k in ideals]
     if not keys:
         raise ValueError("no metric has both a baseline and an ideal")
-    values = np.array([normalize(metrics[k], baselines[k], ideals[k]) for k in keys], dtype=float)
+
+    def one(k: str) -> float:
+        value = normalize(metrics[k], baselines[k], ideals[k])
+        if parse_rate is None or k in over_all_records:
+            return value
+        random, ideal = baselines[k], ideals[k]
+        if random is None or not math.isfinite(random) or random == ideal:
+            return math.nan  # no baseline: undefined, however many records parsed
+        return credit_unparsed(value, parse_rate)
+
+    values = np.array([one(k) for k in keys], dtype=float)
     if skipna:
         values = values[~np.isnan(values)]
         if not len(values):
@@ -426,6 +466,7 @@ __all__ = [
     "longer_wins_share",
     "pairwise_metrics",
     "normalize",
+    "credit_unparsed",
     "random_baseline",
     "pointwise_baselines",
     "aggregate",

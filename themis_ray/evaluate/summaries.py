@@ -10,7 +10,11 @@ then the mapped values are averaged (`metrics.aggregate`). "Random guessing" is 
 over the scale (pointwise) or over A/B/tie (pairwise), scored against the gold labels at hand, so a
 skewed label distribution moves the baseline rather than flattering the judge. A correlation that is
 undefined because the judge predicted one constant score counts as random (0), not as missing.
-Pointwise quality metrics are over parsed records; read them with `parse_rate`.
+Pointwise quality metrics (MAE, Agr, accuracy, correlations) and pairwise accuracies are over parsed
+records; read them with `parse_rate`. The aggregate is over every record: an unparsed verdict or
+score earns what random guessing earns (0), or less when the parsed ones are worse than random
+(`metrics.credit_unparsed`), so a judge that parses 1% of the records cannot aggregate above 0.01.
+`aggregate_parsed` is the same mean over the parsed records alone.
 """
 
 from __future__ import annotations
@@ -62,13 +66,15 @@ def json_safe(value: Any) -> Any:
 # ------------------------------------------------------------------------------------ pointwise
 
 
-def _pointwise_aggregate(m: dict, baselines: dict) -> float:
+def _pointwise_aggregate(m: dict, baselines: dict, parsed_only: bool = False) -> float:
+    """The aggregate over every record (unparsed ones credited as random or worse), or `parsed_only`."""
     values = {k: m[k] for k in M.POINTWISE_METRICS}
     if m["n_parsed"] >= 2:
         for k in CORRELATIONS:
             if values[k] is None or math.isnan(values[k]):
                 values[k] = baselines[k]  # a constant prediction ranks nothing: as good as random
-    return M.aggregate(values, baselines, M.POINTWISE_IDEALS, skipna=True)
+    parse_rate = None if parsed_only else m["parse_rate"]
+    return M.aggregate(values, baselines, M.POINTWISE_IDEALS, skipna=True, parse_rate=parse_rate)
 
 
 def pointwise_summary(pred, gold, expected=None, scale=(1, 5), n_boot: int = 0, confidence: float = 0.95,
@@ -80,6 +86,7 @@ def pointwise_summary(pred, gold, expected=None, scale=(1, 5), n_boot: int = 0, 
     baselines = M.pointwise_baselines(g[has_gold], (int(scale[0]), int(scale[1])), n_draws=n_draws, seed=seed) \
         if has_gold.any() else {k: math.nan for k in M.POINTWISE_METRICS}
     m["aggregate"] = _pointwise_aggregate(m, baselines) if m["n"] else math.nan
+    m["aggregate_parsed"] = _pointwise_aggregate(m, baselines, parsed_only=True) if m["n_parsed"] else math.nan
     m["random"] = baselines
     if expected is not None:
         e = M.to_scores(expected, scale)
@@ -125,7 +132,12 @@ def pairwise_summary(verdict, gold, verdict_ab=None, verdict_ba=None, len_a=None
         "position_consistency": 1 / len(M.VERDICTS),  # two independent uniform verdicts agree 1 time in 3
     }
     scored = {k: m[k] for k in PAIRWISE_IDEALS if m.get(k) is not None}
-    m["aggregate"] = M.aggregate(scored, baselines, PAIRWISE_IDEALS, skipna=True) if m["n"] else math.nan
+    # Accuracies are over parsed verdicts; position consistency already counts a missing verdict as
+    # inconsistent, so it is over every record.
+    m["aggregate"] = M.aggregate(scored, baselines, PAIRWISE_IDEALS, skipna=True, parse_rate=m["parse_rate"],
+                                 over_all_records=("position_consistency",)) if m["n"] else math.nan
+    m["aggregate_parsed"] = M.aggregate(scored, baselines, PAIRWISE_IDEALS, skipna=True) \
+        if m["n_parsed"] else math.nan
     m["random"] = baselines
     if n_boot > 0 and has_gold.any():
         alpha = 1 - confidence
