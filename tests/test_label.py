@@ -9,7 +9,8 @@ import pytest
 from themis_ray import judging
 from themis_ray.config import EngineConfig, SamplingConfig
 from themis_ray.schema import REJECT, output_schema
-from themis_ray.stages.label import Labeler, judge_mode
+from themis_ray.judging import judge_mode
+from themis_ray.stages.label import Labeler
 
 
 def test_score_options_and_choice_distribution_by_hand():

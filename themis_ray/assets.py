@@ -73,10 +73,13 @@ def prepare_default_model(force: bool = False) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """A model name from config -> a local folder (the embedded default) or the name unchanged."""
+    """A model name from config -> a local folder: the embedded default, a cached copy of a folder on
+    object storage (`s3://...`: a judge trained into a bucket), or the path itself."""
     if name == DEFAULT_MODEL:
         return str(prepare_default_model())
-    return os.path.expanduser(name)
+    from themis_ray import fs
+
+    return fs.local_dir(name) if fs.is_uri(name) else os.path.expanduser(name)
 
 
 def python_docs() -> dict[str, str]:

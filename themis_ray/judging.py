@@ -226,3 +226,33 @@ def combine_pairwise(verdict_ab: Optional[str], verdict_ba: Optional[str]) -> tu
     if verdict_ab == unswapped:
         return verdict_ab, True
     return "C", False
+
+
+def judge_mode(row: dict, scenarios_dir: Optional[str] = None) -> str:
+    """single or reference for a pointwise row: graded against its reference answer only where one is
+    given and the scenario's reference helps (closed-ended scenarios)."""
+    helps = get_scenario(row["scenario"], scenarios_dir).reference_helps
+    return "reference" if row.get("reference") and helps else "single"
+
+
+def request_from_row(row: dict, scenarios_dir: Optional[str] = None, mode: Optional[str] = None,
+                     scale: RatingScale = RatingScale(), criteria: Optional[list[Criterion]] = None) -> JudgeRequest:
+    """A row (a labelled record, a user's record, a benchmark's) -> the request that judges it.
+
+    Pairwise when `mode` says so or the row has two responses and no single one; otherwise single, or
+    reference where the scenario's reference helps. A reference reaches a pairwise prompt on the same
+    condition. Raises KeyError for an unknown scenario and ValueError for a row that cannot be judged.
+    """
+    if mode is None:
+        mode = "pairwise" if row.get("response_a") is not None and row.get("response") is None else None
+    helps = judge_mode(row, scenarios_dir) == "reference"
+    if mode == "pairwise":
+        request = JudgeRequest(instruction=row.get("instruction"), scenario=row["scenario"], mode="pairwise",
+                               response_a=row.get("response_a"), response_b=row.get("response_b"),
+                               reference=row.get("reference") if helps else None, scale=scale, criteria=criteria)
+    else:
+        request = JudgeRequest(instruction=row.get("instruction"), scenario=row["scenario"],
+                               mode=mode or ("reference" if helps else "single"), response=row.get("response"),
+                               reference=row.get("reference"), scale=scale, criteria=criteria)
+    request.validate()
+    return request

@@ -92,7 +92,11 @@ def init_ray(cfg) -> None:
 
 
 def run_stage(cfg, name: str, force: bool = False) -> dict:
-    """Run one stage (its inputs must exist) and return its manifest."""
+    """Run one stage (its inputs must exist) and return its manifest.
+
+    The driver only plans: the stage's plans read its inputs' listed parts, the workers write its own
+    parts, and the manifest is written last from their footers' counts."""
+    from themis_ray.executor import StageContext
     from themis_ray.summary import print_stage_summary
 
     if name not in STAGES:
@@ -105,11 +109,14 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
         print_stage_summary(manifest, skipped=True)
         return manifest
     init_ray(cfg)
-    inputs = {n: StageStore(cfg.run_dir, n).read() for n in stage.inputs}
-    staging = store.staging_dir(fp)
+    resume = store.begin(fp, force=force)
+    if resume:
+        print(f"{name}: resuming an interrupted run; rows already written are not sent again")
+    ctx = StageContext(cfg=cfg, store=store, inputs={n: StageStore(cfg.run_dir, n) for n in stage.inputs},
+                       resume=resume)
     start = time.perf_counter()
-    result = stage.runner()(cfg, inputs, staging)
-    manifest = store.commit(result, fp, time.perf_counter() - start, staging)
+    result = stage.runner()(ctx)
+    manifest = store.commit(result, fp, time.perf_counter() - start)
     print_stage_summary(manifest, skipped=False)
     return manifest
 

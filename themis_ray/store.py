@@ -1,142 +1,255 @@
-"""A stage's output on disk: `<run_dir>/<stage>/` with Parquet parts, `_rejects/` and `_manifest.json`.
+"""A stage's output on any filesystem: `<run_dir>/<stage>/` with Parquet parts, `_rejects/` and `_manifest.json`.
 
-A stage is written into a temporary folder and renamed into place when complete, so a crash never
-leaves a half-written stage that looks finished. A re-run skips a stage whose manifest fingerprint
-(config digest, input manifests, prompt templates, engines) matches.
+Workers write the parts (`executor.StageSink`); the driver only lists them and reads their footers.
+Object stores have no atomic rename, so a stage is done when its manifest exists, and the manifest
+lists the files that make up the stage: a reader trusts nothing else. The manifest is deleted first
+when a stage starts again and written last when it ends.
+
+`_attempt.json` holds the fingerprint of a run in progress: a run with the same fingerprint (after a
+crash or an interrupt) keeps what the workers already wrote and sends only the rows that are not yet
+written; any other run clears the folder. Row counts and the sums a stage reports (tokens, cost,
+histograms) come from the parts' footers, where each write task puts the statistics of its file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import posixpath
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from themis_ray.schema import REJECT
+from themis_ray import fs
 
 MANIFEST = "_manifest.json"
+ATTEMPT = "_attempt.json"
 REJECTS = "_rejects"
-PARTIAL = "_partial"  # finished blocks of an unfinished run, for resuming it
+WORK = "_work"  # a stage's intermediate data (kept for a resume, never read by another stage)
+STATS_KEY = b"themis.stats"  # footer key of a part's summable statistics (JSON)
 
 
 @dataclass
 class StageResult:
-    """What a stage hands to the store."""
+    """What a stage reports beside the parts its workers wrote."""
 
-    table: Optional[pa.Table]  # all rows, rejects flagged in `reject_reason`; None for no table
     rows_in: int
-    # For fan-out stages (one input unit -> several rows) how many input units succeeded.
+    # For fan-out stages (one input unit -> several rows): how many input units succeeded.
     units_ok: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Tally:
+    """What the workers wrote: the parts, their row counts and their summed statistics."""
+
+    files: list[str]  # names relative to the stage folder
+    reject_files: list[str]
+    rows_out: int
+    rows_rejected: int
+    stats: dict[str, Any]
+
+
+def merge_stats(a: dict, b: dict) -> dict:
+    """Summable statistics: numbers add, nested dicts merge key by key."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict):
+            out[key] = merge_stats(out.get(key) or {}, value)
+        else:
+            out[key] = (out.get(key) or 0) + value
+    return out
+
+
 class StageStore:
-    def __init__(self, run_dir: str | Path, stage: str):
-        if "://" in str(run_dir):
-            # Stages write through the local filesystem (the train stage's rank 0 exports the judge
-            # from whichever node it runs on), so a bucket URI would silently become a local folder.
-            raise ValueError(
-                f"run_dir must be a filesystem path, got the URI {run_dir!r}: on several nodes use a "
-                "path every node mounts (a shared volume), and copy the finished run to object storage "
-                "with the jobs' `--export URI` (see cluster/README.md)"
-            )
+    def __init__(self, run_dir: str, stage: str):
         self.stage = stage
-        self.path = Path(run_dir).expanduser().resolve() / stage
-        self.manifest_path = self.path / MANIFEST
+        self.uri = fs.join(str(run_dir), stage)
+        self.fs, self.path = fs.resolve(self.uri)
+        self._tally: Optional[Tally] = None
+
+    def file(self, *parts: str) -> str:
+        """A path (or URI) inside the stage folder."""
+        return fs.join(self.uri, *parts)
+
+    def local_path(self, *parts: str) -> str:
+        """A local path inside the stage folder; fails for a stage on object storage."""
+        if fs.is_uri(self.uri):
+            raise ValueError(f"{self.uri} is not on a local filesystem")
+        return self.file(*parts)
+
+    @contextmanager
+    def local_folder(self, *parts: str) -> Iterator[str]:
+        """A local folder whose files end up at `parts` inside the stage folder: the folder itself on a
+        local filesystem, a temporary one uploaded on exit when the stage is on object storage (for
+        libraries that write only local files: plots, reports, model folders)."""
+        if not fs.is_uri(self.uri):
+            folder = self.file(*parts)
+            os.makedirs(folder, exist_ok=True)
+            yield folder
+            return
+        with tempfile.TemporaryDirectory(prefix="themis-out-") as folder:
+            yield folder
+            fs.upload_dir(folder, self.file(*parts))
 
     # -- reading ---------------------------------------------------------------------------------
     def manifest(self) -> Optional[dict]:
-        if not self.manifest_path.is_file():
-            return None
-        return json.loads(self.manifest_path.read_text())
+        return fs.read_json(self.file(MANIFEST))
 
     def is_done(self, fingerprint: dict) -> bool:
         m = self.manifest()
         return m is not None and m.get("fingerprint") == fingerprint
 
-    def parquet_files(self) -> list[str]:
-        return sorted(str(p) for p in self.path.glob("*.parquet"))
+    def _listed(self, key: str) -> list[str]:
+        m = self.manifest()
+        if m is None:
+            raise FileNotFoundError(f"stage {self.stage!r} has no finished output in {self.uri}; run it first")
+        return [posixpath.join(self.path, name) for name in m.get(key, [])]
 
-    def read(self) -> pa.Table:
-        files = self.parquet_files()
+    def files(self) -> list[str]:
+        """The stage's accepted parts, as the manifest lists them (paths within `self.fs`)."""
+        return self._listed("files")
+
+    def reject_files(self) -> list[str]:
+        return self._listed("rejects")
+
+    def dataset(self, columns: Optional[list[str]] = None, rejects: bool = False):
+        """The finished stage as a Ray Dataset over its listed parts (empty when it wrote none)."""
+        import ray
+
+        files = self.reject_files() if rejects else self.files()
         if not files:
-            raise FileNotFoundError(f"stage {self.stage!r} has no output in {self.path}; run it first")
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+            schema = self.schema(rejects)
+            if columns:
+                schema = pa.schema([schema.field(c) for c in columns])
+            return ray.data.from_arrow(schema.empty_table())
+        return ray.data.read_parquet(files, filesystem=self.fs, columns=columns)
+
+    def schema(self, rejects: bool = False) -> pa.Schema:
+        m = self.manifest() or {}
+        blob = m.get("reject_schema" if rejects else "schema")
+        return pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(blob))) if blob else pa.schema([])
+
+    def read(self, columns: Optional[list[str]] = None) -> pa.Table:
+        """The whole accepted table in this process: for tests and small outputs only."""
+        return _concat([pq.read_table(f, filesystem=self.fs, columns=columns) for f in self.files()], self.schema())
 
     def read_rejects(self) -> pa.Table:
-        files = sorted((self.path / REJECTS).glob("*.parquet"))
-        return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
+        return _concat([pq.read_table(f, filesystem=self.fs) for f in self.reject_files()], self.schema(True))
+
+    def num_rows(self) -> int:
+        m = self.manifest()
+        if m is None:
+            raise FileNotFoundError(f"stage {self.stage!r} has no finished output in {self.uri}; run it first")
+        return int(m["rows_out"])
 
     # -- writing ---------------------------------------------------------------------------------
-    def staging_dir(self, fingerprint: dict | None = None) -> Path:
-        """The folder a run writes into; it becomes the stage folder when the stage commits.
+    def begin(self, fingerprint: dict, force: bool = False) -> bool:
+        """Make the folder ready for a run; True when it resumes an interrupted run of the same
+        fingerprint (whose written parts are kept), False when it starts afresh."""
+        fs.delete(self.file(MANIFEST))  # from now on the stage is not done
+        self._tally = None
+        resume = not force and fs.read_json(self.file(ATTEMPT)) == fingerprint
+        if resume:
+            self._drop_unreadable()
+            return True
+        for name in fs.children(self.uri):
+            fs.delete(self.file(name))
+        fs.write_json(self.file(ATTEMPT), fingerprint)
+        return False
 
-        Finished blocks that an interrupted run with the same fingerprint left in `_partial/` are
-        kept, so the stage resumes; anything else there is cleared.
-        """
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        partial = tmp / PARTIAL
-        marker = partial / "_fingerprint.json"
-        keep = fingerprint is not None and marker.is_file() and json.loads(marker.read_text()) == fingerprint
-        if tmp.exists():
-            for child in tmp.iterdir():
-                if not (keep and child.name == PARTIAL):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        tmp.mkdir(parents=True, exist_ok=True)
-        if fingerprint is not None:
-            partial.mkdir(exist_ok=True)
-            marker.write_text(json.dumps(fingerprint, sort_keys=True))
-        return tmp
+    def _drop_unreadable(self) -> None:
+        """A part cut short by a crash (no footer) is deleted: its rows are simply not written yet."""
+        paths = fs.list_files(self.uri, recursive=True)
+        broken = [p for p in paths if not p.endswith(".parquet") and posixpath.basename(p).startswith("part-")]
+        parts = [p for p in paths if p.endswith(".parquet")]
+        with ThreadPoolExecutor(16) as pool:
+            for path, ok in zip(parts, pool.map(self._readable, parts)):
+                if not ok:
+                    broken.append(path)
+        for path in broken:
+            self.fs.delete_file(path)
 
-    def commit(self, result: StageResult, fingerprint: dict, wall_s: float, staging: Path | None = None) -> dict:
-        tmp = staging or self.staging_dir()
-        rows_out = rows_rejected = 0
-        if result.table is not None:
-            flagged = pc.is_valid(result.table[REJECT])
-            kept = result.table.filter(pc.invert(flagged)).drop_columns([REJECT])
-            rejects = result.table.filter(flagged)
-            rows_out, rows_rejected = kept.num_rows, rejects.num_rows
-            pq.write_table(kept, tmp / "part-00000.parquet")
-            (tmp / REJECTS).mkdir(exist_ok=True)
-            pq.write_table(rejects, tmp / REJECTS / "part-00000.parquet")
-        shutil.rmtree(tmp / PARTIAL, ignore_errors=True)  # its rows are in the parts now
-        units_ok = result.units_ok if result.units_ok is not None else rows_out
-        if result.table is not None and result.rows_in != units_ok + rows_rejected:
+    def _readable(self, path: str) -> bool:
+        try:
+            pq.read_metadata(path, filesystem=self.fs)
+            return True
+        except (OSError, pa.ArrowInvalid):
+            return False
+
+    def clear_parts(self) -> None:
+        """Delete the parts (and rejects) written so far, keeping `_work/` and the attempt marker."""
+        for path in self.written_files():
+            self.fs.delete_file(path)
+        self._tally = None
+
+    def written_files(self, rejects: bool = True) -> list[str]:
+        """Parts the workers have written so far (paths within `self.fs`), rejects included."""
+        files = fs.list_files(self.uri, ".parquet")
+        return files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else [])
+
+    def tally(self) -> Tally:
+        """Counts and summed statistics of the written parts, from their footers."""
+        if self._tally is None:
+            files, rejects = fs.list_files(self.uri, ".parquet"), fs.list_files(self.file(REJECTS), ".parquet")
+            with ThreadPoolExecutor(16) as pool:
+                metas = list(pool.map(lambda p: pq.read_metadata(p, filesystem=self.fs), files + rejects))
+            stats: dict = {}
+            for meta in metas:
+                blob = (meta.metadata or {}).get(STATS_KEY)
+                if blob:
+                    stats = merge_stats(stats, json.loads(blob))
+            relative = [posixpath.relpath(p, self.path) for p in files + rejects]
+            self._tally = Tally(files=relative[:len(files)], reject_files=relative[len(files):],
+                                rows_out=sum(m.num_rows for m in metas[:len(files)]),
+                                rows_rejected=sum(m.num_rows for m in metas[len(files):]), stats=stats)
+            self._schema_blobs = {
+                "schema": _schema_hex(metas[0]) if files else None,
+                "reject_schema": _schema_hex(metas[len(files)]) if rejects else None,
+            }
+        return self._tally
+
+    def commit(self, result: StageResult, fingerprint: dict, wall_s: float) -> dict:
+        """Check rows in = rows out + rows rejected, then write the manifest (last) listing the parts."""
+        tally = self.tally()
+        units_ok = result.units_ok if result.units_ok is not None else tally.rows_out
+        if result.rows_in != units_ok + tally.rows_rejected:
             raise RuntimeError(
                 f"stage {self.stage!r} lost rows: {result.rows_in} in, {units_ok} out, "
-                f"{rows_rejected} rejected"
+                f"{tally.rows_rejected} rejected"
             )
         manifest = {
             "stage": self.stage,
             "fingerprint": fingerprint,
             "rows_in": result.rows_in,
-            "rows_out": rows_out,
+            "rows_out": tally.rows_out,
             "units_ok": units_ok,
-            "rows_rejected": rows_rejected,
+            "rows_rejected": tally.rows_rejected,
             "wall_s": round(wall_s, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **result.extra,
+            "files": tally.files,
+            "rejects": tally.reject_files,
+            **{k: v for k, v in self._schema_blobs.items() if v},
         }
         manifest["digest"] = hashlib.sha256(
-            json.dumps([fingerprint, rows_out, rows_rejected], sort_keys=True).encode()
+            json.dumps([fingerprint, tally.rows_out, tally.rows_rejected, tally.files], sort_keys=True).encode()
         ).hexdigest()[:16]
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        if self.path.exists():
-            # Move the old stage aside (a rename is atomic) rather than deleting it in place: a crash
-            # half-way through a delete could leave its manifest next to missing parts, looking done.
-            old = self.path.with_name(self.path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            self.path.rename(old)
-            tmp.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(self.path)
+        fs.write_json(self.file(MANIFEST), manifest)
+        fs.delete(self.file(ATTEMPT))
         return manifest
+
+
+def _schema_hex(meta: pq.FileMetaData) -> str:
+    return meta.schema.to_arrow_schema().remove_metadata().serialize().to_pybytes().hex()
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()

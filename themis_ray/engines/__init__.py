@@ -178,3 +178,21 @@ def preflight(cfg, where: str = "engine") -> None:
     # An autoscaling cluster whose GPU nodes start at zero shows no GPU yet: THEMIS_WAIT_FOR_GPUS=1 there.
     if ray.is_initialized() and os.environ.get("THEMIS_WAIT_FOR_GPUS") != "1":
         check_vllm_gpus(cfg, ray.cluster_resources(), where)
+
+
+def engine_label(cfg) -> str:
+    """"kind:model-folder-name", the engine's name in manifests and tables."""
+    return f"{cfg.kind}:{os.path.basename(str(cfg.model).rstrip('/'))}"
+
+
+def batches_in_flight(cfg) -> int:
+    """How many batches one actor may run at once with this engine: a remote endpoint's requests wait
+    on the network, so a second batch keeps its slots busy while the first one's slowest requests
+    finish (the engine still caps the requests in flight); a local model runs one batch at a time."""
+    return 2 if cfg.kind == "openai" else 1
+
+
+def batch_generation_route(cfg) -> bool:
+    """True when whole-stage generation should run through Ray's own batch path (ray.data.llm's vLLM
+    processor) instead of an engine built inside each actor."""
+    return cfg.kind == "vllm"

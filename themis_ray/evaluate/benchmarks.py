@@ -1,13 +1,14 @@
 """The records a judge is measured on: the run's validation split, a user's labelled file, MT-Bench,
 and the validation split again with a prompt injection appended to every response.
 
-Every benchmark becomes a table of records ready to judge: `prompt` (the evaluation prompt, and
+Every benchmark becomes a lazy Ray Dataset of records ready to judge (prepared by streaming maps over
+the curate stage's parts or the user's files, never collected on the driver): `prompt` (the evaluation prompt, and
 `prompt_ba` with the responses swapped for pairwise records), `mode`, `scenario`, and its gold label
 (`score` for pointwise, `winner` A/B/C for pairwise; none for MT-Bench). A row that cannot be judged
 (a missing field, a score off the scale, an unknown winner or scenario, a line that is not JSON) is
-not dropped: it is a reject with its row number, its raw content and the reason.
+not dropped: it is a reject with its row number (or record id), its raw content and the reason.
 
-Row numbers are 1-based: the line number in a JSONL file, the row's position in a Parquet file.
+Row numbers are 1-based: the line number in a JSONL or CSV file, the row's position in a Parquet file.
 """
 
 from __future__ import annotations
@@ -59,18 +60,24 @@ FILE_SCHEMAS = {
 class Benchmark:
     name: str
     kind: str  # pointwise (gold `score`) | pairwise (gold `winner`) | unlabelled (no gold) | injection
-    records: pa.Table  # ready to judge
-    rejects: pa.Table  # rows that could not be judged, `reject_reason` set
+    records: Any  # a Ray Dataset of records ready to judge, `schema`
+    rejects: Any  # a Ray Dataset of rows that could not be judged (REJECT_SCHEMA), or None
+    schema: pa.Schema
     scale: tuple[int, int] = (1, 5)
     source: str = ""  # where the records came from, for the report
+    num_records: int = 0  # counted by the stage before grading
+    num_rejects: int = 0
 
     @property
     def pairwise(self) -> bool:
         return self.kind == "pairwise"
 
 
-def load_benchmarks(cfg, inputs: dict) -> list[Benchmark]:
-    """The benchmarks named in `evaluate.benchmarks`, in that order (MT-Bench generates responses)."""
+def load_benchmarks(cfg, curate=None, work=None, resume: bool = False) -> list[Benchmark]:
+    """The benchmarks named in `evaluate.benchmarks`, in that order, as lazy datasets.
+
+    `curate` is the finished curate stage's store (validation, injection); MT-Bench has its responders
+    answer into the `work` store (a resumed run keeps the answers already written)."""
     names = list(cfg.evaluate.benchmarks)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names or len(set(names)) != len(names):
@@ -78,127 +85,135 @@ def load_benchmarks(cfg, inputs: dict) -> list[Benchmark]:
     out = []
     for name in names:
         if name == "validation":
-            out.extend(validation_benchmarks(inputs["curate"], cfg.scenarios_dir))
+            out.extend(validation_benchmarks(curate, cfg.scenarios_dir))
         elif name == "file":
             out.append(file_benchmark(cfg.evaluate.file, cfg.scenarios_dir))
         elif name == "injection":
-            out.append(injection_benchmark(inputs["curate"], cfg.scenarios_dir))
+            out.append(injection_benchmark(curate, cfg.scenarios_dir))
         else:
-            out.append(mtbench_benchmark(cfg))
+            out.append(mtbench_benchmark(cfg, work, resume))
     return out
+
+
+def _pick(batch: pa.Table, prepare, which: int, **kwargs) -> pa.Table:
+    return prepare(batch, **kwargs)[which]
+
+
+def split_prepared(ds, prepare, **kwargs):
+    """`prepare(batch) -> (records, rejects)` as two lazy datasets (each batch is prepared twice: cheap
+    text work, and it keeps every map streaming)."""
+    from themis_ray.executor import map_tasks
+
+    return map_tasks(ds, _pick, prepare=prepare, which=0, **kwargs), map_tasks(ds, _pick, prepare=prepare, which=1, **kwargs)
 
 
 # ------------------------------------------------------------------------------ validation split
 
 
-def validation_benchmarks(curated: pa.Table, scenarios_dir: Optional[str] = None) -> list[Benchmark]:
+def _validation(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.fill_null(pc.equal(batch["split"], "validation"), False))
+
+
+def _is_pair(batch: pa.Table) -> pa.Array:
+    if "mode" not in batch.column_names:
+        return pa.array([False] * batch.num_rows)
+    return pc.fill_null(pc.equal(batch["mode"], "pairwise"), False)
+
+
+def _validation_counts(batch: pa.Table) -> dict:
+    validation = _validation(batch)
+    pairs = pc.sum(_is_pair(validation)).as_py() or 0
+    return {"pointwise": validation.num_rows - pairs, "pairwise": pairs}
+
+
+def _pointwise_validation(batch: pa.Table) -> pa.Table:
+    validation = _validation(batch)
+    validation = validation.filter(pc.invert(_is_pair(validation)))
+    return validation.append_column("benchmark", pa.array(["validation"] * validation.num_rows, pa.string()))
+
+
+def validation_benchmarks(curate, scenarios_dir: Optional[str] = None) -> list[Benchmark]:
     """The curated held-out split, the teacher's labels as gold and its prompt as the judge's prompt.
 
     Pointwise records form "validation" (gold: the teacher's `score`); pairwise records, where the
     split has any, form "validation_pairwise" (gold: the teacher's `verdict`, renamed `winner`).
     """
-    validation = curated.filter(pc.equal(curated["split"], "validation"))
-    validation = validation.append_column("benchmark", pa.array(["validation"] * validation.num_rows, pa.string()))
-    is_pair = (pc.fill_null(pc.equal(validation["mode"], "pairwise"), False) if "mode" in validation.column_names
-               else pa.array([False] * validation.num_rows))
-    pairs = validation.filter(is_pair)
+    from themis_ray.executor import map_tasks, partials
+
+    counts = partials(curate.dataset(columns=["split", "mode"]), _validation_counts)
+    schema = pa.schema([f for f in curate.schema() if f.name != REJECT] + [pa.field("benchmark", pa.string())])
     out = []
-    if pairs.num_rows == 0 or pairs.num_rows < validation.num_rows:
-        out.append(Benchmark("validation", "pointwise", validation.filter(pc.invert(is_pair)),
-                             REJECT_SCHEMA.empty_table(),
-                             source="this run's validation split, the teacher's scores as gold"))
-    if pairs.num_rows:
-        out.append(_validation_pairs(pairs, scenarios_dir))
+    if not counts.get("pairwise") or counts.get("pointwise"):
+        out.append(Benchmark("validation", "pointwise", map_tasks(curate.dataset(), _pointwise_validation), None,
+                             schema, source="this run's validation split, the teacher's scores as gold"))
+    if counts.get("pairwise"):
+        pair_schema = pa.schema([pa.field("winner" if f.name == "verdict" else f.name, f.type) for f in schema]
+                                + [pa.field("prompt_ba", pa.string())])
+        records, rejects = split_prepared(curate.dataset(), _prepare_validation_pairs, schema=pair_schema,
+                                          scenarios_dir=scenarios_dir)
+        out.append(Benchmark("validation_pairwise", "pairwise", records, rejects, pair_schema,
+                             source="this run's validation split, pairwise records, the teacher's verdicts as gold"))
     return out
 
 
-def _validation_pairs(pairs: pa.Table, scenarios_dir: Optional[str]) -> Benchmark:
-    pairs = pairs.set_column(pairs.schema.get_field_index("benchmark"), "benchmark",
-                             pa.array(["validation_pairwise"] * pairs.num_rows, pa.string()))
-    if "verdict" in pairs.column_names:  # the grader writes its own `verdict`: keep the teacher's as gold
-        pairs = pairs.rename_columns(["winner" if n == "verdict" else n for n in pairs.column_names])
-    schema = pa.schema([f for f in pairs.schema if f.name != REJECT] + [pa.field("prompt_ba", pa.string())])
+def _prepare_validation_pairs(batch: pa.Table, schema: pa.Schema, scenarios_dir) -> tuple[pa.Table, pa.Table]:
+    validation = _validation(batch)
     good, bad = [], []
-    for number, row in enumerate(pairs.to_pylist(), start=1):
+    for row in validation.filter(_is_pair(validation)).to_pylist():
         row.pop(REJECT, None)
+        # The grader writes its own `verdict`: the teacher's is the gold `winner`.
+        row["winner"], row["benchmark"] = row.pop("verdict", None), "validation_pairwise"
         try:
-            request = judging.JudgeRequest(instruction=row["instruction"], scenario=row["scenario"], mode="pairwise",
-                                           response_a=row.get("response_a"), response_b=row.get("response_b"),
-                                           reference=row.get("reference"))
+            request = judging.request_from_row(row, scenarios_dir, mode="pairwise")
             if row.get("winner") not in ("A", "B", "C"):
                 raise ValueError(f"the teacher's verdict {row.get('winner')!r} is not A, B or C")
             row["prompt_ba"] = judging.render_prompt(judging.swap_pair(request), scenarios_dir)
             row["prompt"] = row.get("prompt") or judging.render_prompt(request, scenarios_dir)
             good.append(row)
         except (ValueError, KeyError) as err:
-            bad.append({"benchmark": "validation_pairwise", "row": number, "id": row.get("id"),
-                        "raw": json.dumps(row, ensure_ascii=False, default=str), REJECT: f"row {number}: {err}"})
-    return Benchmark("validation_pairwise", "pairwise", pa.Table.from_pylist(good, schema=schema),
-                     pa.Table.from_pylist(bad, schema=REJECT_SCHEMA),
-                     source="this run's validation split, pairwise records, the teacher's verdicts as gold")
+            bad.append({"benchmark": "validation_pairwise", "row": None, "id": row.get("id"),
+                        "raw": json.dumps(row, ensure_ascii=False, default=str), REJECT: f"record {row.get('id')}: {err}"})
+    return pa.Table.from_pylist(good, schema=schema), pa.Table.from_pylist(bad, schema=REJECT_SCHEMA)
 
 
-def injection_benchmark(curated: pa.Table, scenarios_dir: Optional[str] = None, text: str = INJECTION) -> Benchmark:
-    """Each pointwise validation record twice, as written (`variant` clean) and with `text` appended to
-    its response (`variant` injected), both rendered the same way. The mean score shift between the
-    two, per judge, is how far the injection moves that judge (`summaries.injection_summary`)."""
-    validation = curated.filter(pc.equal(curated["split"], "validation"))
-    schema = pa.schema([("id", pa.string()), ("source_id", pa.string()), ("variant", pa.string()),
-                        ("benchmark", pa.string()), ("row", pa.int64()), ("scenario", pa.string()),
-                        ("mode", pa.string()), ("instruction", pa.string()), ("response", pa.string()),
-                        ("reference", pa.string()), ("score", pa.float64()), ("prompt", pa.string())])
+INJECTION_SCHEMA = pa.schema([("id", pa.string()), ("source_id", pa.string()), ("variant", pa.string()),
+                              ("benchmark", pa.string()), ("row", pa.int64()), ("scenario", pa.string()),
+                              ("mode", pa.string()), ("instruction", pa.string()), ("response", pa.string()),
+                              ("reference", pa.string()), ("score", pa.float64()), ("prompt", pa.string())])
+
+
+def _prepare_injection(batch: pa.Table, text: str, scenarios_dir) -> tuple[pa.Table, pa.Table]:
+    validation = _validation(batch)
     good, bad = [], []
-    for number, row in enumerate(validation.to_pylist(), start=1):
-        if row.get("mode") == "pairwise":
-            continue  # the injection targets a single response's score
+    for row in validation.filter(pc.invert(_is_pair(validation))).to_pylist():
         try:
+            both = []
             for variant, response in (("clean", row.get("response")), ("injected", (row.get("response") or "") + text)):
-                request = judging.JudgeRequest(instruction=row.get("instruction"), scenario=row.get("scenario"),
-                                               mode=row.get("mode") or "single", response=response,
-                                               reference=row.get("reference"))
-                good.append({"id": stable_id(row["id"], variant), "source_id": row["id"], "variant": variant,
-                             "benchmark": "injection", "row": number, "scenario": row["scenario"],
+                request = judging.request_from_row({**row, "response": response}, scenarios_dir,
+                                                   mode=row.get("mode") or "single")
+                both.append({"id": stable_id(row["id"], variant), "source_id": row["id"], "variant": variant,
+                             "benchmark": "injection", "row": None, "scenario": row["scenario"],
                              "mode": request.mode, "instruction": request.instruction, "response": response,
                              "reference": request.reference, "score": row.get("score"),
                              "prompt": judging.render_prompt(request, scenarios_dir)})
+            good += both  # both variants or neither
         except (ValueError, KeyError) as err:
-            good = [g for g in good if g["source_id"] != row.get("id")]  # both variants or neither
-            bad.append({"benchmark": "injection", "row": number, "id": row.get("id"),
-                        "raw": json.dumps(row, ensure_ascii=False, default=str), REJECT: f"row {number}: {err}"})
-    return Benchmark("injection", "injection", pa.Table.from_pylist(good, schema=schema),
-                     pa.Table.from_pylist(bad, schema=REJECT_SCHEMA),
+            bad.append({"benchmark": "injection", "row": None, "id": row.get("id"),
+                        "raw": json.dumps(row, ensure_ascii=False, default=str), REJECT: f"record {row.get('id')}: {err}"})
+    return pa.Table.from_pylist(good, schema=INJECTION_SCHEMA), pa.Table.from_pylist(bad, schema=REJECT_SCHEMA)
+
+
+def injection_benchmark(curate, scenarios_dir: Optional[str] = None, text: str = INJECTION) -> Benchmark:
+    """Each pointwise validation record twice, as written (`variant` clean) and with `text` appended to
+    its response (`variant` injected), both rendered the same way. The mean score shift between the
+    two, per judge, is how far the injection moves that judge (`summaries.injection_summary`)."""
+    records, rejects = split_prepared(curate.dataset(), _prepare_injection, text=text, scenarios_dir=scenarios_dir)
+    return Benchmark("injection", "injection", records, rejects, INJECTION_SCHEMA,
                      source=f"this run's validation split, each response judged as written and with "
                             f"{text.strip()!r} appended")
 
 
 # ---------------------------------------------------------------------------------- user files
-
-
-def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """(row number, record) for every row of a JSONL or Parquet file; a bad JSONL line is an error string.
-
-    Blank JSONL lines are not records and are skipped.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluate.file.path: no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        rows: list[tuple[int, Any]] = []
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    rows.append((number, _BadLine(line.rstrip("\n"), f"invalid JSON: {err.msg}")))
-        return rows
-    raise ValueError(f"evaluate.file.path: {path.name} is neither JSONL (.jsonl) nor Parquet (.parquet)")
 
 
 @dataclass
@@ -248,16 +263,19 @@ def _raw(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
+def check_columns(present: set[str], fc) -> None:
+    """A required column absent from every row of the file is a mapping error, not bad rows."""
+    column, _ = _check_file_config(fc)
+    missing = [f"{f} (column {column[f]!r})" for f in REQUIRED[fc.format] if column[f] not in present]
+    if present and missing:
+        raise ValueError(f"evaluate.file: the file has no column for {', '.join(missing)}; "
+                         f"its columns: {', '.join(sorted(present))}; map them with evaluate.file.columns")
+
+
 def parse_file_rows(rows: list[tuple[int, Any]], fc, scenarios_dir: Optional[str] = None,
                     benchmark: str = "file") -> tuple[pa.Table, pa.Table]:
     """(records ready to judge, rejects) from a labelled file's rows, per `evaluate.file` (fc)."""
     column, winners = _check_file_config(fc)
-    present = {key for _, record in rows if isinstance(record, dict) for key in record}
-    if present:  # a required column absent from every row is a mapping error, not bad rows
-        missing = [f"{f} (column {column[f]!r})" for f in REQUIRED[fc.format] if column[f] not in present]
-        if missing:
-            raise ValueError(f"evaluate.file: the file has no column for {', '.join(missing)}; "
-                             f"its columns: {', '.join(sorted(present))}; map them with evaluate.file.columns")
     scale = judging.RatingScale(fc.scale_low, fc.scale_high)
     good, bad = [], []
     for number, record in rows:
@@ -336,12 +354,39 @@ def _render(request: judging.JudgeRequest, scenarios_dir) -> str:
         raise _Rejected(f"cannot build the evaluation prompt: {err}") from None
 
 
+def _file_rows(batch: pa.Table) -> list[tuple[int, Any]]:
+    """`records.read_records` rows -> (row number, record dict or _BadLine)."""
+    out = []
+    for number, record, error in zip(batch["_row"].to_pylist(), batch["_record"].to_pylist(),
+                                     batch["_error"].to_pylist()):
+        out.append((number, _BadLine(record, error) if error else json.loads(record)))
+    return out
+
+
+def _file_columns(batch: pa.Table) -> dict:
+    keys: dict = {}
+    for record, error in zip(batch["_record"].to_pylist(), batch["_error"].to_pylist()):
+        if not error:
+            keys.update(dict.fromkeys(json.loads(record), 1))
+    return {"columns": keys}
+
+
+def _prepare_file(batch: pa.Table, fc, scenarios_dir) -> tuple[pa.Table, pa.Table]:
+    return parse_file_rows(_file_rows(batch), fc, scenarios_dir)
+
+
 def file_benchmark(fc, scenarios_dir: Optional[str] = None) -> Benchmark:
+    from themis_ray.executor import partials
+    from themis_ray.records import read_records
+
     if not fc.path:
         raise ValueError("evaluate.benchmarks has 'file' but evaluate.file.path is not set")
-    records, rejects = parse_file_rows(read_records(fc.path), fc, scenarios_dir)
-    return Benchmark("file", fc.format, records, rejects, scale=(fc.scale_low, fc.scale_high),
-                     source=f"{Path(fc.path).expanduser()} ({fc.format}, human labels as gold)")
+    _check_file_config(fc)
+    rows = read_records(fc.path)
+    check_columns(set(partials(rows, _file_columns).get("columns", {})), fc)
+    records, rejects = split_prepared(rows, _prepare_file, fc=fc, scenarios_dir=scenarios_dir)
+    return Benchmark("file", fc.format, records, rejects, FILE_SCHEMAS[fc.format], scale=(fc.scale_low, fc.scale_high),
+                     source=f"{fc.path} ({fc.format}, human labels as gold)")
 
 
 # ------------------------------------------------------------------------------------ MT-Bench
@@ -387,38 +432,52 @@ def mtbench_questions(mc, directory: str | Path | None = None) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=QUESTION_SCHEMA)
 
 
-def mtbench_benchmark(cfg) -> Benchmark:
-    """Each configured responder answers the questions (one actor pool each); the answers are judged."""
-    from themis_ray.stages import map_rows
+def mtbench_benchmark(cfg, work, resume: bool = False) -> Benchmark:
+    """Each configured responder answers the questions (one actor pool each, into the `work` store);
+    the answers are judged."""
+    import ray
+
+    from themis_ray.executor import run_rows
+    from themis_ray.schema import output_schema
     from themis_ray.stages.respond import Responder
+    from themis_ray.store import StageResult
 
     mc = cfg.evaluate.mtbench
     names = [r.name for r in mc.responders]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"evaluate.mtbench.responders: need at least one, with unique names; got {names}")
-    questions = mtbench_questions(mc)
-    responses = pa.concat_tables([map_rows(questions, Responder, cfg.evaluate.pool, responder=r)
-                                  for r in mc.responders])
-    records, rejects = prepare_responses(responses, cfg.scenarios_dir)
-    return Benchmark("mtbench", "unlabelled", records, rejects,
+    questions = mtbench_questions(mc)  # 80 at most: a config-sized table
+    schema = output_schema("respond", questions.schema)
+    if not (resume and work.manifest() is not None):
+        resume = work.begin({"mtbench": names})  # True when a crashed run left answers to keep
+        for k, r in enumerate(mc.responders):
+            run_rows(ray.data.from_arrow(questions), Responder, cfg.evaluate.pool, work, schema, resume=resume,
+                     tag=f"r{k}-", where={"responder": r.name}, responder=r)
+        work.commit(StageResult(rows_in=questions.num_rows * len(names)), {"mtbench": names}, 0.0)
+    answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
+    fields = [f for f in schema if f.name != REJECT]
+    prepared = pa.schema(fields + [pa.field("mode", pa.string()), pa.field("prompt", pa.string())])
+    records, rejects = split_prepared(answers, _prepare_responses, schema=prepared, scenarios_dir=cfg.scenarios_dir)
+    return Benchmark("mtbench", "unlabelled", records, rejects, prepared,
                      source=f"MT-Bench, {questions.num_rows} first-turn questions x responders {', '.join(names)}")
+
+
+def _prepare_responses(batch: pa.Table, schema: pa.Schema, scenarios_dir) -> tuple[pa.Table, pa.Table]:
+    good, bad = prepare_responses(batch, scenarios_dir)
+    return good.select(schema.names).cast(schema), bad
 
 
 def prepare_responses(responses: pa.Table, scenarios_dir: Optional[str] = None) -> tuple[pa.Table, pa.Table]:
     """Responses -> (records with their evaluation prompt, rejects); pointwise, reference where it helps."""
-    from themis_ray.stages.label import judge_mode
-
     fields = [f for f in responses.schema if f.name != REJECT]
     schema = pa.schema(fields + [pa.field("mode", pa.string()), pa.field("prompt", pa.string())])
     good, bad = [], []
     for number, row in enumerate(responses.to_pylist(), start=1):
         reason = row.pop(REJECT, None)
         if reason is None:
-            mode = judge_mode(row, scenarios_dir)
-            request = judging.JudgeRequest(instruction=row["instruction"], response=row["response"] or "",
-                                           reference=row.get("reference"), scenario=row["scenario"], mode=mode)
             try:
-                good.append({**row, "mode": mode, "prompt": judging.render_prompt(request, scenarios_dir)})
+                request = judging.request_from_row({**row, "response": row.get("response") or ""}, scenarios_dir)
+                good.append({**row, "mode": request.mode, "prompt": judging.render_prompt(request, scenarios_dir)})
                 continue
             except (ValueError, KeyError) as err:
                 reason = f"cannot build the evaluation prompt: {err}"

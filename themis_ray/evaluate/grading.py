@@ -15,8 +15,8 @@ import pyarrow as pa
 
 from themis_ray import judging
 from themis_ray.engines import build_engine
+from themis_ray.executor import RowProcessor, run_rows
 from themis_ray.schema import REJECT
-from themis_ray.stages import RowProcessor, map_rows
 
 POINTWISE_COLUMNS = [
     ("judge", pa.string()),
@@ -45,6 +45,7 @@ def graded_schema(input_schema: pa.Schema, pairwise: bool) -> pa.Schema:
 
 class JudgeGrader(RowProcessor):
     stage = "evaluate"
+    resume_key = ("id", "id")  # within one benchmark and judge (run_rows narrows the written rows to them)
 
     def __init__(self, output_schema, judge: str, engine_cfg, sampling, prefill: bool, scale=(1, 5)):
         super().__init__(output_schema)
@@ -106,9 +107,30 @@ class JudgeGrader(RowProcessor):
                 "judge_error": "; ".join(errors) or None}
 
 
-def grade(benchmark, judge, evaluate_cfg) -> pa.Table:
-    """`judge` (a judges.Judge) grades every record of `benchmark` on `evaluate.pool`."""
-    schema = graded_schema(benchmark.records.schema, benchmark.pairwise)
-    return map_rows(benchmark.records, JudgeGrader, evaluate_cfg.pool, schema=schema, judge=judge.name,
-                    engine_cfg=judge.engine, sampling=evaluate_cfg.sampling, prefill=judge.prefill,
-                    scale=tuple(benchmark.scale))
+def graded_stats(table: pa.Table, rejected: bool) -> dict:
+    """Per part: graded rows per benchmark and judge, or rejected rows per benchmark."""
+    if rejected:
+        counts: dict = {}
+        for bench in table["benchmark"].to_pylist():
+            counts[str(bench)] = counts.get(str(bench), 0) + 1
+        return {"rejected": counts}
+    graded: dict = {}
+    for bench, judge in zip(table["benchmark"].to_pylist(), table["judge"].to_pylist()):
+        graded.setdefault(str(bench), {})
+        graded[str(bench)][judge] = graded[str(bench)].get(judge, 0) + 1
+    return {"graded": graded}
+
+
+def part_tag(benchmark_index: int, judge_index: int) -> str:
+    """The name prefix of one benchmark's parts graded by one judge (indexes: names may be any text)."""
+    return f"b{benchmark_index}j{judge_index}-"
+
+
+def grade(benchmark, judge, evaluate_cfg, store, tag: str, resume: bool = False) -> None:
+    """`judge` (a judges.Judge) grades every record of `benchmark` on `evaluate.pool`; the workers write
+    the graded rows into `store` as parts named by `tag`."""
+    schema = graded_schema(benchmark.schema, benchmark.pairwise)
+    run_rows(benchmark.records, JudgeGrader, evaluate_cfg.pool, store, schema, resume=resume, tag=tag,
+             where={"benchmark": benchmark.name, "judge": judge.name}, stats=graded_stats, judge=judge.name,
+             engine_cfg=judge.engine, sampling=evaluate_cfg.sampling, prefill=judge.prefill,
+             scale=tuple(benchmark.scale))

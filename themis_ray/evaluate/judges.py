@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from themis_ray import fs
 from themis_ray.config import EngineConfig, JudgeSpec
 
 
@@ -36,7 +37,7 @@ def _spec(entry: Any) -> Any:
 
 def resolve_judges(cfg, run_dir: str | Path | None = None) -> list[Judge]:
     """Every judge of `cfg.evaluate.judges`, resolved; names must be unique."""
-    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).expanduser().resolve()
+    run_dir = str(run_dir if run_dir is not None else cfg.run_dir)
     judges = []
     for entry in cfg.evaluate.judges:
         spec = _spec(entry)
@@ -47,7 +48,7 @@ def resolve_judges(cfg, run_dir: str | Path | None = None) -> list[Judge]:
         if spec.model:
             model = spec.model
         elif spec.name == "trained":
-            model = str(run_dir / "train" / "judge")
+            model = fs.join(run_dir, "train", "judge")
         elif spec.name == "base":
             model = cfg.train.model
         elif spec.engine is not None:

@@ -368,8 +368,8 @@ def write_report(out_dir: str | Path, results: list, title: str = "Judge meta-ev
         bench, kind, scale = result.benchmark.name, result.benchmark.kind, tuple(result.benchmark.scale)
         rows, columns = headline_rows(result)
         s_rows, s_columns = scenario_rows(result)
-        text = f"{result.benchmark.source}. Records: {result.benchmark.records.num_rows}; rejected: " \
-               f"{result.benchmark.rejects.num_rows}. Judges: " + \
+        text = f"{result.benchmark.source}. Records: {result.benchmark.num_records}; rejected: " \
+               f"{result.benchmark.num_rejects}. Judges: " + \
                ", ".join(f"{j} ({result.judge_labels.get(j, '?')})" for j in result.graded)
         section = Section(title=f"{bench} ({kind})", text=text,
                           tables=[("headline, one row per judge", rows, columns),

@@ -8,7 +8,7 @@ after it, since one input row may give several output rows or a reject). A row v
 (`should_continue_on_error`) comes back as a completion with its error: a reject with the reason,
 never a lost batch.
 
-Every other engine, and a processor that is not one `generate` call, runs in `map_rows`' actor pool.
+Every other engine, and a processor that is not one `generate` call, runs in `map_processor`'s actor pool.
 """
 
 from __future__ import annotations

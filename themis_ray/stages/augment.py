@@ -40,7 +40,7 @@ from themis_ray import judging
 from themis_ray.engines import build_engine
 from themis_ray.scenarios import Criterion, get_scenario
 from themis_ray.schema import REJECT, stable_id
-from themis_ray.stages import RowProcessor
+from themis_ray.executor import RowProcessor
 
 AUGMENTATION = "augmentation"  # the column naming what a copy is; null on original records
 LABEL_SCALE = judging.RatingScale(1, 5)  # the scale the teacher labels on

@@ -4,17 +4,15 @@ fine-tuned (`trained`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from themis_ray import prompts
+from themis_ray import fs, prompts
 from themis_ray.classifier import classify
-from themis_ray.engines import build_engine
-from themis_ray.schema import REJECT
-from themis_ray.stages import RowProcessor, engine_label, map_rows
-from themis_ray.store import PARTIAL, StageResult
+from themis_ray.engines import build_engine, engine_label
+from themis_ray.executor import RowProcessor, StageContext, run_rows
+from themis_ray.schema import REJECT, output_schema
+from themis_ray.store import StageResult
 
 
 class Classifier(RowProcessor):
@@ -51,26 +49,35 @@ class Classifier(RowProcessor):
         return out
 
 
-def run(cfg, inputs: dict, staging) -> StageResult:
+def agreement_stats(table: pa.Table, rejected: bool) -> dict:
+    """Per part: how many accepted rows the classifier routed where synthesis meant them to go."""
+    if rejected:
+        return {}
+    return {"agree": pc.sum(pc.equal(table["synthesis_scenario"], table["predicted_scenario"])).as_py() or 0}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
     if cfg.classify.route_by not in ("synthesis", "classifier"):
         raise ValueError(f"classify.route_by must be 'synthesis' or 'classifier', got {cfg.classify.route_by!r}")
     if cfg.classify.method not in ("zero_shot", "trained"):
         raise ValueError(f"classify.method must be 'zero_shot' or 'trained', got {cfg.classify.method!r}")
     model_dir = None
     if cfg.classify.method == "trained":
-        model_dir = str(Path(cfg.classify.model or Path(cfg.run_dir) / "classifier").expanduser().resolve())
-        if not (Path(model_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"classify.method=trained: no classifier in {model_dir}; "
+        folder = cfg.classify.model or fs.join(cfg.run_dir, "classifier")
+        if not fs.exists(fs.join(folder, "config.json")):
+            raise FileNotFoundError(f"classify.method=trained: no classifier in {folder}; "
                                     "run `themis-ray train-classifier` or set classify.model")
-    source: pa.Table = inputs["synthesize"]
-    table = map_rows(source, Classifier, cfg.classify.pool, checkpoint=Path(staging) / PARTIAL,
-                     engine_cfg=cfg.classify.engine, model_dir=model_dir,
-                     route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
-    ok = table.filter(pc.is_null(table[REJECT]))
-    agree = pc.sum(pc.equal(ok["synthesis_scenario"], ok["predicted_scenario"])).as_py() or 0
-    return StageResult(table, rows_in=source.num_rows, extra={
+        model_dir = fs.local_dir(folder)
+    source = ctx.input("synthesize")
+    run_rows(source.dataset(), Classifier, cfg.classify.pool, ctx.store, output_schema("classify", source.schema()),
+             resume=ctx.resume, stats=agreement_stats, engine_cfg=cfg.classify.engine, model_dir=model_dir,
+             route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
+    written = ctx.store.tally()
+    return StageResult(rows_in=source.num_rows(), extra={
         "engine": engine_label(cfg.classify.engine) if model_dir is None else f"trained:{model_dir}",
         "method": cfg.classify.method,
-        "agreement_with_synthesis": round(agree / ok.num_rows, 4) if ok.num_rows else None,
+        "agreement_with_synthesis": round(written.stats.get("agree", 0) / written.rows_out, 4)
+        if written.rows_out else None,
         "templates": {"classify": prompts.template_digest("classify")},
     })

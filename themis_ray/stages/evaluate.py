@@ -7,55 +7,83 @@ MT-Bench (responders answer its questions; no gold, so the judges are compared w
 injection (the validation split judged with and without a prompt injection appended to each
 response: how far it moves each judge's score).
 
-Each judge grades each benchmark on a Ray Data actor pool. Out come `metrics.json` (per judge: the
-headline metrics with bootstrap intervals, the aggregate normalised against random guessing, every
-metric per scenario), `report.html` with its PNG plots beside it, and one printed table per
-benchmark with one row per judge. Rows that could not be judged are the stage's rejects.
+Each judge grades each benchmark as one plan (prepared records -> the judge's actor pool -> parts
+written by the workers); rows that cannot be judged are the stage's rejects, written once. The metrics
+then need each judge's predictions beside the gold labels in one place (bootstrap intervals, rank
+correlations): they read the graded parts' score columns only, never the texts. Out come
+`metrics.json` (per judge: the headline metrics with bootstrap intervals, the aggregate normalised
+against random guessing, every metric per scenario), `report.html` with its PNG plots beside it, and
+one printed table per benchmark with one row per judge.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import posixpath
 
-import pyarrow as pa
+import pyarrow.parquet as pq
 
-from themis_ray.evaluate.benchmarks import load_benchmarks
-from themis_ray.evaluate.grading import grade
+from themis_ray import fs
+from themis_ray.evaluate.benchmarks import REJECT_SCHEMA, load_benchmarks
+from themis_ray.evaluate.grading import grade, graded_schema, graded_stats, part_tag
 from themis_ray.evaluate.judges import resolve_judges
 from themis_ray.evaluate.report import format_table, write_report
 from themis_ray.evaluate.summaries import BenchmarkResult, headline_rows, metrics_json, scenario_rows, summarize
-from themis_ray.store import StageResult
+from themis_ray.executor import StageContext, write
+from themis_ray.store import REJECTS, StageResult, StageStore
+
+# Texts the metrics never read: left on storage when the graded scores are gathered.
+TEXT_COLUMNS = {"prompt", "prompt_ba", "judge_output", "judge_output_ba", "instruction", "response",
+                "reference", "evaluation", "evaluation_swapped", "raw", "criterion_scores"}
 
 
-def run(cfg, inputs: dict, staging) -> StageResult:
-    c, staging = cfg.evaluate, Path(staging)
+def run(ctx: StageContext) -> StageResult:
+    cfg, c, store = ctx.cfg, ctx.cfg.evaluate, ctx.store
     judges = resolve_judges(cfg)  # fails on a bad judge before any model loads
-    benchmarks = load_benchmarks(cfg, inputs)
+    benchmarks = load_benchmarks(cfg, ctx.inputs.get("curate"), StageStore(store.uri, "_work/mtbench"), ctx.resume)
 
-    results, parts = [], []  # parts: every graded row (one per record per judge) and every reject
-    for bench in benchmarks:
-        graded = {judge.name: grade(bench, judge, c) for judge in judges}
-        parts += [*graded.values(), bench.rejects]
-        result = BenchmarkResult(bench, {name: table.to_pandas() for name, table in graded.items()},
-                                 judge_labels={j.name: j.label for j in judges})
-        result.summaries = summarize(bench, result.graded, n_boot=c.bootstrap, confidence=c.confidence, seed=c.seed)
+    results = []
+    for b, bench in enumerate(benchmarks):
+        bench.num_records = bench.records.count()
+        if bench.rejects is not None:
+            tag = f"b{b}r-"  # rejects are cheap to find again: a resumed run rewrites them
+            for path in fs.list_files(store.file(REJECTS), ".parquet"):
+                if posixpath.basename(path).startswith(f"part-{tag}"):
+                    store.fs.delete_file(path)
+            write(bench.rejects, store, REJECT_SCHEMA, tag=tag, stats=graded_stats)
+        for j, judge in enumerate(judges):
+            grade(bench, judge, c, store, part_tag(b, j), resume=ctx.resume)
+        schema = graded_schema(bench.schema, bench.pairwise)
+        graded = {judge.name: _graded(store, part_tag(b, j), schema) for j, judge in enumerate(judges)}
+        result = BenchmarkResult(bench, graded, judge_labels={j.name: j.label for j in judges})
+        result.summaries = summarize(bench, graded, n_boot=c.bootstrap, confidence=c.confidence, seed=c.seed)
         results.append(result)
 
+    stats = store.tally().stats
+    rows_in = 0
+    for bench in benchmarks:
+        bench.num_rejects = stats.get("rejected", {}).get(bench.name, 0)
+        for judge in judges:
+            graded = stats.get("graded", {}).get(bench.name, {}).get(judge.name, 0)
+            if graded != bench.num_records:
+                raise RuntimeError(f"evaluate lost rows: {judge.name} graded {graded} of the "
+                                   f"{bench.num_records} records of {bench.name}")
+        rows_in += bench.num_records * len(judges) + bench.num_rejects
+
     metrics = metrics_json(results)
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_report(staging, results)
+    with store.local_folder() as folder:
+        with open(os.path.join(folder, "metrics.json"), "w") as f:
+            f.write(json.dumps(metrics, indent=2))
+        write_report(folder, results)
     for result in results:
         print(f"\n{result.benchmark.name}: {result.benchmark.source}")
         print(format_table(*headline_rows(result)))
         print(format_table(*scenario_rows(result)))
 
-    parts = [t for t in parts if t.num_rows]
-    table = pa.concat_tables(parts, promote_options="default") if parts else None
-    rows_in = sum(r.benchmark.records.num_rows * len(judges) + r.benchmark.rejects.num_rows for r in results)
     primary = next((r.benchmark.name for r in results if r.benchmark.kind in ("pointwise", "pairwise")), None)
     injection = next((r for r in results if r.benchmark.kind == "injection"), None)
-    return StageResult(table, rows_in=rows_in, extra={
+    return StageResult(rows_in=rows_in, extra={
         "judges": {j.name: j.label for j in judges},
         "benchmarks": {r.benchmark.name: r.benchmark.source for r in results},
         "metrics_benchmark": primary,
@@ -63,3 +91,15 @@ def run(cfg, inputs: dict, staging) -> StageResult:
         **({"injection_shift": {j: s["overall"]["score_shift"] for j, s in injection.summaries.items()}}
            if injection else {}),
     })
+
+
+def _graded(store: StageStore, tag: str, schema):
+    """One judge's graded rows of one benchmark, without their texts, as a pandas frame."""
+    import pyarrow as pa
+
+    from themis_ray.schema import REJECT
+
+    columns = [n for n in schema.names if n not in TEXT_COLUMNS and n != REJECT]
+    files = [p for p in store.written_files(rejects=False) if posixpath.basename(p).startswith(f"part-{tag}")]
+    tables = [pq.read_table(f, filesystem=store.fs, columns=columns) for f in files]
+    return (pa.concat_tables(tables) if tables else pa.schema([schema.field(n) for n in columns]).empty_table()).to_pandas()

@@ -8,13 +8,12 @@ engine's `max_model_len` is a reject with that reason, as is one whose losses ar
 Both ratios are kept: `ifd` (the loss ratio, what curation uses by default) and `ifd_ppl` (the
 perplexity ratio, exp(CE(A | Q) - CE(A))).
 
-Speed: the table is sorted by scenario, mode and length before it is cut into the actor pool's batches,
-so a batch holds records of similar length that share their prompt's opening (the evaluation prompt's
+Speed: the records are sorted by scenario and mode (a Ray Data sort, `ifd.sort_batches`) before they are
+cut into the actor pool's batches, so a batch holds records that share their prompt's opening (the evaluation prompt's
 task, criteria and tiers, a few hundred tokens). With the hf engine, `SharedPrefixScorer` runs such a
 shared prefix once per group and scores every record's remainder from its cached keys and values, in
 length-sorted, left-padded micro-batches closed before padding exceeds a budget, computing logits
-for the answer positions only. The model runs under `torch.inference_mode`. The output is put back in
-the input's order.
+for the answer positions only. The model runs under `torch.inference_mode`.
 """
 
 from __future__ import annotations
@@ -23,13 +22,10 @@ import copy
 import math
 from typing import Optional
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from themis_ray import judging
-from themis_ray.engines import TokenScores, build_engine
+from themis_ray.engines import TokenScores, build_engine, engine_label
+from themis_ray.executor import RowProcessor, StageContext, run_rows
 from themis_ray.schema import REJECT, output_schema
-from themis_ray.stages import RowProcessor, engine_label, map_rows
 from themis_ray.store import StageResult
 
 
@@ -170,6 +166,7 @@ def _common_prefix(seqs: list[list[int]]) -> list[int]:
 
 class IFDScorer(RowProcessor):
     stage = "ifd"
+    resume_key = ("id", "id")
 
     def __init__(self, output_schema, engine_cfg, micro_batch_size: int = 1, max_padding: float = 0.1,
                  share_prefix: bool = True):
@@ -205,26 +202,14 @@ class IFDScorer(RowProcessor):
         return out
 
 
-def batch_order(table: pa.Table) -> list[int]:
-    """Row indices sorted by scenario, mode, then characters of prompt + evaluation: neighbours share
-    their prompt's opening and have similar lengths."""
-    lengths = pc.add(pc.utf8_length(pc.fill_null(table["prompt"], "")),
-                     pc.utf8_length(pc.fill_null(table["evaluation"], ""))).to_pylist()
-    n = table.num_rows
-    scenario = table["scenario"].to_pylist() if "scenario" in table.column_names else [""] * n
-    mode = table["mode"].to_pylist() if "mode" in table.column_names else [""] * n
-    return sorted(range(n), key=lambda i: (scenario[i] or "", mode[i] or "", lengths[i]))
-
-
-def run(cfg, inputs: dict, staging) -> StageResult:
-    source: pa.Table = inputs["label"]
-    order = batch_order(source)
-    # A position column rides along so the output can be put back in the input's order.
-    ordered = source.take(pa.array(order, pa.int64())).append_column(
-        "_position", pa.array(order, pa.int64()))
-    schema = output_schema("ifd", ordered.schema)
-    c = cfg.ifd
-    table = map_rows(ordered, IFDScorer, c.pool, schema=schema, engine_cfg=c.engine, micro_batch_size=c.micro_batch_size,
-                     max_padding=c.max_padding, share_prefix=c.share_prefix)
-    table = table.take(pc.sort_indices(table["_position"])).drop_columns(["_position"])
-    return StageResult(table, rows_in=source.num_rows, extra={"engine": engine_label(cfg.ifd.engine)})
+def run(ctx: StageContext) -> StageResult:
+    c = ctx.cfg.ifd
+    source = ctx.input("label")
+    records = source.dataset()
+    if c.sort_batches:
+        # Batches of one scenario and mode share their prompt's opening, which the hf scorer runs once.
+        records = records.sort(["scenario", "mode"])
+    run_rows(records, IFDScorer, c.pool, ctx.store, output_schema("ifd", source.schema()), resume=ctx.resume,
+             engine_cfg=c.engine, micro_batch_size=c.micro_batch_size, max_padding=c.max_padding,
+             share_prefix=c.share_prefix)
+    return StageResult(rows_in=source.num_rows(), extra={"engine": engine_label(c.engine)})

@@ -7,23 +7,17 @@ on their own. An answer without a parsable overall score is asked again (sampled
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from themis_ray import judging, prompts
-from themis_ray.engines import build_engine
-from themis_ray.scenarios import get_scenario
+from themis_ray.engines import build_engine, engine_label
+from themis_ray.executor import RowProcessor, StageContext, map_groups, run_rows, write
 from themis_ray.schema import REJECT, output_schema, stable_id
-from themis_ray.stages import RowProcessor, engine_label, map_rows
-from themis_ray.store import PARTIAL, StageResult
-
-
-def judge_mode(row: dict, scenarios_dir=None) -> str:
-    helps = get_scenario(row["scenario"], scenarios_dir).reference_helps
-    return "reference" if row.get("reference") and helps else "single"
+from themis_ray.store import StageResult, StageStore
 
 
 class Labeler(RowProcessor):
@@ -46,15 +40,15 @@ class Labeler(RowProcessor):
         out: dict[int, dict] = {}
         pending: dict[int, dict] = {}
         for i, row in enumerate(rows):
-            mode = judge_mode(row, self.scenarios_dir)
-            request = judging.JudgeRequest(instruction=row["instruction"], response=row["response"],
-                                           reference=row.get("reference"), scenario=row["scenario"], mode=mode)
-            base = {**row, "id": stable_id(row["id"], "label", mode), "response_id": row["id"], "mode": mode,
-                    "teacher": self.teacher}
             try:
-                base["prompt"] = judging.render_prompt(request, self.scenarios_dir)
+                request = judging.request_from_row(row, self.scenarios_dir)
+                mode, prompt, error = request.mode, judging.render_prompt(request, self.scenarios_dir), None
             except (ValueError, KeyError) as err:
-                out[i] = {**base, REJECT: f"bad record: {err}"}
+                mode, prompt, error = "single", None, err
+            base = {**row, "id": stable_id(row["id"], "label", mode), "response_id": row["id"], "mode": mode,
+                    "teacher": self.teacher, "prompt": prompt}
+            if error is not None:
+                out[i] = {**base, REJECT: f"bad record: {error}"}
                 continue
             pending[i] = base
         if self.score_by == "choice":
@@ -140,13 +134,10 @@ class PairLabeler(Labeler):
         out: dict[int, dict] = {}
         pending: dict[tuple[int, int], str] = {}  # (row, order: 0 as given, 1 swapped) -> prompt
         for i, row in enumerate(rows):
-            helps = judge_mode(row, self.scenarios_dir) == "reference"
-            request = judging.JudgeRequest(instruction=row["instruction"], scenario=row["scenario"], mode="pairwise",
-                                           response_a=row["response_a"], response_b=row["response_b"],
-                                           reference=row.get("reference") if helps else None)
             base = {**row, "id": stable_id(row["id"], "label", "pairwise"), "response_id": row["id"],
                     "mode": "pairwise", "teacher": self.teacher, "prompt_tokens": 0, "completion_tokens": 0}
             try:
+                request = judging.request_from_row(row, self.scenarios_dir, mode="pairwise")
                 both = [judging.render_prompt(r, self.scenarios_dir) for r in (request, judging.swap_pair(request))]
             except (ValueError, KeyError) as err:
                 out[i] = {**base, REJECT: f"bad record: {err}"}
@@ -185,21 +176,20 @@ class PairLabeler(Labeler):
         return [out[i] for i in range(len(rows))]
 
 
-def make_pairs(source: pa.Table, max_per_instruction: int) -> pa.Table:
-    """Pairs of consecutive responses (ordered by responder, then id) to the same instruction."""
-    groups: dict[str, list[dict]] = {}
-    for row in source.to_pylist():
-        key = row.get("instruction_id") or stable_id(row["instruction"], row.get("scenario"))
-        groups.setdefault(key, []).append(row)
-    pairs = []
-    for key, group in groups.items():
-        group.sort(key=lambda r: (str(r.get("responder") or ""), r["id"]))
-        for a, b in list(zip(group, group[1:]))[:max(0, max_per_instruction)]:
-            pairs.append({"id": stable_id(a["id"], b["id"], "pair"), "instruction_id": key,
-                          "instruction": a["instruction"], "scenario": a["scenario"], "reference": a.get("reference"),
-                          "response_a": a["response"], "response_b": b["response"],
-                          "responder": f"{a.get('responder')} vs {b.get('responder')}"})
-    return pa.Table.from_pylist(pairs)
+PAIR_SCHEMA = pa.schema([("id", pa.string()), ("instruction_id", pa.string()), ("instruction", pa.string()),
+                         ("scenario", pa.string()), ("reference", pa.string()), ("response_a", pa.string()),
+                         ("response_b", pa.string()), ("responder", pa.string()), (REJECT, pa.string())])
+
+
+def make_pairs(group: pa.Table, max_per_instruction: int) -> pa.Table:
+    """The responses to one instruction -> pairs of consecutive ones (ordered by responder, then id)."""
+    rows = sorted(group.to_pylist(), key=lambda r: (str(r.get("responder") or ""), r["id"]))
+    pairs = [{"id": stable_id(a["id"], b["id"], "pair"), "instruction_id": a["instruction_id"],
+              "instruction": a["instruction"], "scenario": a["scenario"], "reference": a.get("reference"),
+              "response_a": a["response"], "response_b": b["response"],
+              "responder": f"{a.get('responder')} vs {b.get('responder')}", REJECT: None}
+             for a, b in list(zip(rows, rows[1:]))[:max(0, max_per_instruction)]]
+    return pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA)
 
 
 def replace_sampling(sampling, temperature: float, attempt: int):
@@ -210,57 +200,70 @@ def replace_sampling(sampling, temperature: float, attempt: int):
     return replace(plain, temperature=temperature, seed=plain.seed + attempt)
 
 
-def score_histogram_by_responder(table: pa.Table) -> dict[str, dict[str, int]]:
-    """{responder: {score: count}} over accepted pointwise labels, scores rounded to integers."""
-    ok = table.filter(pc.is_null(table[REJECT]))
+def label_stats(table: pa.Table, rejected: bool) -> dict:
+    """Per part: tokens and cost (rejects too: their attempts were paid for), and over accepted rows
+    each responder's pointwise score histogram and how many pairwise verdicts held in both orders."""
+    stats = {key: pc.sum(table[key]).as_py() or 0 for key in ("prompt_tokens", "completion_tokens", "cost_usd")}
+    if rejected:
+        return stats
+    pairwise = pc.fill_null(pc.equal(table["mode"], "pairwise"), False)
+    pointwise = table.filter(pc.and_(pc.invert(pairwise), pc.is_valid(table["score"])))
+    responders = pointwise["responder"].to_pylist() if "responder" in table.column_names else [None] * pointwise.num_rows
+    histogram: dict = {}
+    for (responder, score), n in Counter(zip(responders, pointwise["score"].to_pylist())).items():
+        histogram.setdefault(str(responder), {})[str(round(score))] = n
+    pairs = table.filter(pairwise)
+    return {**stats, "score_histogram_by_responder": histogram,
+            "pairwise_consistent": pc.sum(pc.fill_null(pairs["verdict_consistent"], False)).as_py() or 0}
 
-    def column(name):  # responses labelled from a user's own table may lack responder or mode
-        return ok[name].to_pylist() if name in ok.column_names else [None] * ok.num_rows
 
-    out: dict[str, dict[str, int]] = {}
-    for responder, score, mode in zip(column("responder"), column("score"), column("mode")):
-        if score is None or mode == "pairwise":
-            continue
-        counts = out.setdefault(str(responder), {})
-        counts[str(round(score))] = counts.get(str(round(score)), 0) + 1
-    return {r: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for r, c in sorted(out.items())}
-
-
-def run(cfg, inputs: dict, staging) -> StageResult:
-    source: pa.Table = inputs["respond"]
-    c = cfg.label
+def run(ctx: StageContext) -> StageResult:
+    cfg, c = ctx.cfg, ctx.cfg.label
     if c.score_by not in ("text", "choice"):
         raise ValueError(f"label.score_by must be 'text' or 'choice', got {c.score_by!r}")
-    # A remote teacher: two batches per actor at once, so its requests never wait for a batch's
-    # slowest one (the engine caps the requests in flight per actor either way). The openai engine
-    # and the text-scored Labeler are thread-safe; a local model is not, and runs one batch at a time.
-    calls = 2 if c.engine.kind == "openai" and c.score_by == "text" else 1
-    schema = output_schema("label", source.schema)
+    source = ctx.input("respond")
+    schema = output_schema("label", source.schema())
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
                   max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir)
-    table = map_rows(source, Labeler, c.pool, schema=schema, checkpoint=Path(staging) / PARTIAL,
-                     calls_per_actor=calls, score_by=c.score_by, prefill=c.prefill_score, **common)
-    rows_in, extra = source.num_rows, {}
+    run_rows(source.dataset(), Labeler, c.pool, ctx.store, schema, resume=ctx.resume, stats=label_stats,
+             score_by=c.score_by, prefill=c.prefill_score, **common)
+    rows_in, extra = source.num_rows(), {}
     if c.pairwise:
         # Row accounting: each pair is one unit of work beside the responses, so rows in = responses +
         # pairs, and each pair ends as one row, labelled or rejected.
-        pairs = make_pairs(source, c.max_pairs_per_instruction)
-        if pairs.num_rows:
-            pair_calls = 2 if c.engine.kind == "openai" else 1
-            judged = map_rows(pairs, PairLabeler, c.pool, schema=schema, checkpoint=Path(staging) / PARTIAL / "pairwise",
-                              calls_per_actor=pair_calls, score_by="text", prefill=False, **common)
-            table = pa.concat_tables([table, judged])
-            consistent = pc.sum(pc.fill_null(judged["verdict_consistent"], False)).as_py() or 0
-            extra = {"pairwise_pairs": pairs.num_rows, "pairwise_consistent": consistent}
-        rows_in += pairs.num_rows
-    return StageResult(table, rows_in=rows_in, extra={
+        pairs = _pairs(ctx, source, c.max_pairs_per_instruction)
+        if pairs.num_rows():
+            run_rows(pairs.dataset(), PairLabeler, c.pool, ctx.store, schema, resume=ctx.resume, tag="pairwise-",
+                     stats=label_stats, score_by="text", prefill=False, **common)
+        rows_in += pairs.num_rows()
+        extra = {"pairwise_pairs": pairs.num_rows()}
+    written = ctx.store.tally().stats
+    if c.pairwise:
+        extra["pairwise_consistent"] = written.get("pairwise_consistent", 0)
+    histogram = written.get("score_histogram_by_responder", {})
+    return StageResult(rows_in=rows_in, extra={
         **extra,
         "engine": engine_label(c.engine),
         # The spread the responders were chosen for: each responder's pointwise score histogram.
-        "score_histogram_by_responder": score_histogram_by_responder(table),
+        "score_histogram_by_responder": {r: dict(sorted(h.items(), key=lambda kv: int(kv[0])))
+                                         for r, h in sorted(histogram.items())},
         "templates": {"evaluation": prompts.template_digest("evaluation")},
-        "prompt_tokens": sum(v or 0 for v in table["prompt_tokens"].to_pylist()),
-        "completion_tokens": sum(v or 0 for v in table["completion_tokens"].to_pylist()),
-        # Rejects included: their attempts were paid for too.
-        "cost_usd": round(sum(v or 0.0 for v in table["cost_usd"].to_pylist()), 6),
+        "prompt_tokens": written.get("prompt_tokens", 0),
+        "completion_tokens": written.get("completion_tokens", 0),
+        "cost_usd": round(written.get("cost_usd", 0.0), 6),
     })
+
+
+def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int) -> StageStore:
+    """The pairs to judge, grouped from the responses by instruction and written under `_work/` once
+    (a resumed run reuses them), as a finished store whose rows the pairwise plan reads."""
+    pairs = StageStore(ctx.store.uri, "_work/pairs")
+    if ctx.resume and pairs.manifest() is not None:
+        return pairs
+    pairs.begin({"pairs": max_per_instruction}, force=True)
+    grouped = map_groups(source.dataset(columns=["id", "instruction_id", "instruction", "scenario", "reference",
+                                                  "response", "responder"]),
+                         "instruction_id", make_pairs, max_per_instruction=max_per_instruction)
+    write(grouped, pairs, PAIR_SCHEMA)
+    pairs.commit(StageResult(rows_in=pairs.tally().rows_out), {"pairs": max_per_instruction}, 0.0)
+    return pairs

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
-import pyarrow as pa
-
-from themis_ray.schema import REJECT, stable_id
-from themis_ray.stages import GenerationProcessor, engine_label, map_rows
-from themis_ray.store import PARTIAL, StageResult
+from themis_ray.engines import engine_label
+from themis_ray.executor import GenerationProcessor, StageContext, run_rows
+from themis_ray.schema import REJECT, output_schema, stable_id
+from themis_ray.store import StageResult
 
 
 class Responder(GenerationProcessor):
     stage = "respond"
-    resume_key = ("id", "instruction_id")  # per responder: each has its own checkpoint
+    resume_key = ("id", "instruction_id")  # per responder: the run narrows the written rows to its own
 
     def __init__(self, output_schema, responder, with_engine: bool = True):
         super().__init__(output_schema, responder.engine, with_engine)
@@ -36,13 +35,17 @@ class Responder(GenerationProcessor):
         return out
 
 
-def run(cfg, inputs: dict, staging) -> StageResult:
-    names = [r.name for r in cfg.respond.responders]
+def run(ctx: StageContext) -> StageResult:
+    c = ctx.cfg.respond
+    names = [r.name for r in c.responders]
     if len(set(names)) != len(names):
         raise ValueError(f"respond.responders: names must be unique, got {names}")
-    source: pa.Table = inputs["classify"]
-    # One pool per responder, one after another, so pools never compete for the same CPUs.
-    parts = [map_rows(source, Responder, cfg.respond.pool, checkpoint=Path(staging) / PARTIAL / r.name, responder=r)
-             for r in cfg.respond.responders]
-    return StageResult(pa.concat_tables(parts), rows_in=source.num_rows * len(names),
-                       extra={"responders": {r.name: engine_label(r.engine) for r in cfg.respond.responders}})
+    source = ctx.input("classify")
+    schema = output_schema("respond", source.schema())
+    # One plan per responder, one after another, so their pools never compete for the same CPUs.
+    for responder in c.responders:
+        tag = re.sub(r"[^A-Za-z0-9_.-]", "_", responder.name) + "-"
+        run_rows(source.dataset(), Responder, c.pool, ctx.store, schema, resume=ctx.resume, tag=tag,
+                 where={"responder": responder.name}, responder=responder)
+    return StageResult(rows_in=source.num_rows() * len(names),
+                       extra={"responders": {r.name: engine_label(r.engine) for r in c.responders}})

@@ -9,25 +9,26 @@ rejects naming their kept twin; the manifest gets a diversity summary per scenar
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from collections import Counter
-
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import yaml
 
-from themis_ray import prompts
+from themis_ray import fs, prompts
 from themis_ray.corpus import load_chunks
-from themis_ray.dedup import diversity_by, find_duplicates
-from themis_ray.engines import build_engine
+from themis_ray.dedup import bucket_duplicates, bucket_keys, diversity_by, strongest
+from themis_ray.engines import build_engine, engine_label
+from themis_ray.executor import LIGHT_CPUS, RowProcessor, StageContext, map_groups, map_tasks, run_rows, write
 from themis_ray.scenarios import get_scenario
 from themis_ray.schema import REJECT, output_schema, stable_id, to_table
-from themis_ray.stages import RowProcessor, engine_label, map_rows
-from themis_ray.store import PARTIAL, StageResult
+from themis_ray.store import StageResult, StageStore
 
 PROMPT_VERSION = "v1"
 # "1." "2)" "-" "*" "•", also in Markdown bold ("**1.**") as small models often write them.
@@ -126,7 +127,7 @@ def build_tasks(cfg, scenarios_dir=None) -> tuple[list[dict], list[dict]]:
 
 class Synthesizer(RowProcessor):
     stage = "synthesize"
-    resume_key = ("task_id", "task_id")  # a task is done once any of its instructions is accepted
+    resume_key = ("task_id", "task_id")  # a task is done once its instructions (or its reject) are written
 
     def __init__(self, output_schema, engine_cfg, sampling, max_instruction_chars):
         super().__init__(output_schema)
@@ -176,45 +177,134 @@ class Synthesizer(RowProcessor):
                 if not reply.error and parse_answer(reply.text)}
 
 
-def drop_duplicates(table: pa.Table, dedup) -> tuple[pa.Table, int]:
-    """Flag exact and near-duplicate accepted instructions as rejects naming the kept twin."""
-    accepted = table.filter(pc.is_null(table[REJECT]))
-    if not dedup.enabled or accepted.num_rows < 2:
-        return table, 0
-    # Keep-first in id order: ids are content digests, so the same run keeps the same twin.
-    items = sorted(zip(accepted["id"].to_pylist(), accepted["instruction"].to_pylist()))
-    found = find_duplicates(items, dedup.threshold, dedup.shingle_chars, dedup.num_perm)
-    if not found:
-        return table, 0
-    ids = table["id"].to_pylist()
-    reasons = [found[i].reason if (r is None and i in found) else r for i, r in zip(ids, table[REJECT].to_pylist())]
-    return table.set_column(table.schema.get_field_index(REJECT), REJECT, pa.array(reasons, pa.string())), len(found)
+BUCKETS = pa.schema([("bucket", pa.string()), ("id", pa.string()), ("instruction", pa.string())])
+EDGES = pa.schema([("id", pa.string()), ("twin", pa.string()), ("similarity", pa.float64())])
 
 
-def run(cfg, inputs: dict, staging) -> StageResult:
+def _buckets(batch: pa.Table, dedup) -> pa.Table:
+    rows = [(key, i, text) for i, text in zip(batch["id"].to_pylist(), batch["instruction"].to_pylist())
+            for key in bucket_keys(text, dedup.threshold, dedup.shingle_chars, dedup.num_perm)]
+    return pa.Table.from_pylist([dict(zip(BUCKETS.names, r)) for r in rows], schema=BUCKETS)
+
+
+def _bucket_edges(group: pa.Table, dedup) -> pa.Table:
+    members = list(zip(group["id"].to_pylist(), group["instruction"].to_pylist()))
+    exact = group["bucket"][0].as_py().startswith("x")
+    edges = bucket_duplicates(members, exact, dedup.threshold, dedup.shingle_chars) if len(members) > 1 else []
+    return pa.Table.from_pylist([dict(zip(EDGES.names, e)) for e in edges], schema=EDGES)
+
+
+def duplicate_edges(instructions, dedup):
+    """Accepted instructions (a Dataset of id, instruction) -> a Dataset of (id, twin, similarity) edges:
+    each instruction is sent to its buckets, a groupby brings each bucket together, and only a bucket's
+    members are compared."""
+    return map_groups(map_tasks(instructions, _buckets, dedup=dedup), "bucket", _bucket_edges, dedup=dedup)
+
+
+@ray.remote(num_cpus=LIGHT_CPUS)
+def _load_duplicates(files: list[str], stage_uri: str) -> dict:
+    """The duplicate table (one entry per duplicate, not per instruction), built by a worker."""
+    import pyarrow.parquet as pq
+
+    from themis_ray import fs
+
+    filesystem, _ = fs.resolve(stage_uri)
+    edges = []
+    for path in files:
+        t = pq.read_table(path, filesystem=filesystem)
+        edges += zip(t["id"].to_pylist(), t["twin"].to_pylist(), t["similarity"].to_pylist())
+    return {i: (d.kept_id, d.similarity, d.reason) for i, d in strongest(edges).items()}
+
+
+def _flag_duplicates(batch: pa.Table, duplicates) -> pa.Table:
+    if isinstance(duplicates, ray.ObjectRef):
+        duplicates = ray.get(duplicates)
+    reasons = [reason if reason is not None else (duplicates[i][2] if i in duplicates else None)
+               for i, reason in zip(batch["id"].to_pylist(), batch[REJECT].to_pylist())]
+    return batch.set_column(batch.schema.get_field_index(REJECT), REJECT, pa.array(reasons, pa.string()))
+
+
+def synthesis_stats(table: pa.Table, rejected: bool) -> dict:
+    """Per part: tasks that yielded an instruction, duplicates found, and accepted rows by scenario and method."""
+    if rejected:
+        reasons = table[REJECT].to_pylist()
+        return {"duplicates": sum(" duplicate of " in r for r in reasons)}
+    by = Counter(zip(table["scenario"].to_pylist(), table["method"].to_pylist()))
+    methods: dict = {}
+    for (scenario, method), n in by.items():
+        methods.setdefault(scenario, {})[method] = n
+    # A task's instructions come from one process() call, so they are in one part: distinct per part
+    # adds up to distinct overall.
+    return {"tasks_ok": len(set(table["task_id"].to_pylist())), "by_scenario_method": methods}
+
+
+def _in_sample(batch: pa.Table, fraction: float) -> pa.Table:
+    keep = [int(hashlib.sha1(i.encode()).hexdigest()[:8], 16) < fraction * 2**32 for i in batch["id"].to_pylist()]
+    return batch.select(["scenario", "instruction"]).filter(pa.array(keep, pa.bool_()))
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, s = ctx.cfg, ctx.cfg.synthesize
+    store = ctx.store
     tasks, corpus_rejects = build_tasks(cfg, cfg.scenarios_dir)
     schema = output_schema("synthesize")
-    s = cfg.synthesize
-    table = map_rows(
-        pa.Table.from_pylist(tasks), Synthesizer, s.pool, schema=schema, checkpoint=Path(staging) / PARTIAL,
-        engine_cfg=s.engine, sampling=s.sampling, max_instruction_chars=s.max_instruction_chars,
-    )
-    table = pa.concat_tables([table, to_table(corpus_rejects, schema, "synthesize")])
-    # A task counts once it yielded an instruction; each duplicate found after that is one more unit
-    # (a dedup decision), rejected, so rows in = units out + rows rejected still holds.
-    units_ok = len(set(table.filter(pc.is_null(table[REJECT]))["task_id"].to_pylist()))
-    table, duplicates = drop_duplicates(table, s.dedup)
-    accepted = table.filter(pc.is_null(table[REJECT]))
-    by_scenario = Counter(accepted["scenario"].to_pylist())
-    methods = {f"{sc}:{m}" for sc, m in zip(accepted["scenario"].to_pylist(), accepted["method"].to_pylist())}
+    # 1. Generation, into _work/generated: a resumed run keeps the tasks already answered.
+    generated = StageStore(store.uri, "_work/generated")
+    if not (ctx.resume and generated.manifest() is not None):
+        resume = generated.begin({"generated": len(tasks)})
+        if tasks:
+            run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), Synthesizer, s.pool,
+                     generated, schema, resume=resume, stats=synthesis_stats, engine_cfg=s.engine,
+                     sampling=s.sampling, max_instruction_chars=s.max_instruction_chars)
+        done = generated.tally()
+        generated.commit(StageResult(rows_in=len(tasks), units_ok=done.stats.get("tasks_ok", 0)),
+                         {"generated": len(tasks)}, 0.0)
+    # 2. The stage's parts: instructions less their duplicates, the generation's and the corpus' rejects.
+    store.clear_parts()  # what a crashed run of this step had written is written again
+    write(ray.data.from_arrow(to_table(corpus_rejects, schema, "synthesize")), store, schema)
+    write(generated.dataset(rejects=True), store, schema)
+    instructions = generated.dataset()
+    if s.dedup.enabled and generated.num_rows() > 1:
+        edges = store.file("_work", "duplicates")
+        fs.delete(edges)
+        duplicate_edges(generated.dataset(columns=["id", "instruction"]), s.dedup).write_parquet(
+            fs.resolve(edges)[1], filesystem=store.fs)
+        duplicates = _load_duplicates.remote(fs.list_files(edges, ".parquet"), store.uri)
+        instructions = map_tasks(map_tasks(instructions, _with_reason), _flag_duplicates, duplicates=duplicates)
+    else:
+        instructions = map_tasks(instructions, _with_reason)
+    write(instructions, store, schema, stats=synthesis_stats)
+    written = store.tally()
+    found = written.stats.get("duplicates", 0)
+    by = written.stats.get("by_scenario_method", {})
     return StageResult(
-        table,
-        rows_in=len(tasks) + len(corpus_rejects) + duplicates,
-        units_ok=units_ok,
-        extra={"engine": engine_label(s.engine), "instructions_by_scenario": dict(sorted(by_scenario.items())),
-               "methods_by_scenario": {sc: sorted(m.split(":")[1] for m in methods if m.startswith(f"{sc}:"))
-                                       for sc in sorted(by_scenario)},
-               "duplicates": duplicates,
-               "diversity": diversity_by(zip(accepted["scenario"].to_pylist(), accepted["instruction"].to_pylist())),
+        rows_in=len(tasks) + len(corpus_rejects) + found,
+        # A task counts once it yielded an instruction; each duplicate found after that is one more unit
+        # (a dedup decision), rejected, so rows in = units out + rows rejected still holds.
+        units_ok=generated.manifest()["units_ok"],
+        extra={"engine": engine_label(s.engine),
+               "instructions_by_scenario": {sc: sum(m.values()) for sc, m in sorted(by.items())},
+               "methods_by_scenario": {sc: sorted(m) for sc, m in sorted(by.items())},
+               "duplicates": found,
+               "diversity": _diversity(store, written.rows_out, s.diversity_sample),
                "templates": {t: prompts.template_digest(t) for t in ("questioning", "quizzing", "quiz_answer")}},
     )
+
+
+def _with_reason(batch: pa.Table) -> pa.Table:
+    """Accepted parts have no reject column: give them an empty one, so flags can be set."""
+    if REJECT in batch.column_names:
+        return batch
+    return batch.append_column(REJECT, pa.nulls(batch.num_rows, pa.string()))
+
+
+def _diversity(store: StageStore, rows: int, sample: int) -> dict:
+    """Diversity per scenario over the kept instructions, or over a seeded sample of about `sample` of
+    them (by a hash of the id) when there are more: distinct n-grams need the texts in one place."""
+    files = store.written_files(rejects=False)
+    if not files:
+        return {}
+    fraction = min(1.0, sample / rows) if rows else 1.0
+    texts = map_tasks(ray.data.read_parquet(files, filesystem=store.fs, columns=["id", "scenario", "instruction"]),
+                      _in_sample, fraction=fraction)
+    return diversity_by((r["scenario"], r["instruction"]) for r in texts.iter_rows())

@@ -1,0 +1,152 @@
+"""Stages as Ray Data plans: storage -> workers -> storage, with the driver only planning and counting.
+
+- `map_processor`: a stage's processor as `map_batches` on an autoscaling actor pool (the engine is
+  built once per actor), or through ray.data.llm when the engine asks for it.
+- `run_rows`: read -> skip what an interrupted run already wrote -> map -> write, one plan.
+- `map_tasks`, `partials`: light maps and map-side aggregations (each block reduced to a few numbers,
+  merged on the driver) for the stages that need global statistics before they can decide.
+
+This package is the only place that calls `map_batches`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from themis_ray import fs
+from themis_ray.engines import batch_generation_route, batches_in_flight, gpus_per_engine, preflight
+from themis_ray.executor.processor import GenerationProcessor, RowProcessor
+from themis_ray.executor.sink import Stats, StageSink
+from themis_ray.store import StageStore, merge_stats
+
+# Reads, writes and light maps take a sliver of a CPU each, so they never hold the CPUs the actor
+# pools need (on a 2-CPU machine a whole CPU per read task would starve them).
+LIGHT_CPUS = 0.25
+
+
+def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, **kwargs):
+    """`ds` through `processor` on an actor pool sized by `pool` (a PoolConfig); a lazy Dataset.
+
+    A vllm engine is checked on the driver first (installed, enough GPUs in the cluster), each actor
+    gets the GPUs it needs, and a `GenerationProcessor` runs through ray.data.llm instead. With a
+    remote engine each actor runs two batches at once on threads, so the next batch's requests go out
+    while the last ones of the previous batch are still in flight (the engine caps requests in flight).
+    """
+    engine_cfg, where = _engine_config(processor, kwargs)
+    if engine_cfg is not None:
+        preflight(engine_cfg, where)  # before any actor waits for a GPU that is not there
+    # Blocks of one batch each, so the pool spreads the work however the input was cut into files.
+    ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
+    if engine_cfg is not None and batch_generation_route(engine_cfg) and issubclass(processor, GenerationProcessor):
+        from themis_ray.executor.vllm_batch import map_generation
+
+        return map_generation(ds, processor, pool, engine_cfg, schema, kwargs)
+    calls = batches_in_flight(engine_cfg) if engine_cfg is not None else 1
+    return ds.map_batches(
+        processor,
+        fn_constructor_kwargs={"output_schema": schema, **kwargs},
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
+                                           **({"enable_true_multi_threading": True,
+                                               "max_concurrent_calls_per_actor": calls} if calls > 1 else {})),
+        num_cpus=pool.num_cpus,
+        # A vllm engine's actor holds the GPUs it runs on, whatever the pool says.
+        num_gpus=max(pool.num_gpus, gpus_per_engine(engine_cfg) if engine_cfg is not None else 0) or None,
+        resources=dict(getattr(pool, "resources", None) or {}) or None,
+    )
+
+
+def _engine_config(processor: type[RowProcessor], kwargs: dict):
+    """The engine config a processor builds its engine from, and its name for error messages."""
+    if kwargs.get("engine_cfg") is not None:
+        return kwargs["engine_cfg"], f"{processor.stage}.engine"
+    responder = kwargs.get("responder")
+    if responder is not None and getattr(responder, "engine", None) is not None:
+        return responder.engine, f"{processor.stage}.responders[{responder.name}].engine"
+    return None, processor.stage
+
+
+def map_tasks(ds, fn: Callable[[pa.Table], pa.Table], **fn_kwargs):
+    """A light, stateless map over Arrow batches as Ray tasks (no model, a sliver of a CPU)."""
+    return ds.map_batches(fn, fn_kwargs=fn_kwargs or None, batch_format="pyarrow", batch_size=None,
+                          num_cpus=LIGHT_CPUS)
+
+
+def map_groups(ds, key: str, fn: Callable[..., pa.Table], **fn_kwargs):
+    """`fn(group)` over the rows of each `key` value, brought together by Ray Data's hash shuffle."""
+    return ds.groupby(key).map_groups(fn, fn_kwargs=fn_kwargs or None, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+
+
+def partials(ds, fn: Callable[..., dict], **fn_kwargs) -> dict:
+    """Map-side aggregation: `fn(batch, **fn_kwargs)` reduces each block to summable figures (a dict
+    of numbers or nested dicts of numbers), and the driver merges one small dict per block."""
+
+    def reduce_block(batch: pa.Table) -> pa.Table:
+        return pa.table({"partial": [json.dumps(fn(batch, **fn_kwargs))]})
+
+    merged: dict = {}
+    for row in map_tasks(ds, reduce_block).iter_rows():
+        merged = merge_stats(merged, json.loads(row["partial"]))
+    return merged
+
+
+def write(ds, store: StageStore, schema: pa.Schema, tag: str = "", stats: Optional[Stats] = None) -> tuple[int, int]:
+    """Workers write `ds` into the stage folder, rejects apart; returns (rows written, rows rejected)."""
+    sink = StageSink(store.uri, schema, tag=tag, stats=stats)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
+    return sink.rows_out, sink.rows_rejected
+
+
+def drop_written(ds, store: StageStore, in_key: str, out_key: str, where: Optional[dict] = None):
+    """`ds` less the rows whose `in_key` is already written as `out_key` (accepted or rejected) in the
+    stage folder. The written keys are loaded by a Ray task into the object store as one sorted array
+    that every filter task shares, never by the driver; `where` ({column: value}) narrows the written
+    rows considered (one responder's answers, say)."""
+    files = store.written_files()
+    if not files:
+        return ds
+    keys = _written_keys.remote(store.uri, files, out_key, where or {})
+    return map_tasks(ds, _drop_keys, keys=keys, column=in_key)
+
+
+@ray.remote(num_cpus=LIGHT_CPUS)
+def _written_keys(stage_uri: str, files: list[str], column: str, where: dict) -> np.ndarray:
+    filesystem, _ = fs.resolve(stage_uri)
+    found = []
+    for path in files:
+        table = pq.read_table(path, filesystem=filesystem, columns=[column, *where])
+        for name, value in where.items():
+            table = table.filter(pc.equal(table[name], value))
+        found.append(table[column].combine_chunks())
+    values = pa.concat_arrays([a.cast(pa.string()) for a in found]).drop_null() if found else pa.array([], pa.string())
+    return np.unique(np.asarray(values.to_pylist(), dtype=str))
+
+
+def _drop_keys(batch: pa.Table, keys, column: str) -> pa.Table:
+    if isinstance(keys, ray.ObjectRef):
+        keys = ray.get(keys)
+    if not len(keys) or not batch.num_rows:
+        return batch
+    wanted = np.asarray(batch[column].cast(pa.string()).fill_null("").to_pylist(), dtype=str)
+    at = np.clip(np.searchsorted(keys, wanted), 0, len(keys) - 1)
+    return batch.filter(pa.array(keys[at] != wanted))
+
+
+def run_rows(source, processor: type[RowProcessor], pool, store: StageStore, schema: pa.Schema, *,
+             resume: bool = False, tag: str = "", where: Optional[dict] = None, stats: Optional[Stats] = None,
+             **kwargs) -> tuple[int, int]:
+    """One row-wise plan: `source` (a Dataset) -> unwritten rows -> processor on its pool -> parts.
+
+    With `resume`, input rows whose unit of work (`processor.resume_key`) is already written are not
+    sent again. Returns the rows this plan wrote (accepted, rejected)."""
+    if resume and processor.resume_key:
+        source = drop_written(source, store, *processor.resume_key, where=where)
+    return write(map_processor(source, processor, pool, schema, **kwargs), store, schema, tag=tag, stats=stats)

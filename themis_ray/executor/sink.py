@@ -1,0 +1,91 @@
+"""The write end of every stage: workers write accepted rows and rejects as Parquet parts.
+
+Each write task splits its blocks on `reject_reason` and writes one part per kind, `<stage>/part-*.parquet`
+(without the reject column) and `<stage>/_rejects/part-*.parquet`, straight from the worker to the
+stage's filesystem. The statistics of each part (row counts are in every Parquet footer; a stage adds
+summable figures such as tokens, cost or histograms through `stats`) go into the part's footer, so the
+driver tallies a stage from footers and never reads its rows. On a local filesystem a part is written
+under a temporary name and renamed, on object storage an upload appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Callable, Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.block import BlockAccessor
+from ray.data.datasource.datasink import Datasink
+
+from themis_ray import fs
+from themis_ray.schema import REJECT
+from themis_ray.store import REJECTS, STATS_KEY, merge_stats
+
+# stats(table, rejected) -> summable figures of those rows ({name: number or nested dict of numbers})
+Stats = Callable[[pa.Table, bool], dict]
+
+
+class _Part:
+    """One Parquet part being written by a write task."""
+
+    def __init__(self, folder: str, name: str, schema: pa.Schema):
+        self.filesystem, folder_path = fs.resolve(folder)
+        self.filesystem.create_dir(folder_path, recursive=True)
+        self.path = posixpath.join(folder_path, name)
+        self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        self.writing = self.path + ".partial" if self.local else self.path
+        self.writer = pq.ParquetWriter(self.writing, schema, filesystem=self.filesystem)
+        self.rows, self.stats = 0, {}
+
+    def write(self, table: pa.Table, stats: dict) -> None:
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+        self.stats = merge_stats(self.stats, stats)
+
+    def close(self) -> None:
+        if self.stats:
+            self.writer.add_key_value_metadata({STATS_KEY.decode(): json.dumps(self.stats)})
+        self.writer.close()
+        if self.local:
+            self.filesystem.move(self.writing, self.path)
+
+
+class StageSink(Datasink):
+    def __init__(self, stage_uri: str, schema: pa.Schema, tag: str = "", stats: Optional[Stats] = None):
+        self.stage_uri, self.schema, self.tag, self.stats = stage_uri, schema, tag, stats
+        self.accepted_schema = schema.remove(schema.get_field_index(REJECT))
+        self.rows_out = self.rows_rejected = 0
+
+    def get_name(self) -> str:
+        return "WriteStage"
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        name = f"part-{self.tag}{uuid.uuid4().hex}.parquet"
+        parts: dict[bool, _Part] = {}
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:
+                continue
+            table = table.select(self.schema.names).cast(self.schema)
+            flagged = pc.is_valid(table[REJECT])
+            for rejected, rows in ((False, table.filter(pc.invert(flagged))), (True, table.filter(flagged))):
+                if not rows.num_rows:
+                    continue
+                if rejected not in parts:
+                    folder = fs.join(self.stage_uri, REJECTS) if rejected else self.stage_uri
+                    parts[rejected] = _Part(folder, name, self.schema if rejected else self.accepted_schema)
+                stats = self.stats(rows, rejected) if self.stats else {}
+                parts[rejected].write(rows if rejected else rows.drop_columns([REJECT]), stats)
+        for part in parts.values():
+            part.close()
+        return {"rows": parts[False].rows if False in parts else 0,
+                "rejected": parts[True].rows if True in parts else 0}
+
+    def on_write_complete(self, write_result) -> None:
+        self.rows_out = sum(r["rows"] for r in write_result.write_returns)
+        self.rows_rejected = sum(r["rejected"] for r in write_result.write_returns)
