@@ -1,4 +1,4 @@
-"""Custom-prompt augmentation and pairwise swapping on hand-built records."""
+"""Custom-prompt augmentation and pairwise swapping on hand-built records (no Ray: pure functions)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 
 from themis_ray import judging
 from themis_ray.config import AugmentConfig
+from themis_ray.curate import augment as aug
 from themis_ray.engines import Completion
 from themis_ray.scenarios import get_scenario
 from themis_ray.schema import REJECT
-from themis_ray.stages import augment as aug
 
 CRITERIA = get_scenario("close_qa").criteria  # Correctness, Directness, Completeness, Precision, ...
 
@@ -30,7 +30,7 @@ def _row(i: int, scores: list[float], overall: float, split: str = "train", scen
             "response": request.response, "reference": None, "prompt": judging.render_prompt(request),
             "evaluation": "\n".join(lines), "score": float(overall), "criterion_scores": [float(s) for s in scores],
             "score_distribution": [0.1, 0.1, 0.2, 0.3, 0.3], "expected_score": 3.6, "ifd": 0.5, "ifd_ppl": 0.7,
-            "prompt_tokens": 100, "split": split, aug.AUGMENTATION: None, REJECT: None}
+            "prompt_tokens": 100, "split": split, aug.AUGMENTATION: None, aug.KIND: None, REJECT: None}
 
 
 # ---------------------------------------------------------------------------- rating systems
@@ -59,8 +59,8 @@ def test_request_rebuilds_the_label_prompt():
 
 def test_rescale_record_renders_the_new_scale_and_maps_every_score():
     row = _row(1, [5, 4, 3, 4, 2, 5], 4)
-    copy = aug.rescale_record(row, judging.RatingScale(1, 10))
     scale = judging.RatingScale(1, 10)
+    copy = aug.rescale_record(row, scale)
     assert copy["prompt"] == judging.render_prompt(aug._request(row, scale=scale))
     assert "from 1 to 10" in copy["prompt"] and copy["prompt"] != row["prompt"]
     parsed = judging.parse_evaluation(copy["evaluation"], scale=scale)
@@ -70,6 +70,7 @@ def test_rescale_record_renders_the_new_scale_and_maps_every_score():
     assert copy["score_distribution"] == pytest.approx([0.1, 0, 0.1, 0, 0, 0.2, 0, 0.3, 0, 0.3])
     assert copy["expected_score"] == pytest.approx(judging.expected_score(dict(zip(scale.scores, copy["score_distribution"]))))
     assert copy["id"] != row["id"] and copy[aug.AUGMENTATION] == "rating scale 1-10"
+    assert copy[aug.KIND] == "rescale:1-10"
     assert copy["ifd"] is None and copy["prompt_tokens"] is None  # measured for the other prompt
     assert copy["split"] == "train" and copy[REJECT] is None
     assert row["evaluation"].startswith("[[4]]")  # the original is untouched
@@ -83,7 +84,7 @@ def test_rescale_binary():
 
 def test_rescale_refuses_scores_outside_the_label_scale():
     row = {**_row(1, [5, 4, 3, 4, 2, 5], 4), "evaluation": "[[4]] fine\nCorrectness: [[7]]"}
-    with pytest.raises(ValueError, match="not all within"):
+    with pytest.raises(ValueError, match="outside 1-5"):
         aug.rescale_record(row, judging.RatingScale(1, 3))
 
 
@@ -112,50 +113,71 @@ def _regression_rows(n: int, split: str, seed: int) -> list[dict]:
     return rows
 
 
-def test_regression_recovers_a_known_rule_and_reports_validation_mae():
+def _gram(rows: list[dict], blocks: int = 3) -> dict:
+    """The normal equations summed over blocks, as the stage's pass merges them."""
+    from themis_ray.store import merge_stats
+
+    merged: dict = {}
+    for part in np.array_split(np.arange(len(rows)), blocks):
+        merged = merge_stats(merged, aug.gram_figures([rows[i] for i in part]))
+    return merged
+
+
+def test_regression_from_summed_normal_equations_is_least_squares_on_every_subset():
     train, validation = _regression_rows(60, "train", 0), _regression_rows(30, "validation", 1)
-    dropper = aug.CriteriaDropper(train, validation, min_records=8)
-    full = dropper.model("close_qa", (0, 1, 2, 3, 4, 5))
-    assert full.n_fit == 60 and full.n_validation == 30
+    regressions = aug.Regressions(_gram(train), min_records=8)
+    assert regressions.records("close_qa") == 60
+    X = np.array([r["criterion_scores"] for r in train])
+    y = np.array([r["score"] for r in train])
+    for kept in [(0, 1, 2, 3, 4), (3, 4, 5), (1,)]:  # a subset's regression is a sub-block of the same equations
+        design = np.column_stack([np.ones(len(X)), X[:, list(kept)]])
+        expected, *_ = np.linalg.lstsq(design, y, rcond=None)
+        assert regressions.model("close_qa", kept).coef == pytest.approx(expected, abs=1e-8)
+    full = regressions.model("close_qa", (0, 1, 2, 3, 4))
     assert full.coef[1:4] == pytest.approx([0.5, 0.3, 0.2], abs=0.1)
     assert np.abs(full.coef[4:]).max() < 0.1  # the unused criteria get about no weight
-    assert np.mean(full.abs_errors) < 0.3
+
+    def mae(model):
+        return np.mean([abs(model.predict_score(r["criterion_scores"]) - r["score"]) for r in validation])
+
+    assert mae(full) < 0.3
     # without the most important criterion the overall score is much harder to predict
-    weak = dropper.model("close_qa", (3, 4, 5))
-    assert np.mean(weak.abs_errors) > np.mean(full.abs_errors) + 0.3
-    report = dropper.report()
-    assert report["regressions"] == 2 and report["validation_predictions"] == 60
-    assert report["validation_mae"] == pytest.approx(np.mean(full.abs_errors + weak.abs_errors), abs=1e-4)
+    assert mae(regressions.model("close_qa", (3, 4, 5))) > mae(full) + 0.3
+    assert len(regressions.subsets("close_qa")) == 2 ** 6 - 2
+    assert aug.Regressions(_gram(train[:5]), min_records=8).model("close_qa", (0, 1)) is None  # too few
 
 
-def test_drop_criteria_record_keeps_the_kept_criteria_and_predicts_the_score():
-    train, validation = _regression_rows(40, "train", 0), _regression_rows(10, "validation", 1)
-    dropper = aug.CriteriaDropper(train, validation, min_records=8)
+def test_drop_criteria_copy_keeps_the_kept_criteria_and_predicts_the_score():
+    plan = aug.AugmentPlan(drop_criteria_fraction=1.0,
+                           regressions=aug.Regressions(_gram(_regression_rows(40, "train", 0)), min_records=8))
     row = _row(7, [5, 1, 2, 4, 4, 3], 3)
-    copy = dropper.augment(row, np.random.default_rng(3))
-    kept_names = [c.strip() for c in copy[aug.AUGMENTATION].removeprefix("dropped criteria: ").split(",")]
-    model = next(m for m in dropper.models.values() if m is not None)
-    kept = [CRITERIA[k] for k in model.kept]
-    dropped = [c for c in CRITERIA if c not in kept]
-    assert sorted(kept_names) == sorted(c.name for c in dropped) and 1 <= len(kept) < len(CRITERIA)
-    assert copy["prompt"] == judging.render_prompt(aug._request(row, criteria=kept))
+    copy, kept = plan.copy(row, "drop_criteria")
+    assert plan.copy(row, "drop_criteria") == (copy, kept)  # the choice is seeded by the record
+    model = plan.regressions.model("close_qa", kept)
+    kept_c = [CRITERIA[k] for k in kept]
+    dropped = [c for c in CRITERIA if c not in kept_c]
+    names = [c.strip() for c in copy[aug.AUGMENTATION].removeprefix("dropped criteria: ").split(",")]
+    assert sorted(names) == sorted(c.name for c in dropped) and 1 <= len(kept) < len(CRITERIA)
+    assert copy[aug.KIND] == "drop_criteria"
+    assert copy["prompt"] == judging.render_prompt(aug._request(row, criteria=kept_c))
     for c in dropped:
         assert f"{c.name}: {c.description}" not in copy["prompt"] and c.name + ":" not in copy["evaluation"]
-    for c in kept:
+    for c in kept_c:
         assert f"{c.name}: {c.description}" in copy["prompt"] and c.name + ":" in copy["evaluation"]
     parsed = judging.parse_evaluation(copy["evaluation"])
     assert parsed.score == copy["score"] == model.predict_score(row["criterion_scores"])
-    assert parsed.criterion_scores == copy["criterion_scores"] == [row["criterion_scores"][k] for k in model.kept]
+    assert parsed.criterion_scores == copy["criterion_scores"] == [row["criterion_scores"][k] for k in kept]
     assert copy["score_distribution"] is None
 
 
 def test_drop_criteria_needs_enough_records_and_complete_scores():
-    dropper = aug.CriteriaDropper(_regression_rows(5, "train", 0), [], min_records=8)
+    plan = aug.AugmentPlan(drop_criteria_fraction=1.0,
+                           regressions=aug.Regressions(_gram(_regression_rows(5, "train", 0)), min_records=8))
     with pytest.raises(ValueError, match="too few"):
-        dropper.augment(_row(1, [5, 4, 3, 4, 2, 5], 4), np.random.default_rng(0))
+        plan.copy(_row(1, [5, 4, 3, 4, 2, 5], 4), "drop_criteria")
     partial = {**_row(2, [5, 4, 3, 4, 2, 5], 4), "evaluation": "[[4]] ok\nPrecision: [[3]] vague"}
     with pytest.raises(ValueError, match="every criterion"):
-        dropper.augment(partial, np.random.default_rng(0))
+        plan.copy(partial, "drop_criteria")
 
 
 # ---------------------------------------------------------------------------- paraphrased criteria
@@ -170,8 +192,8 @@ def test_drop_criteria_needs_enough_records_and_complete_scores():
     ("The answer states the right fact and nothing that contradicts it.", False),  # unchanged
 ])
 def test_clean_paraphrase(text, ok):
-    got, why = aug.clean_paraphrase(text, CRITERIA[0].description)
-    assert (got is not None) == ok and (why is None) == ok
+    got, issue, why = aug.clean_paraphrase(text, CRITERIA[0].description)
+    assert (got is not None) == ok and (why is None) == ok and (issue is None) == ok
     if ok:
         assert not got.startswith(("Rewritten", '"'))
 
@@ -189,20 +211,24 @@ class FakeEngine:
         return outs
 
 
-def test_paraphraser_processor_cleans_and_rejects(monkeypatch):
-    engine = FakeEngine()
-    monkeypatch.setattr(aug, "build_engine", lambda cfg: engine)
-    table = aug.criteria_to_paraphrase(["close_qa", "close_qa"], variants=2)
-    assert table.num_rows == 12 and len(set(table["id"].to_pylist())) == 12
-    processor = aug.CriterionParaphraser(aug.PARAPHRASE_SCHEMA, engine_cfg=None, sampling=None)
-    out = processor(table)
+def test_paraphraser_processor_cleans_and_rejects():
+    rows = aug.criteria_to_paraphrase(["close_qa", "close_qa"], variants=2)
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    processor = aug.CriterionParaphraser(aug.PARAPHRASE_SCHEMA, engine_cfg=None, sampling=None, with_engine=False)
+    processor.engine = FakeEngine()
+    out = processor(pa.Table.from_pylist(rows, schema=aug.PARAPHRASE_INPUT))
     assert out.schema == aug.PARAPHRASE_SCHEMA
-    rows = out.to_pylist()
-    assert all(CRITERIA[r["criterion"]].description in c[-1]["content"] for r, c in zip(rows, engine.seen))
-    bad = [r for r in rows if r[REJECT]]
+    result = out.to_pylist()
+    assert all(CRITERIA[r["criterion"]].description in c[-1]["content"]
+               for r, c in zip(result, processor.engine.seen))
+    bad = [r for r in result if r[REJECT]]
     assert {r["criterion"] for r in bad} == {0} and all(r["paraphrase"] is None for r in bad)
-    good = [r for r in rows if not r[REJECT]]
+    assert {r["issue"] for r in bad} == {"empty"}
+    good = [r for r in result if not r[REJECT]]
     assert all(r["paraphrase"].startswith("In other words") and "\n" not in r["paraphrase"] for r in good)
+    usable, summary = aug.usable_paraphrases(result)
+    assert summary == {"asked": 12, "usable": 10, "unusable": {"empty": 2}}
+    assert sorted(usable["close_qa"]) == [1, 2, 3, 4, 5] and all(len(v) == 2 for v in usable["close_qa"].values())
 
 
 def test_paraphrase_record_uses_the_paraphrases():
@@ -214,7 +240,7 @@ def test_paraphrase_record_uses_the_paraphrases():
     assert f"Correctness: {CRITERIA[0].description}" in copy["prompt"]  # no paraphrase: unchanged
     assert CRITERIA[1].description not in copy["prompt"]
     assert copy["evaluation"] == row["evaluation"] and copy["score"] == row["score"]
-    assert copy[aug.AUGMENTATION].startswith("paraphrased criteria: 2 of 6")
+    assert copy[aug.AUGMENTATION].startswith("paraphrased criteria: 2 of 6") and copy[aug.KIND] == "paraphrase"
     with pytest.raises(ValueError, match="no usable paraphrase"):
         aug.paraphrase_record(row, {}, np.random.default_rng(0))
 
@@ -222,43 +248,55 @@ def test_paraphrase_record_uses_the_paraphrases():
 # ------------------------------------------------------------------------------------- all kinds
 
 
-def test_augment_makes_the_configured_copies_of_train_records_only():
-    train = _regression_rows(40, "train", 0)
-    validation = _regression_rows(10, "validation", 1)
-    asked = []
+def _plan(train: list[dict], **fractions) -> aug.AugmentPlan:
+    cfg = AugmentConfig(min_regression_records=8, **fractions)
+    plan = aug.AugmentPlan.from_config(cfg, seed=0, swap_pairwise=True)
+    plan.regressions = aug.Regressions(_gram(train), cfg.min_regression_records)
+    plan.paraphrases = {"close_qa": {k: [f"Put differently, {c.description.lower()}"] for k, c in enumerate(CRITERIA)}}
+    return plan
 
-    def paraphrase(table: pa.Table) -> pa.Table:
-        asked.append(table.num_rows)
-        rows = [{**r, "paraphrase": f"Put differently, {r['description'].lower()}", REJECT: None}
-                for r in table.to_pylist()]
-        return pa.Table.from_pylist(rows, schema=aug.PARAPHRASE_SCHEMA)
 
-    cfg = AugmentConfig(paraphrase_fraction=0.25, drop_criteria_fraction=0.5, rescale_fraction=0.3,
-                        min_regression_records=8)
-    copies, report = aug.augment(train, validation, cfg, seed=0, paraphrase=paraphrase)
-    assert report["augmented"] == {"paraphrased criteria": 10, "dropped criteria": 20, "rating scale 0-1": 4,
-                                   "rating scale 1-3": 4, "rating scale 1-10": 4}
-    assert report["augmentation_skipped"] == {}
-    assert len(copies) == 42 and asked == [12]  # 6 criteria x 2 variants, asked once
-    assert len({c["id"] for c in copies} | {r["id"] for r in train + validation}) == 42 + 50
+def test_copies_are_drawn_per_record_near_the_fractions_and_seeded():
+    train = _regression_rows(3000, "train", 0)
+    plan = _plan(train, paraphrase_fraction=0.1, drop_criteria_fraction=0.2, rescale_fraction=0.3)
+    ids = [r["id"] for r in train]
+    picks = plan.picked(ids, np.ones(len(ids), dtype=bool))
+    for kind, fraction in (("paraphrase", 0.1), ("drop_criteria", 0.2), ("rescale", 0.3)):
+        n = int(picks[kind].sum())
+        assert abs(n - fraction * 3000) < 4 * np.sqrt(3000 * fraction * (1 - fraction)), kind
+    assert all((picks[k] == plan.picked(ids, np.ones(len(ids), dtype=bool))[k]).all() for k in picks)  # seeded
+    other = aug.AugmentPlan.from_config(AugmentConfig(paraphrase_fraction=0.1), seed=1, swap_pairwise=True)
+    assert not (other.picked(ids, np.ones(len(ids), dtype=bool))["paraphrase"] == picks["paraphrase"]).all()
+    assert not plan.picked(ids, np.zeros(len(ids), dtype=bool))["rescale"].any()  # only the records offered
+    # the three kinds draw independently: about 0.1 x 0.2 of the records get both of the first two
+    both = int((picks["paraphrase"] & picks["drop_criteria"]).sum())
+    assert abs(both - 60) < 4 * np.sqrt(60)
+
+    rows = train[:300]
+    sub = {k: m[:300] for k, m in picks.items()}
+    made = list(aug.copies_of(rows, sub, [False] * 300, plan))
+    copies = [c for _, c, _, _ in made if c is not None]
+    assert len(made) == sum(int(m.sum()) for m in sub.values()) and all(why is None for _, _, why, _ in made)
+    assert Counter(k.split(":")[0] for k, *_ in made) == {k: int(m.sum()) for k, m in sub.items() if m.sum()}
+    scales = Counter(c[aug.KIND] for c in copies if c[aug.KIND].startswith("rescale"))
+    assert set(scales) == {"rescale:0-1", "rescale:1-3", "rescale:1-10"}
+    assert len({c["id"] for c in copies} | {r["id"] for r in rows}) == len(copies) + 300
     assert all(c["split"] == "train" and c[aug.AUGMENTATION] for c in copies)
-    originals = {r["id"] for r in train}
-    assert not any(c["id"] in originals for c in copies)
-    assert report["criteria_regression"]["validation_mae"] is not None
-    again, _ = aug.augment(train, validation, cfg, seed=0, paraphrase=paraphrase)
-    assert [c["id"] for c in again] == [c["id"] for c in copies]  # seeded
+    again = [c["id"] for _, c, _, _ in aug.copies_of(rows, sub, [False] * 300, plan)]
+    assert again == [c["id"] for c in copies]  # seeded
 
 
-def test_augment_counts_what_it_could_not_make():
-    train = [_row(i, [5, 4, 3, 4, 2, 5], 4) for i in range(4)]
-    train[0]["evaluation"] = "[[4]] fine\nCorrectness: [[9]]"
-    cfg = AugmentConfig(drop_criteria_fraction=1.0, rescale_fraction=1.0, rating_scales=["1-3"])
-    copies, report = aug.augment(train, [], cfg, seed=0)
-    assert report["augmented"] == {"rating scale 1-3": 3}
-    skipped = report["augmentation_skipped"]
-    assert sum(v for k, v in skipped.items() if k.startswith("dropped criteria")) == 4
-    assert sum(v for k, v in skipped.items() if k.startswith("rating scale")) == 1
-    assert len(copies) == 3
+def test_copies_that_cannot_be_made_say_why():
+    rows = [_row(i, [5, 4, 3, 4, 2, 5], 4) for i in range(4)]
+    rows[0]["evaluation"] = "[[4]] fine\nCorrectness: [[9]]"
+    plan = _plan([], drop_criteria_fraction=1.0, rescale_fraction=1.0)
+    plan.scales = [judging.RatingScale(1, 3)]
+    made = list(aug.copies_of(rows, {"drop_criteria": [True] * 4, "rescale": [True] * 4}, [False] * 4, plan))
+    assert Counter(k for k, c, _, _ in made if c is not None) == {"rescale:1-3": 3}
+    why = Counter((k, w) for k, c, w, _ in made if c is None)
+    assert why == {("drop_criteria", "too few train records with every per-criterion score to fit the regression"): 3,
+                   ("drop_criteria", "the evaluation does not score every criterion on its own line"): 1,
+                   ("rescale", "an evaluation score outside 1-5"): 1}
 
 
 # ------------------------------------------------------------------------------------- pairwise
@@ -283,15 +321,17 @@ def test_swap_pairwise_row():
     assert swapped["prompt"].index("second 1") < swapped["prompt"].index("first 1")
     assert swapped["evaluation"] == "[[B]] Response B is shorter than Response A."
     assert judging.parse_evaluation(swapped["evaluation"], mode="pairwise").verdict == "B"
-    assert swapped[aug.AUGMENTATION] == "order swapped" and swapped["id"] != row["id"]
+    assert swapped[aug.AUGMENTATION] == "order swapped" and swapped[aug.KIND] == "swap" and swapped["id"] != row["id"]
     assert aug.swap_pairwise_row(_pair(2, "C"))["verdict"] == "C"
     # swapping twice gives the original comparison back
     twice = aug.swap_pairwise_row(swapped)
     assert (twice["prompt"], twice["verdict"], twice["evaluation"]) == (row["prompt"], "A", row["evaluation"])
+    with pytest.raises(ValueError, match="not A, B or C"):
+        aug.swap_pairwise_row(_pair(3, "D"))
 
 
-def test_swap_pairwise_rows_skips_pointwise():
+def test_copies_of_swaps_the_pairs_it_is_given():
     rows = [_pair(1, "A"), _row(2, [5, 4, 3, 4, 2, 5], 4), _pair(3, "C")]
-    swapped = aug.swap_pairwise_rows(rows)
-    assert [s["verdict"] for s in swapped] == ["B", "C"]
-    assert Counter(r["verdict"] for r in [rows[0], rows[2]] + swapped) == {"A": 1, "B": 1, "C": 2}
+    made = list(aug.copies_of(rows, {}, [True, False, True], aug.AugmentPlan(swap_pairwise=True)))
+    assert [c["verdict"] for _, c, _, _ in made] == ["B", "C"]
+    assert Counter(r["verdict"] for r in [rows[0], rows[2]] + [c for _, c, _, _ in made]) == {"A": 1, "B": 1, "C": 2}

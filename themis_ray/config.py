@@ -216,9 +216,11 @@ class AugmentConfig:
     Copies are extra rows (counted as `augmented` in the manifest); validation records are never copied.
     """
 
+    # Each kept train record is copied by a kind with this probability (a seeded draw per record, so the
+    # copies are the same in every run with the same seed, and about fraction x train records at scale).
     paraphrase_fraction: float = 0.0  # share of train records copied with model-paraphrased criteria
     drop_criteria_fraction: float = 0.0  # ...copied with random criteria dropped, overall re-predicted
-    rescale_fraction: float = 0.0  # ...copied onto another rating system (the scales below, in turn)
+    rescale_fraction: float = 0.0  # ...copied onto another rating system (one of the scales below, drawn)
     rating_scales: list[str] = field(default_factory=lambda: ["0-1", "1-3", "1-10"])
     paraphrases_per_criterion: int = 2  # variants the model writes for each criterion of a scenario
     # The overall score after dropping criteria is predicted by a least-squares regression from the
@@ -241,11 +243,15 @@ class CurateConfig:
     # Relative weights of the scores 1..5 after rebalancing; None: uniform.
     rebalance_target: Optional[list[float]] = None
     # A score may keep at most this many times its target share of the scarcest score (1: exact target).
-    # Pairwise verdicts are balanced the same way across A, B and C.
+    # Pairwise verdicts are balanced the same way across A, B and C. Each record of a (scenario, score)
+    # is kept with probability cap / count (a seeded draw per record): the cap in expectation.
     rebalance_max_ratio: float = 2.0
-    # Scenario mix: relative weights (unlisted scenarios weigh 1); empty keeps the natural mix.
+    # Scenario mix: relative weights (unlisted scenarios weigh 1); empty keeps the natural mix. Sampled
+    # like rebalancing.
     scenario_weights: dict[str, float] = field(default_factory=dict)
-    swap_pairwise: bool = True  # add every kept pairwise record again with the responses swapped
+    swap_pairwise: bool = True  # add every kept pairwise train record again with the responses swapped
+    # Per scenario: exactly round(n x fraction) to validation for scenarios of up to 10,000 kept records
+    # (both splits present once two records are kept), a seeded draw per record above that.
     validation_fraction: float = 0.25
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
