@@ -1,5 +1,5 @@
-"""Shared fixtures: one embedded SmolLM2-135M engine for the tests that run a real model, and a local
-two-CPU Ray for the tests that train on it."""
+"""Shared fixtures: one embedded SmolLM2-135M engine for the tests that run a real model, a local
+two-CPU Ray for the tests that run plans or train on it, and a loopback S3 server for object storage."""
 
 from __future__ import annotations
 
@@ -27,3 +27,28 @@ def ray_local(monkeypatch):
     ray.init(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server on loopback (moto's server mode, as Ray's own tests use), with a
+    bucket; pyarrow's S3 filesystem (and every Ray worker started after this) reaches it through the
+    standard AWS variables. Yields the bucket's URI."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
+    boto3.client("s3").create_bucket(Bucket="themis-test")
+    yield "s3://themis-test"
+    server.stop()
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")

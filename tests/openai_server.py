@@ -28,7 +28,9 @@ It counts what it saw, per distinct prompt (the last user message): `requests` (
 
 from __future__ import annotations
 
+import argparse
 import collections
+import hashlib
 import json
 import random
 import threading
@@ -58,7 +60,7 @@ class OpenAIServer:
                  host: str = "127.0.0.1", port: int = 0, seed: int = 0, rate_limit_rate: float = 0.0,
                  retry_after_s: float = 0.2, hang_rate: float = 0.0, hang_s: float = 2.0, garbage_rate: float = 0.0,
                  garbage_text: str = "I would rather not grade this one.", fail_after: Optional[int] = None,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, log_path: Optional[str] = None):
         self.latency_s, self.max_concurrency = latency_s, max_concurrency
         self.rate_limit_rate, self.retry_after_s = rate_limit_rate, retry_after_s
         self.hang_rate, self.hang_s = hang_rate, hang_s
@@ -73,6 +75,9 @@ class OpenAIServer:
         self.in_flight = self.max_in_flight = self.rejected = 0
         self._lock = threading.Lock()
         self._random = random.Random(seed)
+        # One line per answered request (a digest of its prompt), flushed at once: the log outlives a
+        # client that is killed, so a test can count what was paid for across runs.
+        self._log = open(log_path, "a", buffering=1) if log_path else None
         self._httpd = ThreadingHTTPServer((host, port), _handler(self))
         self._httpd.daemon_threads = True
         self._thread: Optional[threading.Thread] = None
@@ -132,6 +137,8 @@ class OpenAIServer:
             self.in_flight -= 1
             if key is not None:
                 self.answered[key] += 1
+                if self._log is not None:
+                    self._log.write(hashlib.sha1(key.encode()).hexdigest() + "\n")
 
     def completion(self, request: dict, text: Optional[str] = None) -> dict:
         messages = request.get("messages") or []
@@ -221,3 +228,21 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                     server._release()
 
     return Handler
+
+
+def main() -> None:
+    """`python tests/openai_server.py --port P [--latency-s S] [--log FILE]`: serve until killed."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency-s", type=float, default=0.0)
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--log", default=None)
+    args = parser.parse_args()
+    server = OpenAIServer(latency_s=args.latency_s, max_concurrency=args.max_concurrency, port=args.port,
+                          log_path=args.log)
+    print(f"serving on {server.base_url}", flush=True)
+    server._httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

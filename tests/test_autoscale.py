@@ -1,7 +1,7 @@
 """Autoscaled batch labeling, on Ray's own autoscaler with its fake multi-node provider.
 
 A head with no workers; worker nodes of type `labeler` are the only ones offering the `labeler`
-resource. The label stage's processor runs through `map_rows` on an actor pool (min 1, max 3 actors,
+resource. The label stage's processor runs through `map_processor` on an actor pool (min 1, max 3 actors,
 no CPU, `labeler: 1` each) against a real OpenAI-compatible HTTP server on 127.0.0.1. The autoscaler
 must add labeler nodes as the pool asks for actors and remove them once the pool is gone; every
 record must be labelled exactly once.
@@ -135,7 +135,9 @@ def records(n: int) -> pa.Table:
 
 
 def test_labeling_scales_workers_up_then_down_and_labels_every_record_once(autoscaling_cluster):
-    from themis_ray.stages import map_rows
+    import ray
+
+    from themis_ray.executor import map_processor
     from themis_ray.stages.label import Labeler
 
     head = autoscaling_cluster
@@ -147,10 +149,10 @@ def test_labeling_scales_workers_up_then_down_and_labels_every_record_once(autos
         with OpenAIServer(latency_s=1.0) as server:
             engine = EngineConfig(kind="openai", base_url=server.base_url, model="teacher",
                                   max_concurrency=4, timeout_s=30, max_retries=3)
-            out = map_rows(table, Labeler, pool, schema=output_schema("label", table.schema),
-                           engine_cfg=engine, sampling=SamplingConfig(max_tokens=64), score_by="text",
-                           calibrate=False, prefill=False, max_attempts=1, retry_temperature=0.7,
-                           scenarios_dir=None)
+            rows = map_processor(ray.data.from_arrow(table), Labeler, pool, output_schema("label", table.schema),
+                                 engine_cfg=engine, sampling=SamplingConfig(max_tokens=64), score_by="text",
+                                 calibrate=False, prefill=False, max_attempts=1, retry_temperature=0.7,
+                                 scenarios_dir=None).take_all()
         scaled_down = counter.wait_for(1, 120)
     finally:
         counter.stop()
@@ -164,8 +166,7 @@ def test_labeling_scales_workers_up_then_down_and_labels_every_record_once(autos
     assert counts[0] == 1 and counts[-1] == 1
 
     # Every record labelled, each exactly once, by the real HTTP endpoint.
-    assert out.num_rows == RECORDS
-    rows = out.to_pylist()
+    assert len(rows) == RECORDS
     assert sorted(r["response_id"] for r in rows) == sorted(table["id"].to_pylist())
     assert all(r[REJECT] is None and r["score"] == 4 for r in rows), [r[REJECT] for r in rows if r[REJECT]]
     assert len(server.answered) == RECORDS

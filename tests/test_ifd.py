@@ -205,16 +205,6 @@ def test_stage_rejects_what_cannot_be_scored_with_the_reason(hf_engine, monkeypa
     assert out["r2"][REJECT] is None and math.isfinite(out["r2"]["ifd"])
 
 
-def test_batch_order_groups_scenario_and_mode_then_length():
-    table = pa.Table.from_pylist([
-        {"scenario": "b", "mode": "single", "prompt": "xx", "evaluation": "x"},
-        {"scenario": "a", "mode": "single", "prompt": "xxxxxxx", "evaluation": "x"},
-        {"scenario": "a", "mode": "reference", "prompt": "xxxxxxxxxxx", "evaluation": "x"},
-        {"scenario": "a", "mode": "single", "prompt": "x", "evaluation": "xx"},
-    ])
-    assert ifd_stage.batch_order(table) == [2, 3, 1, 0]
-
-
 def test_prefix_groups_need_a_long_enough_common_prefix():
     scorer = ifd_stage.SharedPrefixScorer(engine=None, min_prefix=3)
     items = [(0, [1, 2, 3, 4, 9], [5]), (1, [7, 7, 7, 7], [5]), (2, [1, 2, 3, 5], [5]), (3, [1, 2, 8], [5])]

@@ -1,8 +1,8 @@
 """The label stage against a faulty OpenAI-compatible endpoint, on a real local Ray.
 
 Nothing is lost or duplicated whatever the endpoint does (429 with Retry-After, 500, hangs past the
-client's timeout, malformed bodies, unparsable judge text); a run that the endpoint cut short resumes
-without re-sending a finished record; the API key reaches no file and no log.
+client's timeout, malformed bodies, unparsable judge text); a run whose driver died resumes without
+re-sending a record it had written; the API key reaches no file and no log.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
@@ -24,7 +25,9 @@ from openai_server import OpenAIServer, judge_answer, prompt_key  # noqa: E402
 
 from themis_ray.config import PipelineConfig  # noqa: E402
 from themis_ray.schema import REJECT  # noqa: E402
-from themis_ray.store import PARTIAL, StageStore  # noqa: E402
+from stage_io import finished_stage, run_one  # noqa: E402
+
+from themis_ray.store import StageStore  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -66,23 +69,23 @@ def answer(messages) -> str:
     return "I will not grade this." if UNGRADABLE in prompt_key(messages) else judge_answer(messages)
 
 
-def make_cfg(server: OpenAIServer, batch_size: int = 8, max_size: int = 2, **engine):
+def make_cfg(server: OpenAIServer, run_dir, batch_size: int = 8, max_size: int = 2, **engine):
     engine = {"kind": "openai", "model": "teacher", "base_url": server.base_url, "api_key_env": KEY_ENV,
               "max_concurrency": 8, "timeout_s": 5.0, "max_retries": 6, **engine}
-    return OmegaConf.merge(OmegaConf.structured(PipelineConfig), {"label": {
+    return OmegaConf.merge(OmegaConf.structured(PipelineConfig), {"run_dir": str(run_dir), "label": {
         "engine": engine, "sampling": {"max_tokens": 64, "logprobs": 0}, "score_by": "text",
         "prefill_score": False, "max_attempts": 2,
         "pool": {"num_cpus": 0, "min_size": 1, "max_size": max_size, "batch_size": batch_size}}})
 
 
-def run_label(cfg, table: pa.Table, run_dir: Path, fingerprint: dict, commit: bool = True):
-    from themis_ray.stages import label
+def run_label(cfg, table: pa.Table, commit: bool = True):
+    """The label stage over `table` as its finished respond stage: (result, manifest, store)."""
+    import ray
 
-    store = StageStore(run_dir, "label")
-    staging = store.staging_dir(fingerprint)
-    start = time.perf_counter()
-    result = label.run(cfg, {"respond": table}, staging)
-    manifest = store.commit(result, fingerprint, time.perf_counter() - start, staging) if commit else None
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if StageStore(cfg.run_dir, "respond").manifest() is None:  # a re-run keeps its input as it was
+        finished_stage(cfg.run_dir, "respond", table)
+    manifest, result, store = run_one(cfg, "label", commit=commit)
     return result, manifest, store
 
 
@@ -92,8 +95,8 @@ def test_faults_lose_and_duplicate_no_record(local_ray, tmp_path):
     # About 20% of requests faulted, 4% of each kind; a hang outlasts the client's timeout.
     with OpenAIServer(latency_s=0.02, answer=answer, fail_rate=0.04, malformed_rate=0.04, rate_limit_rate=0.04,
                       retry_after_s=0.3, hang_rate=0.04, hang_s=4.0, garbage_rate=0.04, seed=7) as server:
-        cfg = make_cfg(server, timeout_s=2.0)
-        result, manifest, store = run_label(cfg, table, tmp_path, {"test": "faults"})
+        cfg = make_cfg(server, tmp_path, timeout_s=2.0)
+        result, manifest, store = run_label(cfg, table)
     for kind in ("error", "malformed", "rate_limited", "hang", "garbage"):
         assert server.faults[kind] > 0, f"no {kind} fault was injected: {dict(server.faults)}"
 
@@ -121,38 +124,38 @@ def test_faults_lose_and_duplicate_no_record(local_ray, tmp_path):
     assert manifest["prompt_tokens"] > 0 and manifest["completion_tokens"] > 0
 
 
-def test_an_interrupted_run_resumes_without_resending_finished_records(local_ray, tmp_path):
+def test_an_interrupted_run_resumes_without_resending_written_records(local_ray, tmp_path):
     n = 40
     table = records(n)
-    fingerprint = {"test": "resume"}
-    # The endpoint goes down after 12 requests: the first run ends with its later records failed.
+    # The endpoint goes down after 12 requests, and the driver dies before the stage ends.
     with OpenAIServer(latency_s=0.02, fail_after=12) as down:
-        cfg = make_cfg(down, batch_size=4, max_size=1, max_concurrency=4, max_retries=1)
-        first, _, store = run_label(cfg, table, tmp_path, fingerprint, commit=False)
-    first_rows = first.table.to_pylist()
-    finished = {r["prompt"] for r in first_rows if r[REJECT] is None}
+        cfg = make_cfg(down, tmp_path, batch_size=4, max_size=1, max_concurrency=4, max_retries=1)
+        _, _, store = run_label(cfg, table, commit=False)
+    parts = [pq.read_table(p) for p in store.written_files()]  # unfinished: its parts, no manifest yet
+    finished = {r["prompt"] for t in parts for r in t.to_pylist() if r.get(REJECT) is None}
     assert 0 < len(finished) < n, f"the first run should finish some records, not all: {len(finished)}"
-    assert any((store.path.with_name("label.tmp") / PARTIAL).glob("part-*.parquet"))
 
-    # Run again (same fingerprint, so the finished blocks are kept) against a healthy endpoint.
-    with OpenAIServer(latency_s=0.02) as up:
-        cfg = make_cfg(up, batch_size=4, max_size=1, max_concurrency=4)
-        _, manifest, store = run_label(cfg, table, tmp_path, fingerprint)
+    # The same command again (same config, so the written parts are kept), the endpoint back up.
+    with OpenAIServer(latency_s=0.02, port=int(down.base_url.rsplit(":", 1)[1].split("/")[0])) as up:
+        assert make_cfg(up, tmp_path, batch_size=4, max_size=1, max_concurrency=4, max_retries=1) == cfg
+        _, manifest, store = run_label(cfg, table)
     resent = {p for p in finished if up.requests[p]}
     assert not resent, f"{len(resent)} finished records were requested again"
-    assert len(up.answered) == n - len(finished)  # every unfinished record, and only those
-    assert set(up.answered.values()) == {1}
-    assert manifest["rows_in"] == n == manifest["rows_out"] and manifest["rows_rejected"] == 0
-    kept = store.read()
-    assert sorted(kept["response_id"].to_pylist()) == sorted(table["id"].to_pylist())
+    written_ids = {r["response_id"] for t in parts for r in t.to_pylist()}
+    assert len(up.answered) == n - len(written_ids)  # every record not written before, and only those
+    assert set(up.answered.values()) <= {1}
+    assert manifest["rows_in"] == n == manifest["rows_out"] + manifest["rows_rejected"]
+    kept, rejects = store.read(), store.read_rejects()
+    assert sorted(kept["response_id"].to_pylist() + rejects["response_id"].to_pylist()) == sorted(table["id"].to_pylist())
 
 
 def test_api_key_reaches_no_file_and_no_log(local_ray, tmp_path, capfd):
     n = 12
     table = records(n)
     with OpenAIServer(latency_s=0.01, api_key=SECRET, fail_rate=0.2, malformed_rate=0.1, seed=3) as server:
-        cfg = make_cfg(server, max_retries=8, usd_per_1k_prompt_tokens=2.5, usd_per_1k_completion_tokens=10.0)
-        _, manifest, store = run_label(cfg, table, tmp_path / "ok", {"test": "key"})
+        cfg = make_cfg(server, tmp_path / "ok", max_retries=8, usd_per_1k_prompt_tokens=2.5,
+                       usd_per_1k_completion_tokens=10.0)
+        _, manifest, store = run_label(cfg, table)
     assert server.unauthorized == 0 and len(server.answered) == n  # the key was sent, and accepted
     assert manifest["rows_out"] == n
     kept = store.read()
@@ -165,8 +168,8 @@ def test_api_key_reaches_no_file_and_no_log(local_ray, tmp_path, capfd):
 
     # An endpoint that refuses the key: every record a reject whose reason names the error, not the key.
     with OpenAIServer(api_key="sk-some-other-key") as refusing:
-        cfg = make_cfg(refusing, max_retries=1)
-        _, refused, refused_store = run_label(cfg, table, tmp_path / "refused", {"test": "key-refused"})
+        cfg = make_cfg(refusing, tmp_path / "refused", max_retries=1)
+        _, refused, refused_store = run_label(cfg, table)
     assert refused["rows_rejected"] == n and refusing.unauthorized >= n
     reasons = refused_store.read_rejects()[REJECT].to_pylist()
     assert all("AuthenticationError (HTTP 401)" in r for r in reasons), reasons[:3]
@@ -209,9 +212,9 @@ def test_pairwise_rows_beside_pointwise_ones_with_exact_accounting(local_ray, tm
                  "reference": None, "responder": "m0", "response": "Yes."})  # one response: no pair
     table = pa.Table.from_pylist(rows)
     with OpenAIServer(latency_s=0.01, answer=pair_answer, fail_rate=0.1, seed=5) as server:
-        cfg = make_cfg(server, batch_size=4)
+        cfg = make_cfg(server, tmp_path, batch_size=4)
         cfg.label.pairwise, cfg.label.max_pairs_per_instruction = True, 3
-        _, manifest, store = run_label(cfg, table, tmp_path, {"test": "pairwise"})
+        _, manifest, store = run_label(cfg, table)
     assert manifest["pairwise_pairs"] == 12
     assert manifest["rows_in"] == len(rows) + 12 == manifest["rows_out"] + manifest["rows_rejected"]
     kept = store.read().to_pylist()

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from themis_ray.config import load
 from themis_ray.pipeline import STAGES, run_pipeline
+from themis_ray.store import StageStore
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_every_stage_ran_and_kept_every_row(finished_run):
 
 def test_labels_follow_the_evaluation_format(finished_run):
     cfg, _ = finished_run
-    labels = pq.read_table(Path(cfg.run_dir) / "ifd" / "part-00000.parquet").to_pylist()
+    labels = StageStore(cfg.run_dir, "ifd").read().to_pylist()
     assert labels
     for row in labels:
         assert row["evaluation"].startswith(f"[[{int(row['score'])}]]")
@@ -151,18 +152,21 @@ def test_server_answers_judge_and_openai_client(finished_run):
 
 def test_label_stage_through_our_server_as_an_openai_teacher(finished_run):
     """The teacher can be any OpenAI-compatible endpoint: here, this project's own Serve app."""
-    from themis_ray.stages import map_rows
+    import ray
+
+    from themis_ray.executor import map_processor
+    from themis_ray.schema import output_schema
     from themis_ray.stages.label import Labeler
 
     cfg, _ = finished_run
     url = served_judge(cfg)
-    responses = pq.read_table(Path(cfg.run_dir) / "respond" / "part-00000.parquet").slice(0, 3)
+    responses = StageStore(cfg.run_dir, "respond").read().slice(0, 3)
     engine = OmegaConf.merge(cfg.label.engine, {"kind": "openai", "base_url": f"{url}/v1", "model": "judge",
                                                  "max_concurrency": 4, "timeout_s": 120})
     pool = OmegaConf.merge(cfg.label.pool, {"num_cpus": 0})  # I/O-bound: it must not hold a CPU
-    table = map_rows(responses, Labeler, pool, engine_cfg=engine, sampling=cfg.label.sampling, score_by="text",
-                     calibrate=False, prefill=True, max_attempts=2, retry_temperature=0.7, scenarios_dir=None)
-    rows = table.to_pylist()
+    rows = map_processor(ray.data.from_arrow(responses), Labeler, pool, output_schema("label", responses.schema),
+                         engine_cfg=engine, sampling=cfg.label.sampling, score_by="text", calibrate=False,
+                         prefill=True, max_attempts=2, retry_temperature=0.7, scenarios_dir=None).take_all()
     assert len(rows) == 3
     for row in rows:
         assert row["teacher"] == "openai:judge"

@@ -1,61 +1,91 @@
-"""Resuming an interrupted stage: finished blocks are kept and only the missing rows run again."""
+"""Resume after a crash: the driver of a label run is killed with SIGKILL mid-stage, the same command
+runs again, and the endpoint's own request log shows what was paid for twice.
+
+The OpenAI-compatible server runs in its own process, so it outlives the killed driver; the stage runs
+as a user runs it, `themis-ray label --config ...`, on a local Ray the driver starts.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from themis_ray.config import EngineConfig, PoolConfig
-from themis_ray.schema import REJECT, output_schema, to_table
-from themis_ray.store import PARTIAL, StageStore
+sys.path.insert(0, str(Path(__file__).parent))
+from local_ray import free_ports  # noqa: E402
+from stage_io import finished_stage  # noqa: E402
 
-INPUT = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("scenario", pa.string())])
+from themis_ray.store import StageStore  # noqa: E402
 
+pytestmark = pytest.mark.integration
 
-def test_staging_keeps_partial_blocks_only_for_the_same_fingerprint(tmp_path):
-    store = StageStore(tmp_path, "label")
-    staging = store.staging_dir({"config": "a"})
-    (staging / PARTIAL / "part-1.parquet").write_bytes(b"finished block")
-    (staging / "stray.txt").write_text("left by the crashed run")
-    again = store.staging_dir({"config": "a"})
-    assert (again / PARTIAL / "part-1.parquet").is_file()
-    assert not (again / "stray.txt").exists()
-    changed = store.staging_dir({"config": "b"})  # another config: old answers do not apply
-    assert not (changed / PARTIAL / "part-1.parquet").exists()
+ROOT = Path(__file__).resolve().parents[1]
+N, BATCH = 800, 32
 
 
-@pytest.mark.integration
-def test_map_rows_skips_rows_a_previous_run_accepted(tmp_path):
-    import ray
+def _server(port: int, log: Path) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(port),
+                               "--latency-s", "0.05", "--log", str(log)], stdout=subprocess.PIPE, text=True)
+    assert "serving on" in server.stdout.readline()
+    return server
 
-    from themis_ray.stages import map_rows
-    from themis_ray.stages.classify import Classifier
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False)
+def _label(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([str(Path(sys.executable).with_name("themis-ray")), "label", "--config", str(config)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_a_killed_driver_resumes_without_paying_twice_for_written_rows(tmp_path):
+    (port,) = free_ports(1)
+    log = tmp_path / "requests.log"
+    server = _server(port, log)
+    run_dir = tmp_path / "run"
+    responses = pa.Table.from_pylist([{"id": f"r{i:04d}", "instruction": f"What is {i} + {i}?", "scenario": "open_qa",
+                                       "reference": None, "response": f"It is {2 * i}."} for i in range(N)])
+    finished_stage(run_dir, "respond", responses)
+    pool = {"num_cpus": 0, "min_size": 1, "max_size": 1, "batch_size": BATCH}
+    config = tmp_path / "label.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(run_dir), "ray": {"num_cpus": 2}, "label": {
+        "engine": {"kind": "openai", "model": "teacher", "base_url": f"http://127.0.0.1:{port}/v1",
+                   "max_concurrency": 16},
+        "sampling": {"max_tokens": 32, "logprobs": 0}, "score_by": "text", "prefill_score": False, "pool": pool}}))
+    label = StageStore(str(run_dir), "label")
     try:
-        rows = [{"id": i, "instruction": text, "scenario": "open_qa"} for i, text in
-                [("a", "Translate 'cat' into French."), ("b", "What is 3+4?"), ("c", "Write a limerick.")]]
-        table = pa.Table.from_pylist(rows, schema=INPUT)
-        schema = output_schema("classify", INPUT)
-        checkpoint = tmp_path / "ckpt"
-        checkpoint.mkdir()
-        # A crashed run had finished "a" (with a value no classifier produces) and rejected "b".
-        earlier = [{**rows[0], "predicted_scenario": "SENTINEL", "scenario_confidence": 1.0, REJECT: None},
-                   {**rows[1], REJECT: "engine error: timeout"}]
-        pq.write_table(to_table(earlier, schema, "classify"), checkpoint / "part-old.parquet")
+        first = _label(config)
+        deadline = time.time() + 300
+        while len(label.written_files()) < 4 and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before it could be killed"
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and everything in its session, at once
+        first.wait()
+        time.sleep(2)  # answers already on the wire land in the log
+        before = Counter(log.read_text().split())
+        written = len(label.written_files())
+        assert 0 < sum(before.values()) < N and written >= 4
 
-        out = map_rows(table, Classifier, PoolConfig(batch_size=1, num_cpus=1), checkpoint=checkpoint,
-                       engine_cfg=EngineConfig(num_threads=1), route_by="synthesis", scenarios_dir=None)
-        by_id = {r["id"]: r for r in out.to_pylist()}
-        assert sorted(by_id) == ["a", "b", "c"] and out.num_rows == 3  # each row exactly once
-        assert by_id["a"]["predicted_scenario"] == "SENTINEL"  # not asked again
-        for i in ("b", "c"):  # the reject is retried, the missing row is run
-            assert by_id[i][REJECT] is None and by_id[i]["predicted_scenario"] not in (None, "SENTINEL")
-        written = pa.concat_tables([pq.read_table(p) for p in checkpoint.glob("part-*.parquet")])
-        assert sorted(written["id"].to_pylist()) == ["a", "b", "b", "c"]  # new blocks landed on disk
+        second = _label(config)
+        assert second.wait(timeout=600) == 0
     finally:
-        ray.shutdown()
+        server.kill()
+    manifest = label.manifest()
+    paid = Counter(log.read_text().split())
+    assert manifest["rows_in"] == N == manifest["rows_out"] + manifest["rows_rejected"]
+    assert len(paid) == N  # every record answered
+    twice = sum(n - 1 for n in paid.values())
+    # Only answers that were in flight when the driver died may be paid again: at most the batches the
+    # one actor was running at once. Everything written is never asked again.
+    in_flight_bound = 8 * BATCH
+    assert twice <= in_flight_bound, f"{twice} records answered twice"
+    kept = label.read(columns=["response_id"])["response_id"].to_pylist()
+    rejected = label.read_rejects()
+    ids = kept + (rejected["response_id"].to_pylist() if rejected.num_rows else [])
+    assert sorted(ids) == sorted(responses["id"].to_pylist())  # none lost, none written twice

@@ -15,7 +15,6 @@ from themis_ray.config import DedupConfig, load
 from themis_ray.schema import REJECT, output_schema, to_table
 from themis_ray.stages.synthesize import (
     build_tasks,
-    drop_duplicates,
     parse_answer,
     parse_instructions,
     parse_quiz,
@@ -131,21 +130,31 @@ def _row(i, instruction, reject=None):
             REJECT: reject}
 
 
-def test_drop_duplicates_flags_twins_and_names_the_kept_one():
+def test_duplicates_are_flagged_naming_their_twin_and_earlier_rejects_keep_their_reason():
+    from themis_ray.dedup import bucket_keys, strongest
+    from themis_ray.stages.synthesize import _bucket_edges, _flag_duplicates
+
     base = "Explain what a Python generator is and when you would use one instead of a list."
     rows = [_row(1, base), _row(2, base.replace("Explain", "Describe")), _row(3, base.upper()),
             _row(4, "Write a haiku about rain falling on a tin roof."), _row(5, None, "engine error: boom")]
     table = to_table(rows, output_schema("synthesize"), "synthesize")
-    out, n = drop_duplicates(table, DedupConfig())
+    # What the groupby does at scale, here by hand: each instruction into its buckets, each bucket judged.
+    buckets: dict = {}
+    for row in rows[:4]:
+        for key in bucket_keys(row["instruction"]):
+            buckets.setdefault(key, []).append(row)
+    edges = [e for key, members in buckets.items() if len(members) > 1
+             for e in _bucket_edges(pa.Table.from_pylist([{"bucket": key, "id": m["id"], "instruction": m["instruction"]}
+                                                         for m in members]), DedupConfig()).to_pylist()]
+    found = {i: (d.kept_id, d.similarity, d.reason)
+             for i, d in strongest((e["id"], e["twin"], e["similarity"]) for e in edges).items()}
+    out = _flag_duplicates(table, found)
     reasons = dict(zip(out["id"].to_pylist(), out[REJECT].to_pylist()))
-    assert n == 2
     assert reasons["id1"] is None and reasons["id4"] is None
     assert reasons["id3"] == "exact duplicate of id1"
     assert reasons["id2"].startswith("near duplicate of id1 (Jaccard ")
     assert reasons["id5"] == "engine error: boom"  # an earlier reject keeps its reason
     assert out.num_rows == table.num_rows
-    off, none = drop_duplicates(table, DedupConfig(enabled=False))
-    assert none == 0 and off.equals(table)
 
 
 @pytest.mark.integration
@@ -182,11 +191,12 @@ def test_synthesis_run_on_local_ray_covers_the_ten_scenarios(tmp_path):
         pa.compute.equal(kept["method"], "questioning")).to_pylist())
     reasons = rejects[REJECT].to_pylist()
     assert "empty document" in reasons and any(r.startswith("not UTF-8") for r in reasons)
-    # duplicates name a twin that was kept
-    kept_ids = set(kept["id"].to_pylist())
-    for reason in reasons:
-        if "duplicate of " in reason:
-            assert reason.split("duplicate of ")[1].split()[0] in kept_ids
+    # duplicates name an earlier instruction of this run (kept, or itself a duplicate of an earlier one)
+    instruction_ids = set(kept["id"].to_pylist()) | set(rejects["id"].to_pylist())
+    for row in rejects.to_pylist():
+        if "duplicate of " in row[REJECT]:
+            twin = row[REJECT].split("duplicate of ")[1].split()[0]
+            assert twin in instruction_ids and twin < row["id"]
     diversity = manifest["diversity"]
     assert set(diversity) == TEN | {"all"}
     assert diversity["all"]["count"] == kept.num_rows

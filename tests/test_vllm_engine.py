@@ -142,7 +142,8 @@ def test_choice_logprobs_match_hf(vllm_engine, hf_engine):
 def test_respond_through_ray_data_llm_keeps_every_row(tmp_path, monkeypatch):
     import ray
 
-    from themis_ray.stages import map_rows
+    from themis_ray.executor import map_processor
+    from themis_ray.schema import output_schema
     from themis_ray.stages.respond import Responder
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -155,10 +156,11 @@ def test_respond_through_ray_data_llm_keeps_every_row(tmp_path, monkeypatch):
         responder = ResponderConfig(name="v", engine=vllm_config(max_model_len=512),
                                     sampling=SamplingConfig(max_tokens=16))
         # Half a CPU for the engine actor: on 2 CPUs the repartition and templating steps need the rest.
-        out = map_rows(pa.Table.from_pylist(rows, schema=schema), Responder, PoolConfig(batch_size=2, num_cpus=0.5),
-                       checkpoint=tmp_path / "ckpt", responder=responder)
-        by_id = {r["instruction_id"]: r for r in out.to_pylist()}
-        assert sorted(by_id) == ["a", "b", "c"] and out.num_rows == 3  # rows in = rows out, rejects included
+        out = map_processor(ray.data.from_arrow(pa.Table.from_pylist(rows, schema=schema)), Responder,
+                            PoolConfig(batch_size=2, num_cpus=0.5), output_schema("respond", schema),
+                            responder=responder).take_all()
+        by_id = {r["instruction_id"]: r for r in out}
+        assert sorted(by_id) == ["a", "b", "c"] and len(out) == 3  # rows in = rows out, rejects included
         for i in ("a", "c"):
             assert by_id[i][REJECT] is None and by_id[i]["response"] and by_id[i]["responder"] == "v"
         assert by_id["b"][REJECT].startswith("engine error:") and by_id["b"].get("response") is None

@@ -81,7 +81,8 @@ def test_gpus_per_engine():
 def test_vllm_stage_on_a_gpu_less_local_ray_fails_at_once(monkeypatch):
     import ray
 
-    from themis_ray.stages import map_rows
+    from themis_ray.executor import map_processor
+    from themis_ray.schema import output_schema
     from themis_ray.stages.respond import Responder
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -98,7 +99,8 @@ def test_vllm_stage_on_a_gpu_less_local_ray_fails_at_once(monkeypatch):
         # Installed or not, the stage stops on the driver with the reason, naming the responder's engine.
         reason = VLLM_INSTALL if not HAS_VLLM else "the Ray cluster has 0 GPU"
         with pytest.raises(RuntimeError, match=r"respond\.responders\[big\]\.engine\.kind is 'vllm'") as err:
-            map_rows(table, Responder, PoolConfig(), responder=responder)
+            map_processor(ray.data.from_arrow(table), Responder, PoolConfig(),
+                          output_schema("respond", RESPOND_INPUT), responder=responder).take_all()
         assert reason in str(err.value)
     finally:
         ray.shutdown()
@@ -108,7 +110,7 @@ def test_vllm_stage_on_a_gpu_less_local_ray_fails_at_once(monkeypatch):
 
 
 def test_vllm_modules_import_without_importing_vllm():
-    code = ("import sys, themis_ray.engines.vllm_engine, themis_ray.stages.vllm_batch, themis_ray.serve.app;"
+    code = ("import sys, themis_ray.engines.vllm_engine, themis_ray.executor.vllm_batch, themis_ray.serve.app;"
             "print('vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -152,7 +154,7 @@ def test_engine_args_from_config():
 
 
 def test_ray_data_llm_processor_config():
-    from themis_ray.stages.vllm_batch import processor_config
+    from themis_ray.executor.vllm_batch import processor_config
 
     gpu = processor_config(vllm_cfg(tensor_parallel_size=2, engine_kwargs={"max_num_seqs": 64}),
                            PoolConfig(min_size=1, max_size=3, batch_size=16))
@@ -168,7 +170,7 @@ def test_ray_data_llm_processor_config():
 def test_rows_through_the_ray_data_llm_steps_keep_prompts_parsing_and_rejects():
     """preprocess -> (what ray.data.llm returns per row) -> postprocess -> parse, without the engine."""
     from themis_ray.stages.respond import Responder
-    from themis_ray.stages.vllm_batch import ERROR, ROW, parse_batch, postprocess, preprocess
+    from themis_ray.executor.vllm_batch import ERROR, ROW, parse_batch, postprocess, preprocess
 
     responder = ResponderConfig(name="r1", engine=vllm_cfg(), system_prompt="Be brief.",
                                 sampling=SamplingConfig(max_tokens=32, temperature=0.7, seed=5))

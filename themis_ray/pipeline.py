@@ -77,6 +77,9 @@ def fingerprint(cfg, stage: Stage) -> dict:
             "version": __version__}
 
 
+STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
+
+
 def init_ray(cfg) -> None:
     import ray
 
@@ -85,9 +88,11 @@ def init_ray(cfg) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    # A running cluster (or `ray job submit`, which sets RAY_ADDRESS) has its own resources.
+    # A running cluster (or `ray job submit`, which sets RAY_ADDRESS) has its own resources. The job's
+    # workers get the object-storage settings the driver has, so `s3://` paths resolve alike everywhere.
     kwargs = {"address": address} if address else {"num_cpus": cfg.ray.num_cpus}
-    ray.init(**kwargs, log_to_driver=True)
+    storage_env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+    ray.init(**kwargs, log_to_driver=True, runtime_env={"env_vars": storage_env} if storage_env else None)
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 

@@ -186,10 +186,11 @@ def engine_label(cfg) -> str:
 
 
 def batches_in_flight(cfg) -> int:
-    """How many batches one actor may run at once with this engine: a remote endpoint's requests wait
-    on the network, so a second batch keeps its slots busy while the first one's slowest requests
-    finish (the engine still caps the requests in flight); a local model runs one batch at a time."""
-    return 2 if cfg.kind == "openai" else 1
+    """How many batches one actor may run at once with this engine. A remote endpoint's requests wait
+    on the network, and a batch is done only when its slowest request is (a hang, a retry after a 429):
+    with several batches in flight, one waiting on a straggler leaves the engine's slots to the others
+    (the engine still caps the requests in flight at max_concurrency). A local model runs one batch."""
+    return max(2, int(cfg.max_concurrency) // 2) if cfg.kind == "openai" else 1
 
 
 def batch_generation_route(cfg) -> bool:

@@ -31,13 +31,17 @@ from themis_ray.store import StageStore, merge_stats
 LIGHT_CPUS = 0.25
 
 
-def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, **kwargs):
+def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, sink: Optional[StageSink] = None,
+                  **kwargs):
     """`ds` through `processor` on an actor pool sized by `pool` (a PoolConfig); a lazy Dataset.
 
-    A vllm engine is checked on the driver first (installed, enough GPUs in the cluster), each actor
-    gets the GPUs it needs, and a `GenerationProcessor` runs through ray.data.llm instead. With a
-    remote engine each actor runs two batches at once on threads, so the next batch's requests go out
-    while the last ones of the previous batch are still in flight (the engine caps requests in flight).
+    With `sink`, each actor writes its output batch as parts before the call returns (and the dataset
+    holds one row of counts per batch): an answer is on storage the moment its batch is done, never
+    waiting in a queue where a crash would lose it. A vllm engine is checked on the driver first
+    (installed, enough GPUs in the cluster), each actor gets the GPUs it needs, and a
+    `GenerationProcessor` runs through ray.data.llm instead. With a remote engine each actor runs
+    several batches at once on threads, so a batch waiting on one slow request does not hold the
+    endpoint's other slots idle (the engine caps the requests in flight).
     """
     engine_cfg, where = _engine_config(processor, kwargs)
     if engine_cfg is not None:
@@ -47,11 +51,16 @@ def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, **
     if engine_cfg is not None and batch_generation_route(engine_cfg) and issubclass(processor, GenerationProcessor):
         from themis_ray.executor.vllm_batch import map_generation
 
-        return map_generation(ds, processor, pool, engine_cfg, schema, kwargs)
+        out = map_generation(ds, processor, pool, engine_cfg, schema, kwargs)
+        return map_tasks(out, _write_batch, sink=sink) if sink is not None else out
     calls = batches_in_flight(engine_cfg) if engine_cfg is not None else 1
+    constructor = {"output_schema": schema, **kwargs}
+    fn = processor
+    if sink is not None:
+        fn, constructor = WriteThrough, {"processor": processor, "sink": sink, "kwargs": constructor}
     return ds.map_batches(
-        processor,
-        fn_constructor_kwargs={"output_schema": schema, **kwargs},
+        fn,
+        fn_constructor_kwargs=constructor,
         batch_size=pool.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
@@ -62,6 +71,24 @@ def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, **
         num_gpus=max(pool.num_gpus, gpus_per_engine(engine_cfg) if engine_cfg is not None else 0) or None,
         resources=dict(getattr(pool, "resources", None) or {}) or None,
     )
+
+
+COUNTS = pa.schema([("rows", pa.int64()), ("rejected", pa.int64())])
+
+
+class WriteThrough:
+    """A processor whose output batch is written by the actor itself before the call returns."""
+
+    def __init__(self, processor: type[RowProcessor], sink: StageSink, kwargs: dict):
+        self.processor, self.sink = processor(**kwargs), sink
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _write_batch(self.processor(batch), self.sink)
+
+
+def _write_batch(batch: pa.Table, sink: StageSink) -> pa.Table:
+    counts = sink.write([batch], None)
+    return pa.table({"rows": [counts["rows"]], "rejected": [counts["rejected"]]}, schema=COUNTS)
 
 
 def _engine_config(processor: type[RowProcessor], kwargs: dict):
@@ -143,10 +170,16 @@ def _drop_keys(batch: pa.Table, keys, column: str) -> pa.Table:
 def run_rows(source, processor: type[RowProcessor], pool, store: StageStore, schema: pa.Schema, *,
              resume: bool = False, tag: str = "", where: Optional[dict] = None, stats: Optional[Stats] = None,
              **kwargs) -> tuple[int, int]:
-    """One row-wise plan: `source` (a Dataset) -> unwritten rows -> processor on its pool -> parts.
-
-    With `resume`, input rows whose unit of work (`processor.resume_key`) is already written are not
-    sent again. Returns the rows this plan wrote (accepted, rejected)."""
+    """One row-wise plan: `source` (a Dataset) -> unwritten rows -> processor on its pool, each actor
+    writing its batches' parts as it finishes them. With `resume`, input rows whose unit of work
+    (`processor.resume_key`) is already written are not sent again. Returns the rows this plan wrote
+    (accepted, rejected), counted from one small row per batch."""
     if resume and processor.resume_key:
         source = drop_written(source, store, *processor.resume_key, where=where)
-    return write(map_processor(source, processor, pool, schema, **kwargs), store, schema, tag=tag, stats=stats)
+    sink = StageSink(store.uri, schema, tag=tag, stats=stats)
+    written = rejected = 0
+    for counts in map_processor(source, processor, pool, schema, sink=sink, **kwargs).iter_batches(
+            batch_size=None, batch_format="pyarrow"):
+        written += pc.sum(counts["rows"]).as_py() or 0
+        rejected += pc.sum(counts["rejected"]).as_py() or 0
+    return written, rejected

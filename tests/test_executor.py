@@ -1,0 +1,163 @@
+"""The executor on a real local Ray: plans that write from the workers (local and on a loopback S3
+server), the anti-join that makes a resumed plan skip what is written, map-side aggregation, the
+reader of a user's files, and dedup at scale agreeing with dedup in one process."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from themis_ray import fs
+from themis_ray.schema import REJECT
+from themis_ray.store import StageResult, StageStore
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = pa.schema([("id", pa.string()), ("group", pa.string()), ("x", pa.int64()), (REJECT, pa.string())])
+
+
+def _rows(n: int, reject_every: int = 0) -> pa.Table:
+    return pa.table({"id": [f"r{i:05d}" for i in range(n)], "group": [f"g{i % 3}" for i in range(n)],
+                     "x": list(range(n)),
+                     REJECT: [("odd one" if reject_every and i % reject_every == 0 else None) for i in range(n)]},
+                    schema=SCHEMA)
+
+
+def count_stats(table: pa.Table, rejected: bool) -> dict:
+    return {"x": pc.sum(table["x"]).as_py() or 0}
+
+
+@pytest.fixture(scope="module")
+def ray_module(s3_server):  # the S3 variables first: workers inherit the environment they start in
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The test's own functions travel by value: workers cannot import a test module.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def _write_stage(ray, run_dir: str, table: pa.Table, blocks: int = 4) -> dict:
+    from themis_ray.executor import write
+
+    store = StageStore(run_dir, "stage")
+    store.begin({"t": 1})
+    written = write(ray.data.from_arrow(table).repartition(blocks), store, SCHEMA, stats=count_stats)
+    manifest = store.commit(StageResult(rows_in=table.num_rows), {"t": 1}, 0.0)
+    return {"written": written, "manifest": manifest, "store": store}
+
+
+def test_workers_write_parts_and_rejects_and_the_driver_counts_footers(ray_module, tmp_path):
+    out = _write_stage(ray_module, str(tmp_path), _rows(100, reject_every=10))
+    manifest, store = out["manifest"], out["store"]
+    assert out["written"] == (90, 10)
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (90, 10)
+    assert len(manifest["files"]) >= 2  # one part per write task, not one file from the driver
+    assert store.tally().stats["x"] == sum(range(100))  # accepted and rejected parts' sums together
+    kept = store.dataset().take_all()
+    assert len(kept) == 90 and all(REJECT not in r for r in kept)
+    assert sorted(r["id"] for r in store.dataset(rejects=True).take_all()) == [f"r{i:05d}" for i in range(0, 100, 10)]
+
+
+def test_the_same_plan_on_an_s3_bucket(s3_server, ray_module):
+    run_dir = f"{s3_server}/runs/executor"
+    out = _write_stage(ray_module, run_dir, _rows(40, reject_every=4))
+    manifest = out["manifest"]
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (30, 10)
+    # Read back with pyarrow alone, from the files the manifest lists.
+    filesystem, _ = fs.resolve(run_dir)
+    stage = fs.join(run_dir, "stage")
+    tables = [pq.read_table(fs.resolve(fs.join(stage, name))[1], filesystem=filesystem) for name in manifest["files"]]
+    assert sum(t.num_rows for t in tables) == 30
+    assert json.loads(fs.read_text(fs.join(stage, "_manifest.json")))["digest"] == manifest["digest"]
+
+
+def test_drop_written_sends_only_rows_not_yet_written(ray_module, tmp_path):
+    from themis_ray.executor import drop_written
+    from themis_ray.executor.sink import StageSink
+
+    store = StageStore(str(tmp_path), "label")
+    store.begin({"f": 1})
+    # A crashed run wrote r00001 (accepted) and r00003 (rejected) under the output key `source_id`.
+    done = pa.table({"id": ["out1", "out3"], "source_id": ["r00001", "r00003"], "responder": ["a", "a"],
+                     REJECT: [None, "engine error"]})
+    StageSink(store.uri, done.schema).write([done], None)
+    left = drop_written(ray_module.data.from_arrow(_rows(6)), store, "id", "source_id")
+    assert sorted(r["id"] for r in left.take_all()) == ["r00000", "r00002", "r00004", "r00005"]
+    # Narrowed to another responder's rows, nothing is written yet.
+    everything = drop_written(ray_module.data.from_arrow(_rows(6)), store, "id", "source_id", where={"responder": "b"})
+    assert everything.count() == 6
+
+
+def test_partials_merges_one_small_summary_per_block(ray_module):
+    from themis_ray.executor import partials
+
+    def per_group(batch: pa.Table) -> dict:
+        counts = pc.value_counts(batch["group"])
+        return {"n": batch.num_rows,
+                "by_group": dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))}
+
+    merged = partials(ray_module.data.from_arrow(_rows(300)).repartition(7), per_group)
+    assert merged == {"n": 300, "by_group": {"g0": 100, "g1": 100, "g2": 100}}
+
+
+def test_user_files_are_read_with_file_and_row_numbers(ray_module, tmp_path):
+    from themis_ray.records import read_records
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"q": "one"}\n\nnot json\n[1, 2]\n{"q": "four"}\n')
+    (folder / "b.csv").write_text('q,a\nx,1\n"multi\nline",2\ny,3,extra\n')
+    pq.write_table(pa.table({"q": ["p1", "p2"]}), folder / "c.parquet")
+    (folder / "_SUCCESS").write_text("")  # markers are not data
+    rows = sorted(read_records(str(folder)).take_all(), key=lambda r: (r["_file"], r["_row"]))
+    by = {(r["_file"].rsplit("/", 1)[-1], r["_row"]): r for r in rows}
+    assert json.loads(by[("a.jsonl", 1)]["_record"]) == {"q": "one"} and by[("a.jsonl", 1)]["_error"] is None
+    assert by[("a.jsonl", 3)]["_error"].startswith("invalid JSON") and by[("a.jsonl", 3)]["_record"] == "not json"
+    assert by[("a.jsonl", 4)]["_error"] == "expected a JSON object, got list"
+    assert json.loads(by[("a.jsonl", 5)]["_record"]) == {"q": "four"}
+    assert ("a.jsonl", 2) not in by  # a blank line is not a record
+    assert json.loads(by[("b.csv", 2)]["_record"]) == {"q": "x", "a": "1"}
+    assert json.loads(by[("b.csv", 4)]["_record"])["q"] == "multi\nline"  # numbered by the line it ends on
+    assert by[("b.csv", 5)]["_error"] == "1 more fields than the header names"
+    assert [json.loads(by[("c.parquet", k)]["_record"])["q"] for k in (1, 2)] == ["p1", "p2"]
+    assert len(rows) == 4 + 3 + 2
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_dedup_at_scale_matches_dedup_in_one_process(ray_module):
+    from themis_ray.config import DedupConfig
+    from themis_ray.dedup import find_duplicates, strongest
+    from themis_ray.stages.synthesize import duplicate_edges
+
+    rng = random.Random(0)
+    words = "python list tuple generator loop function class module error value string dict".split()
+    bases = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(40)]
+    texts = []
+    for base in bases:
+        texts.append(base)
+        if rng.random() < 0.5:  # a near twin: one word changed
+            tokens = base.split()
+            tokens[rng.randrange(len(tokens))] = rng.choice(words)
+            texts.append(" ".join(tokens))
+        if rng.random() < 0.2:
+            texts.append(base.upper() + "!")  # an exact twin after normalisation
+    items = sorted((f"i{k:04d}-{rng.random():.6f}", t) for k, t in enumerate(texts))
+    expected = find_duplicates(items, 0.7)
+    table = pa.table({"id": [i for i, _ in items], "instruction": [t for _, t in items]})
+    edges = duplicate_edges(ray_module.data.from_arrow(table).repartition(5), DedupConfig()).take_all()
+    found = strongest((e["id"], e["twin"], e["similarity"]) for e in edges)
+    assert expected and {k: (d.kept_id, round(d.similarity, 6)) for k, d in found.items()} == {
+        k: (d.kept_id, round(d.similarity, 6)) for k, d in expected.items()}
