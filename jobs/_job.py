@@ -8,14 +8,14 @@
 Arguments are those of `themis-ray <command>` (config file, `--force`, OmegaConf `key=value`
 overrides), plus `--export URI`: once the command succeeded, copy the stages it ran from `run_dir`
 to `URI/<stage>/` through pyarrow's filesystems (`s3://`, `gs://`, `hdfs://`, `file://` or a plain
-path). `run_dir` itself must be a filesystem path that every node of the cluster sees (a shared
-volume): actors and Ray Train workers write there.
+path). `run_dir` itself may be a bucket URI (`s3://bucket/runs/x`) or a path every node of the
+cluster sees: the workers read and write it directly.
 
-The driver only coordinates: Ray Data actor pools, Ray Train workers and their CPUs/GPUs are
+The driver only plans and counts: Ray Data actor pools, Ray Train workers and their CPUs/GPUs are
 requested by the stages themselves (`<stage>.pool.num_cpus/num_gpus/resources`, `train.num_workers`,
 `train.use_gpu`), so the entrypoint reserves nothing (`ENTRYPOINT_NUM_CPUS`, `ENTRYPOINT_NUM_GPUS`)
-and runs on the head node, next to the job server. It does hold each stage's table (one row per
-record) and runs the curate stage in pandas: give the head node memory accordingly.
+and runs on the head node, next to the job server. It holds no stage table: its memory does not grow
+with the number of rows.
 
 The job's driver connects to the cluster it was submitted to (`ray job submit` sets RAY_ADDRESS,
 which `themis_ray.pipeline.init_ray` follows).
@@ -56,24 +56,24 @@ def _config(argv: list[str]):
 
 
 def export_run(run_dir: str, stages: list[str], uri: str) -> list[str]:
-    """Copy `run_dir/<stage>/` to `uri/<stage>/` for each stage (replacing what was there)."""
+    """Copy `run_dir/<stage>/` to `uri/<stage>/` for each stage (replacing what was there); either end
+    may be a local path or a URI."""
     import pyarrow.fs as pafs
 
+    from themis_ray import fs
     from themis_ray.store import MANIFEST
 
-    local = pafs.LocalFileSystem()
-    destination_fs, destination_root = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
-    root = os.path.abspath(os.path.expanduser(run_dir))
     copied = []
     for stage in stages:
-        source = os.path.join(root, stage)
-        if not os.path.isfile(os.path.join(source, MANIFEST)):
+        source, destination = fs.join(run_dir, stage), fs.join(uri, stage)
+        if not fs.exists(fs.join(source, MANIFEST)):
             raise FileNotFoundError(f"stage {stage!r} has no finished output in {source}; nothing to export")
-        destination = f"{destination_root.rstrip('/')}/{stage}"
-        destination_fs.create_dir(destination, recursive=True)
-        destination_fs.delete_dir_contents(destination, missing_dir_ok=True)
-        pafs.copy_files(source, destination, source_filesystem=local, destination_filesystem=destination_fs)
-        copied.append(f"{uri.rstrip('/')}/{stage}")
+        fs.delete(destination)
+        (source_fs, source_path), (destination_fs, destination_path) = fs.resolve(source), fs.resolve(destination)
+        destination_fs.create_dir(destination_path, recursive=True)
+        pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
+                        destination_filesystem=destination_fs)
+        copied.append(destination)
     return copied
 
 

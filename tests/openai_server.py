@@ -230,6 +230,17 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def start_process(port: int, log: str, latency_s: float = 0.05):
+    """This server in a process of its own (it outlives a client that is killed); a Popen."""
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, __file__, "--port", str(port), "--latency-s", str(latency_s),
+                               "--log", str(log)], stdout=subprocess.PIPE, text=True)
+    assert "serving on" in server.stdout.readline()
+    return server
+
+
 def main() -> None:
     """`python tests/openai_server.py --port P [--latency-s S] [--log FILE]`: serve until killed."""
     parser = argparse.ArgumentParser(description=main.__doc__)

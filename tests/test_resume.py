@@ -21,6 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from local_ray import free_ports  # noqa: E402
+from openai_server import start_process  # noqa: E402
 from stage_io import finished_stage  # noqa: E402
 
 from themis_ray.store import StageStore  # noqa: E402
@@ -29,13 +30,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 N, BATCH = 800, 32
-
-
-def _server(port: int, log: Path) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(port),
-                               "--latency-s", "0.05", "--log", str(log)], stdout=subprocess.PIPE, text=True)
-    assert "serving on" in server.stdout.readline()
-    return server
 
 
 def _label(config: Path) -> subprocess.Popen:
@@ -47,7 +41,7 @@ def _label(config: Path) -> subprocess.Popen:
 def test_a_killed_driver_resumes_without_paying_twice_for_written_rows(tmp_path):
     (port,) = free_ports(1)
     log = tmp_path / "requests.log"
-    server = _server(port, log)
+    server = start_process(port, log)
     run_dir = tmp_path / "run"
     responses = pa.Table.from_pylist([{"id": f"r{i:04d}", "instruction": f"What is {i} + {i}?", "scenario": "open_qa",
                                        "reference": None, "response": f"It is {2 * i}."} for i in range(N)])

@@ -1,4 +1,4 @@
-"""`themis-ray <pipeline|stage|serve|train-classifier|assets> --config FILE [--force] [key=value ...]`."""
+"""`themis-ray <pipeline|stage|judge|serve|train-classifier|assets> --config FILE [--force] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="OmegaConf YAML (defaults apply without one)")
         p.add_argument("--force", action="store_true", help="re-run even when the manifest matches")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser("judge", help="judge the records of any dataset: input=PATH_OR_URI output=PATH_OR_URI "
+                       "(Parquet, JSONL or CSV; judge.* in the config)")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
     p = sub.add_parser("serve", help="serve the judge on Ray Serve (POST /v1/judge, /v1/chat/completions)")
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*")
@@ -43,13 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bad key or value: say which, without a traceback
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        from pathlib import Path
+    if args.command == "judge":
+        from themis_ray.judge_job import judge_dataset
 
+        try:
+            judge_dataset(cfg)
+        except (ValueError, FileNotFoundError) as err:  # bad input or config: say what, without a traceback
+            print(f"judge: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "serve":
+        from themis_ray import fs
         from themis_ray.pipeline import init_ray
         from themis_ray.serve import run_server
 
-        model = cfg.serve.model or str(Path(cfg.run_dir).expanduser().resolve() / "train" / "judge")
+        model = cfg.serve.model or fs.join(cfg.run_dir, "train", "judge")
         init_ray(cfg)
         run_server(cfg.serve, model, blocking=True, scenarios_dir=cfg.scenarios_dir)
         return 0

@@ -123,6 +123,9 @@ class SynthesizeConfig:
     quizzes: int = 3  # role-playing quizzing prompts in all
     max_instruction_chars: int = 1200
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # The manifest's diversity figures (distinct n-grams per scenario) over at most about this many
+    # instructions, a seeded sample when there are more: distinct counts need the texts in one place.
+    diversity_sample: int = 20000
     seed: int = 0
 
 
@@ -207,6 +210,8 @@ class IFDConfig:
     micro_batch_size: int = 1
     max_padding: float = 0.1  # hf: a micro-batch is closed before padding exceeds this share of its tokens
     share_prefix: bool = True  # hf: run a prompt prefix shared by a batch's records once
+    # Sort the records by scenario and mode (a distributed sort) so each batch shares one prompt prefix.
+    sort_batches: bool = True
 
 
 @dataclass
@@ -279,6 +284,19 @@ class TrainConfig:
     checkpoints_to_keep: int = 1  # each holds the optimizer state: ~12 bytes per parameter
     max_failures: int = 0  # restarts of the worker group, each from the latest checkpoint
     deepspeed_config: str = "configs/deepspeed/zero3.json"
+    # Build the base model inside DeepSpeed's ZeRO-3 init (transformers' HfDeepSpeedConfig), so each
+    # rank materialises only its shard, in the training dtype; false loads the whole model on every
+    # rank first (the old way, kept for comparison).
+    partitioned_load: bool = True
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them.
+    activation_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (where installed)
+    # ZeRO-3 CPU offload: none | optimizer (optimizer state and fp32 master weights in host memory)
+    # | all (parameters too), for fewer or smaller GPUs.
+    offload: str = "none"
+    # GPU memory per device, for the fit check before any worker starts (None: not checked).
+    gpu_memory_gb: Optional[float] = None
+    memory_check: bool = True  # refuse to start when the estimate exceeds the cluster's memory
     seed: int = 0
     # Where DeepSpeed caches its compiled ops; persistent so the one-time compile happens once.
     torch_extensions_dir: str = "~/.cache/themis-ray/torch_extensions"
@@ -389,6 +407,35 @@ class ServeConfig:
 
 
 @dataclass
+class CriterionConfig:
+    name: str = ""
+    description: str = ""
+
+
+@dataclass
+class JudgeConfig:
+    """`themis-ray judge`: judge the records of any dataset (`input`), written to `output`."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)  # a judge folder, any local model, or an endpoint
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    # single | reference | pairwise for every row; None: per row, from a `mode` column, else pairwise when
+    # the row has two responses, else reference where its scenario's reference helps, else single.
+    mode: Optional[str] = None
+    scenario: Optional[str] = None  # the scenario of rows without one; None: the classifier below picks it
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # for rows without a scenario
+    # Our field -> the input's column, for fields named differently there, e.g. {instruction: prompt,
+    # response: completion}. Fields: id, instruction, response, reference, response_a, response_b,
+    # scenario, mode.
+    columns: dict[str, str] = field(default_factory=dict)
+    criteria: Optional[list[CriterionConfig]] = None  # custom criteria for every row (replace the scenario's)
+    scale: Optional[str] = None  # a rating scale for every row, e.g. "1-10"; None: 1-5
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256, temperature=0.0,
+                                                                            logprobs=10))
+    prefill_score: bool = False  # continue an answer that reads "[[" (local models; remote APIs refuse)
+    max_attempts: int = 2  # an answer without a parsable score is asked again, then rejected with it
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/quickstart"
     stages: list[str] = field(
@@ -415,6 +462,9 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    input: Optional[str] = None  # `themis-ray judge`: Parquet, JSONL or CSV files or a folder (path or URI)
+    output: Optional[str] = None  # `themis-ray judge`: the folder (path or URI) the judged records go to
     scenarios_dir: Optional[str] = None  # None: the ten built-in scenarios
 
 

@@ -70,9 +70,19 @@ def merge_stats(a: dict, b: dict) -> dict:
 
 class StageStore:
     def __init__(self, run_dir: str, stage: str):
-        self.stage = stage
-        self.uri = fs.join(str(run_dir), stage)
-        self.fs, self.path = fs.resolve(self.uri)
+        self._open(fs.join(str(run_dir), stage), stage)
+
+    @classmethod
+    def at(cls, uri: str) -> "StageStore":
+        """A store whose folder is `uri` itself (a job's output folder, say)."""
+        store = cls.__new__(cls)
+        uri = str(uri).rstrip("/") if fs.is_uri(uri) else fs.join(uri)
+        store._open(uri, posixpath.basename(uri.rstrip("/")))
+        return store
+
+    def _open(self, uri: str, stage: str) -> None:
+        self.stage, self.uri = stage, uri
+        self.fs, self.path = fs.resolve(uri)
         self._tally: Optional[Tally] = None
 
     def file(self, *parts: str) -> str:

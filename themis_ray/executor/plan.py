@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from tqdm.auto import tqdm
 
 from themis_ray import fs
 from themis_ray.engines import batch_generation_route, batches_in_flight, gpus_per_engine, preflight
@@ -169,17 +170,22 @@ def _drop_keys(batch: pa.Table, keys, column: str) -> pa.Table:
 
 def run_rows(source, processor: type[RowProcessor], pool, store: StageStore, schema: pa.Schema, *,
              resume: bool = False, tag: str = "", where: Optional[dict] = None, stats: Optional[Stats] = None,
-             **kwargs) -> tuple[int, int]:
-    """One row-wise plan: `source` (a Dataset) -> unwritten rows -> processor on its pool, each actor
-    writing its batches' parts as it finishes them. With `resume`, input rows whose unit of work
-    (`processor.resume_key`) is already written are not sent again. Returns the rows this plan wrote
-    (accepted, rejected), counted from one small row per batch."""
+             before: Optional[Callable] = None, total: Optional[int] = None, **kwargs) -> tuple[int, int]:
+    """One row-wise plan: `source` (a Dataset) -> unwritten rows -> `before` (more steps, e.g. another
+    pool) -> processor on its pool, each actor writing its batches' parts as it finishes them. With
+    `resume`, input rows whose unit of work (`processor.resume_key`) is already written are not sent
+    again. With `total` (rows expected), a progress bar shows rows/s and the time left. Returns the rows
+    this plan wrote (accepted, rejected), counted from one small row per batch."""
     if resume and processor.resume_key:
         source = drop_written(source, store, *processor.resume_key, where=where)
+    if before is not None:
+        source = before(source)
     sink = StageSink(store.uri, schema, tag=tag, stats=stats)
     written = rejected = 0
-    for counts in map_processor(source, processor, pool, schema, sink=sink, **kwargs).iter_batches(
-            batch_size=None, batch_format="pyarrow"):
-        written += pc.sum(counts["rows"]).as_py() or 0
-        rejected += pc.sum(counts["rejected"]).as_py() or 0
+    counts = map_processor(source, processor, pool, schema, sink=sink, **kwargs)
+    with tqdm(total=total, unit="rows", desc=processor.stage or processor.__name__, disable=total is None) as bar:
+        for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
+            done, failed = pc.sum(batch["rows"]).as_py() or 0, pc.sum(batch["rejected"]).as_py() or 0
+            written, rejected = written + done, rejected + failed
+            bar.update(done + failed)
     return written, rejected

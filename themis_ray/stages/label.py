@@ -23,12 +23,17 @@ from themis_ray.store import StageResult, StageStore
 class Labeler(RowProcessor):
     stage = "label"
     resume_key = ("id", "response_id")
+    judge_column = "teacher"  # the column naming the engine that judged the row
 
     def __init__(self, output_schema, engine_cfg, sampling, score_by, calibrate, prefill, max_attempts,
-                 retry_temperature, scenarios_dir):
+                 retry_temperature, scenarios_dir, scale=(1, 5), criteria=None):
         super().__init__(output_schema)
         self.engine = build_engine(engine_cfg)
         self.teacher = engine_label(engine_cfg)
+        # A rating scale and criteria of the caller's own replace the scenario's 1-5 and its criteria.
+        self.scale = judging.RatingScale(int(scale[0]), int(scale[1]))
+        self.criteria = ([judging.Criterion(name=str(c["name"]), description=str(c["description"])) for c in criteria]
+                         if criteria else None)
         self.sampling, self.score_by, self.prefill = sampling, score_by, prefill
         self.calibrate, self._priors = calibrate, {}
         self.max_attempts, self.retry_temperature = max_attempts, retry_temperature
@@ -41,12 +46,13 @@ class Labeler(RowProcessor):
         pending: dict[int, dict] = {}
         for i, row in enumerate(rows):
             try:
-                request = judging.request_from_row(row, self.scenarios_dir)
+                request = judging.request_from_row(row, self.scenarios_dir, mode=row.get("mode"), scale=self.scale,
+                                                   criteria=self.criteria)
                 mode, prompt, error = request.mode, judging.render_prompt(request, self.scenarios_dir), None
             except (ValueError, KeyError) as err:
-                mode, prompt, error = "single", None, err
+                mode, prompt, error = row.get("mode") or "single", None, err
             base = {**row, "id": stable_id(row["id"], "label", mode), "response_id": row["id"], "mode": mode,
-                    "teacher": self.teacher, "prompt": prompt}
+                    self.judge_column: self.teacher, "prompt": prompt}
             if error is not None:
                 out[i] = {**base, REJECT: f"bad record: {error}"}
                 continue
@@ -66,13 +72,13 @@ class Labeler(RowProcessor):
                 row["completion_tokens"] = (row.get("completion_tokens") or 0) + done.completion_tokens
                 row["cost_usd"] = self._cost(row["prompt_tokens"], row["completion_tokens"])
                 text = self._answer_start(row) + done.text
-                parsed = judging.parse_evaluation(text, row["mode"] if row["mode"] == "pairwise" else "single")
+                parsed = judging.parse_evaluation(text, "single", self.scale)
                 if done.error or not parsed.ok:
                     row["evaluation"] = text  # kept as the raw answer if this was the last attempt
                     row[REJECT] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
                     continue
                 dist = row.pop("_distribution", None) or judging.score_distribution(
-                    done.tokens, done.top_logprobs, prefill=self.prefill)
+                    done.tokens, done.top_logprobs, self.scale, prefill=self.prefill)
                 out[i] = {**row, "evaluation": text, "score": parsed.score,
                           "criterion_scores": parsed.criterion_scores,
                           "score_distribution": list(dist.values()) if dist else None,
@@ -88,14 +94,16 @@ class Labeler(RowProcessor):
         return (prompt_tokens * self.usd_per_1k[0] + completion_tokens * self.usd_per_1k[1]) / 1000.0
 
     def _score_logprobs(self, prompt: str) -> list[float]:
-        return self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), judging.score_options())
+        return self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True),
+                                           judging.score_options(self.scale))
 
     def _prior(self, row: dict) -> list[float]:
         """The teacher's score log-probabilities for a content-free record like `row` (cached)."""
         key = (row["scenario"], row["mode"])
         if key not in self._priors:
             blank = judging.JudgeRequest(instruction="N/A", response="N/A", scenario=row["scenario"], mode=row["mode"],
-                                         reference="N/A" if row["mode"] == "reference" else None)
+                                         reference="N/A" if row["mode"] == "reference" else None,
+                                         scale=self.scale, criteria=self.criteria)
             self._priors[key] = self._score_logprobs(judging.render_prompt(blank, self.scenarios_dir))
         return self._priors[key]
 
@@ -105,7 +113,7 @@ class Labeler(RowProcessor):
             logprobs = self._score_logprobs(row["prompt"])
             if self.calibrate:
                 logprobs = [lp - prior for lp, prior in zip(logprobs, self._prior(row))]
-            dist = judging.choice_distribution(logprobs)
+            dist = judging.choice_distribution(logprobs, self.scale)
             row["_distribution"] = dist
             row["_score"] = max(dist, key=dist.get)
 
@@ -135,9 +143,10 @@ class PairLabeler(Labeler):
         pending: dict[tuple[int, int], str] = {}  # (row, order: 0 as given, 1 swapped) -> prompt
         for i, row in enumerate(rows):
             base = {**row, "id": stable_id(row["id"], "label", "pairwise"), "response_id": row["id"],
-                    "mode": "pairwise", "teacher": self.teacher, "prompt_tokens": 0, "completion_tokens": 0}
+                    "mode": "pairwise", self.judge_column: self.teacher, "prompt_tokens": 0, "completion_tokens": 0}
             try:
-                request = judging.request_from_row(row, self.scenarios_dir, mode="pairwise")
+                request = judging.request_from_row(row, self.scenarios_dir, mode="pairwise", scale=self.scale,
+                                                   criteria=self.criteria)
                 both = [judging.render_prompt(r, self.scenarios_dir) for r in (request, judging.swap_pair(request))]
             except (ValueError, KeyError) as err:
                 out[i] = {**base, REJECT: f"bad record: {err}"}

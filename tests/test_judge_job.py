@@ -1,0 +1,159 @@
+"""`themis-ray judge`: a user's dataset judged on the streaming data plane.
+
+A 2,000-row JSONL with broken rows, input and output in a loopback S3 bucket, judged through the
+openai engine against a real OpenAI-compatible server; the driver killed with SIGKILL mid-run and the
+same command run again, the server's request log showing nothing asked twice beyond what was in
+flight; and the embedded model judging a handful of rows through the hf engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from local_ray import free_ports  # noqa: E402
+from openai_server import start_process  # noqa: E402
+
+from themis_ray import fs  # noqa: E402
+from themis_ray.config import load  # noqa: E402
+from themis_ray.judge_job import input_schema, prepare, schemas  # noqa: E402
+from themis_ray.schema import REJECT  # noqa: E402
+from themis_ray.store import StageStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 2000
+BROKEN = {7: "not json at all", 70: json.dumps([1, 2]), 700: json.dumps({"prompt": "What?", "completion": "   "}),
+          1400: json.dumps({"prompt": "Why?", "completion": "Because.", "scenario": "poetry"}),
+          1999: json.dumps({"completion": "an answer to nothing"})}
+
+
+def dataset_lines() -> list[str]:
+    lines = []
+    for i in range(N):
+        row = {"prompt": f"What is {i} + {i}?", "completion": f"It is {2 * i}.", "rating": i % 5, "tags": ["math"]}
+        lines.append(BROKEN.get(i, json.dumps(row)))
+    return lines
+
+
+# ---------------------------------------------------------------------------------- unit: mapping
+
+
+def test_rows_are_mapped_and_bad_ones_name_file_row_and_column():
+    records = pa.table({"_file": ["d.jsonl"] * 4, "_row": [1, 2, 3, 4],
+                        "_record": [json.dumps({"prompt": "Q?", "completion": "A.", "score": 3}), "oops",
+                                    json.dumps({"prompt": "Q?", "completion": ""}),
+                                    json.dumps({"prompt": "Q?", "a": "x", "b": "y", "mode": "pairwise"})],
+                        "_error": [None, "invalid JSON: Expecting value", None, None]})
+    prepared, output = schemas(input_schema({"prompt": {"str": 1}, "completion": {"str": 1}, "score": {"int": 1},
+                                             "a": {"str": 1}, "b": {"str": 1}, "mode": {"str": 1}}))
+    # An input column the judge writes itself keeps its value under "input.": nothing of the user's is lost.
+    assert "input.score" in output.names and "input.prompt" in output.names and "score" in output.names
+    rows = prepare(records, prepared, columns={"instruction": "prompt", "response": "completion", "response_a": "a",
+                                               "response_b": "b"}, mode=None, scenario="open_qa",
+                   scenarios=["open_qa"]).to_pylist()
+    assert rows[0][REJECT] is None and rows[0]["instruction"] == "Q?" and rows[0]["response"] == "A."
+    assert rows[0]["input.score"] == 3 and rows[0]["input.prompt"] == "Q?" and rows[0]["scenario"] == "open_qa"
+    assert rows[1][REJECT] == "d.jsonl:2: invalid JSON: Expecting value"
+    assert rows[2][REJECT] == "d.jsonl:3: column 'completion' (response) is empty"
+    assert rows[3][REJECT] is None and rows[3]["mode"] == "pairwise" and rows[3]["response_b"] == "y"
+
+
+# ------------------------------------------------------------------------ the openai engine on S3
+
+
+@pytest.mark.integration
+def test_a_dataset_in_a_bucket_judged_killed_and_resumed_without_asking_twice(s3_server, tmp_path):
+    import boto3
+
+    bucket = s3_server.split("://", 1)[1]
+    boto3.client("s3").put_object(Bucket=bucket, Key="data/answers.jsonl", Body="\n".join(dataset_lines()).encode())
+    (port,) = free_ports(1)
+    log = tmp_path / "requests.log"
+    server = start_process(port, log, latency_s=0.02)
+    output = f"{s3_server}/judged/answers"
+    args = [str(Path(sys.executable).with_name("themis-ray")), "judge", "--config", str(ROOT / "configs/quickstart.yaml"),
+            f"input={s3_server}/data/answers.jsonl", f"output={output}", "judge.engine.kind=openai",
+            f"judge.engine.base_url=http://127.0.0.1:{port}/v1", "judge.engine.model=teacher",
+            "judge.engine.max_concurrency=16", "judge.scenario=open_qa", "judge.columns.instruction=prompt",
+            "judge.columns.response=completion", "judge.pool.num_cpus=0", "judge.pool.batch_size=50",
+            "judge.sampling.logprobs=0", "judge.sampling.max_tokens=32"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    store = StageStore.at(output)
+    try:
+        first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+        deadline = time.time() + 300
+        while len(store.written_files()) < 5 and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before it could be killed"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        time.sleep(2)
+        assert 0 < sum(Counter(log.read_text().split()).values()) < N
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0, second.stderr[-3000:]
+    finally:
+        server.kill()
+    manifest = store.manifest()
+    assert manifest["rows_in"] == N == manifest["rows_out"] + manifest["rows_rejected"]
+    assert manifest["rows_rejected"] == len(BROKEN) and manifest["parse_rate"] == 1.0
+    paid = Counter(log.read_text().split())
+    assert len(paid) == N - len(BROKEN)  # every judgeable row asked, the broken ones never
+    twice = sum(n - 1 for n in paid.values())
+    assert twice <= 8 * 50, f"{twice} rows asked twice: more than the batches in flight at the kill"
+    # Read back with pyarrow alone, from the parts the manifest lists.
+    filesystem, _ = fs.resolve(output)
+    judged = pa.concat_tables([pq.read_table(fs.resolve(fs.join(output, f))[1], filesystem=filesystem)
+                               for f in manifest["files"]])
+    assert judged.num_rows == N - len(BROKEN) and set(judged["score"].to_pylist()) == {4.0}
+    assert set(judged["input.prompt"].to_pylist()) == set(judged["instruction"].to_pylist())
+    assert sorted(set(judged["rating"].to_pylist())) == [0, 1, 2, 3, 4]  # the input's own columns, typed
+    rejects = {r["_row"]: r[REJECT] for r in store.read_rejects().to_pylist()}
+    assert sorted(rejects) == sorted(k + 1 for k in BROKEN)
+    assert rejects[8].endswith("answers.jsonl:8: invalid JSON: Expecting value")
+    assert rejects[71].endswith(":71: expected a JSON object, got list")
+    assert rejects[701].endswith(":701: column 'completion' (response) is empty")
+    assert "unknown scenario 'poetry'" in rejects[1401] and rejects[2000].endswith("(instruction) is missing")
+    assert fs.exists(fs.join(output, "score_histogram.png"))
+
+
+# ------------------------------------------------------------------------- the embedded model (hf)
+
+
+@pytest.mark.integration
+def test_the_embedded_model_judges_a_handful_of_rows_through_the_hf_engine(tmp_path):
+    import ray
+
+    data = tmp_path / "answers.parquet"
+    pq.write_table(pa.table({"question": ["What is 2 + 2?", "Name a prime number.", "What colour is the sky?"],
+                             "answer": ["4", "7 is prime.", "Blue on a clear day."],
+                             "gold": ["4", "7", "blue"]}), data)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cfg = load(ROOT / "configs" / "quickstart.yaml", [
+        f"input={data}", f"output={tmp_path / 'out'}", "judge.scenario=close_qa", "judge.prefill_score=true",
+        "judge.columns.instruction=question", "judge.columns.response=answer", "judge.columns.reference=gold",
+        "judge.sampling.max_tokens=24", "judge.pool.batch_size=3"])
+    from themis_ray.judge_job import judge_dataset
+
+    try:
+        manifest = judge_dataset(cfg)
+    finally:
+        ray.shutdown()
+    assert manifest["rows_in"] == 3 == manifest["rows_out"] + manifest["rows_rejected"]
+    assert manifest["judge"] == "hf:smollm2-135m-instruct"
+    judged = StageStore.at(str(tmp_path / "out")).read().to_pylist()
+    for row in judged:
+        assert row["mode"] == "reference" and row["evaluation"].startswith("[[")  # graded against the gold answer
+        assert 1 <= row["score"] <= 5 and abs(sum(row["score_distribution"]) - 1) < 1e-6
+        assert row["prompt_tokens"] > 0 and row["judge"] == "hf:smollm2-135m-instruct"

@@ -1,0 +1,323 @@
+"""Judge any dataset: `themis-ray judge --config FILE input=URI output=URI [key=value ...]`.
+
+A user's Parquet, JSONL or CSV files (a file or a folder, local or on any pyarrow filesystem) are judged
+on the streaming data plane, one Ray Data plan: read (one task per file, row numbers kept) -> map the
+user's columns onto the judge's fields (a row that cannot be judged becomes a reject naming its file,
+row and column) -> a scenario for rows without one (the configured classifier) -> the judge on its
+actor pool, with the same prompts and parsing as labeling and serving (`judging`, through the label
+stage's processors) -> Parquet parts written by the actors under `output`, rejects under
+`output/_rejects/` with the reason and the raw answer. Rows in = rows out + rows rejected; a run that
+died resumes without asking any written row again.
+
+Output columns: the input's columns (a column whose name the judge writes itself, such as `prompt`
+or `score`, is kept as `input.<name>`), `_file` and `_row`, the judge's fields (`instruction`,
+`response`, ... as mapped), and what the judge said: `score`, `expected_score` and
+`score_distribution` (where the engine gives log-probabilities), `verdict` and `verdict_consistent`
+for pairs (judged in both orders), `evaluation` (the text), `judge`, tokens and `cost_usd`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from themis_ray import fs, judging
+from themis_ray.config import digest
+from themis_ray.engines import engine_label
+from themis_ray.executor import RowProcessor, map_processor, map_tasks, partials, run_rows
+from themis_ray.records import read_records, record_files
+from themis_ray.scenarios import load_scenarios
+from themis_ray.schema import REJECT, STAGE_COLUMNS, output_schema, stable_id
+from themis_ray.stages.label import Labeler, PairLabeler
+from themis_ray.store import StageResult, StageStore
+
+FIELDS = ("id", "instruction", "response", "reference", "response_a", "response_b", "scenario", "mode")
+FIELD_TYPES = [(f, pa.string()) for f in FIELDS] + [("_file", pa.string()), ("_row", pa.int64())]
+PREFIX = "input."  # an input column the judge's own output would overwrite keeps its value under this prefix
+
+
+class DatasetJudge(Labeler):
+    """The label stage's judging, per row in its own mode: pairs in both orders, the rest scored."""
+
+    stage = "judge"
+    judge_column = "judge"
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        out: dict[int, dict] = {}
+        groups: dict[str, list[int]] = {"pairwise": [], "pointwise": []}
+        for i, row in enumerate(rows):
+            if row.get(REJECT):  # could not be read or mapped: a reject, keyed like every output row
+                out[i] = {**row, "response_id": row["id"]}
+            else:
+                groups["pairwise" if row.get("mode") == "pairwise" else "pointwise"].append(i)
+        for kind, process in (("pointwise", Labeler.process), ("pairwise", PairLabeler.process)):
+            if groups[kind]:
+                out.update(zip(groups[kind], process(self, [rows[i] for i in groups[kind]])))
+        return [out[i] for i in range(len(rows))]
+
+
+class ScenarioRouter(RowProcessor):
+    """A scenario for each row that has none, by the configured classifier (zero-shot or trained)."""
+
+    stage = "judge"
+
+    def __init__(self, output_schema, classify_cfg, scenarios_dir):
+        from themis_ray.stages.classify import Classifier
+
+        super().__init__(output_schema)
+        model_dir = fs.local_dir(classify_cfg.model) if classify_cfg.method == "trained" else None
+        self.classifier = Classifier(output_schema, classify_cfg.engine, "classifier", scenarios_dir, model_dir)
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        for row in rows:
+            if row.get(REJECT) is None and not row.get("scenario"):
+                try:
+                    row["scenario"], _ = self.classifier._predict(row["instruction"])
+                except ValueError as err:
+                    row[REJECT] = f"{row['_file']}:{row['_row']}: cannot classify the instruction: {err}"
+        return rows
+
+
+# ---------------------------------------------------------------------------------- input columns
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return "str" if isinstance(value, str) or value is None else "json"
+
+
+def _column_kinds(batch: pa.Table) -> dict:
+    """Per block: the rows, and each input column with the kinds of value it holds."""
+    kinds: dict = {}
+    for record, error in zip(batch["_record"].to_pylist(), batch["_error"].to_pylist()):
+        if not error:
+            for key, value in json.loads(record).items():
+                if value is not None:
+                    kinds.setdefault(key, {})[_kind(value)] = 1
+                else:
+                    kinds.setdefault(key, {})
+    return {"rows": batch.num_rows, "columns": kinds}
+
+
+ARROW = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+
+
+def input_schema(kinds: dict[str, dict]) -> pa.Schema:
+    """The input's columns, typed by what every row holds (mixed or nested values: JSON text)."""
+    fields = []
+    for name, seen in kinds.items():
+        names = set(seen) or {"str"}
+        kind = "float" if names == {"int", "float"} else names.pop() if len(names) == 1 else "json"
+        fields.append(pa.field(name, ARROW.get(kind, pa.string())))
+    return pa.schema(fields)
+
+
+def schemas(inputs: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
+    """(rows the judge reads, rows it writes): the input's columns (renamed where the judge writes a
+    column of that name), `_file`, `_row` and the judge's fields; then what the judge adds."""
+    written = {n for n, _ in STAGE_COLUMNS["label"]} | {"judge", REJECT}
+    kept = [pa.field(PREFIX + f.name if f.name in written else f.name, f.type) for f in inputs if f.name not in FIELDS]
+    prepared = pa.schema(kept + [pa.field(n, t) for n, t in FIELD_TYPES] + [pa.field(REJECT, pa.string())])
+    judged = output_schema("label", prepared)
+    return prepared, pa.schema([pa.field("judge" if f.name == "teacher" else f.name, f.type) for f in judged])
+
+
+# ---------------------------------------------------------------------------------- mapping rows
+
+
+def _value(value: Any, kind: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(kind):
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if pa.types.is_floating(kind):
+        return float(value)
+    return value
+
+
+def prepare(batch: pa.Table, schema: pa.Schema, columns: dict, mode: Optional[str], scenario: Optional[str],
+            scenarios: list[str]) -> pa.Table:
+    """Records -> rows for the judge, each with its mapped fields or the reason it cannot be judged."""
+    out = []
+    for path, number, record, error in zip(batch["_file"].to_pylist(), batch["_row"].to_pylist(),
+                                           batch["_record"].to_pylist(), batch["_error"].to_pylist()):
+        where = f"{path}:{number}"
+        row: dict[str, Any] = {"_file": path, "_row": number}
+        if error:
+            out.append({**row, "id": stable_id(path, number), REJECT: f"{where}: {error}"})
+            continue
+        data = json.loads(record)
+        for f in schema:
+            source = f.name[len(PREFIX):] if f.name.startswith(PREFIX) else f.name
+            if source in data and f.name not in FIELDS:
+                row[f.name] = _value(data[source], f.type)
+        mapped = {field: data.get(columns.get(field, field)) for field in FIELDS}
+        row.update({k: _value(v, pa.string()) for k, v in mapped.items()})
+        row["id"] = row["id"] or stable_id(path, number, record)
+        row["mode"] = mode or row["mode"] or ("pairwise" if row["response_a"] is not None and row["response"] is None
+                                               else None)
+        row["scenario"] = row["scenario"] or scenario
+        row[REJECT] = _problem(row, columns, scenarios)
+        if row[REJECT]:
+            row[REJECT] = f"{where}: {row[REJECT]}"
+        out.append(row)
+    return pa.Table.from_pylist([{**dict.fromkeys(schema.names), **r} for r in out], schema=schema)
+
+
+def _problem(row: dict, columns: dict, scenarios: list[str]) -> Optional[str]:
+    """Why a mapped row cannot be judged (naming the input's column), or None."""
+    def column(field: str) -> str:
+        return f"column {columns.get(field, field)!r} ({field})"
+
+    needed = ["instruction"] + (["response_a", "response_b"] if row["mode"] == "pairwise" else ["response"])
+    if row["mode"] == "reference":
+        needed.append("reference")
+    for field in needed:
+        if row.get(field) is None:
+            return f"{column(field)} is missing"
+        if not str(row[field]).strip():
+            return f"{column(field)} is empty"
+    if row["mode"] not in (None, *judging.MODES):
+        return f"{column('mode')}: {row['mode']!r} is not one of {', '.join(judging.MODES)}"
+    if row["scenario"] is not None and row["scenario"] not in scenarios:
+        return f"{column('scenario')}: unknown scenario {row['scenario']!r}; known: {', '.join(scenarios)}"
+    return None
+
+
+# ------------------------------------------------------------------------------------ the job
+
+
+def judge_stats(table: pa.Table, rejected: bool) -> dict:
+    """Per part: tokens and cost (rejects too: their attempts were paid for), scores, pairs, failures."""
+    stats: dict = {key: pc.sum(table[key]).as_py() or 0 for key in ("prompt_tokens", "completion_tokens", "cost_usd")}
+    if rejected:
+        reasons = [r.split(": ", 1)[-1] if r else "" for r in table[REJECT].to_pylist()]
+        stats["unparsable"] = sum(r.startswith("unparsable") or "unparsable evaluation" in r for r in reasons)
+        return stats
+    scores = [round(s) for s in table["score"].to_pylist() if s is not None]
+    histogram: dict = {}
+    for s in scores:
+        histogram[str(s)] = histogram.get(str(s), 0) + 1
+    pairs = pc.fill_null(pc.equal(table["mode"], "pairwise"), False)
+    return {**stats, "score_histogram": histogram, "pairs": pc.sum(pairs).as_py() or 0,
+            "pairs_consistent": pc.sum(pc.fill_null(table["verdict_consistent"], False)).as_py() or 0}
+
+
+def judge_dataset(cfg) -> dict:
+    """Judge every record of `cfg.input` into `cfg.output`; returns the output's manifest."""
+    from themis_ray.pipeline import init_ray
+
+    c = cfg.judge
+    if not cfg.input or not cfg.output:
+        raise ValueError("themis-ray judge needs input=PATH_OR_URI and output=PATH_OR_URI")
+    unknown = sorted(set(c.columns) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"judge.columns: unknown fields {unknown}; fields: {', '.join(FIELDS)}")
+    if c.mode is not None and c.mode not in judging.MODES:
+        raise ValueError(f"judge.mode must be one of {', '.join(judging.MODES)} or unset; got {c.mode!r}")
+    scenarios = sorted(load_scenarios(cfg.scenarios_dir))
+    if c.scenario is not None and c.scenario not in scenarios:
+        raise ValueError(f"judge.scenario: unknown scenario {c.scenario!r}; known: {', '.join(scenarios)}")
+    scale = _scale(c.scale)
+    files = record_files(cfg.input)
+    store = StageStore.at(cfg.output)
+    fp = {"config": digest({"judge": c, "scenarios_dir": cfg.scenarios_dir}), "input": cfg.input,
+          "files": digest([[f, fs.resolve(f)[0].get_file_info(fs.resolve(f)[1]).size] for f in files])}
+    if store.is_done(fp):
+        manifest = store.manifest()
+        print_summary(manifest, skipped=True)
+        return manifest
+    init_ray(cfg)
+    start = time.perf_counter()
+    resume = store.begin(fp)
+    records = read_records(cfg.input)
+    seen = partials(records, _column_kinds)  # one light pass: how many rows, which columns and types
+    prepared, schema = schemas(input_schema(seen.get("columns", {})))
+    rows = map_tasks(records, prepare, schema=prepared, columns=dict(c.columns), mode=c.mode, scenario=c.scenario,
+                     scenarios=scenarios)
+
+    def route(ds):  # scenarios for the rows without one, only when some may lack it
+        if c.scenario is not None:
+            return ds
+        return map_processor(ds, ScenarioRouter, c.classify.pool, prepared, classify_cfg=c.classify,
+                             scenarios_dir=cfg.scenarios_dir)
+
+    run_rows(rows, DatasetJudge, c.pool, store, schema, resume=resume, stats=judge_stats, before=route,
+             total=seen.get("rows", 0), engine_cfg=c.engine, sampling=c.sampling, score_by="text", calibrate=False,
+             prefill=c.prefill_score, max_attempts=c.max_attempts, retry_temperature=0.7,
+             scenarios_dir=cfg.scenarios_dir, scale=(scale.low, scale.high),
+             criteria=[{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None)
+    written = store.tally()
+    stats = written.stats
+    judged = written.rows_out + stats.get("unparsable", 0)
+    extra = {
+        "input": cfg.input, "judge": engine_label(c.engine),
+        "parse_rate": round(written.rows_out / judged, 4) if judged else None,
+        "score_histogram": dict(sorted(stats.get("score_histogram", {}).items(), key=lambda kv: int(kv[0]))),
+        "pairs": stats.get("pairs", 0),
+        "position_consistency": round(stats["pairs_consistent"] / stats["pairs"], 4) if stats.get("pairs") else None,
+        "prompt_tokens": stats.get("prompt_tokens", 0), "completion_tokens": stats.get("completion_tokens", 0),
+        "cost_usd": round(stats.get("cost_usd", 0.0), 6),
+    }
+    with store.local_folder() as folder:
+        extra["plot"] = _plot_histogram(extra["score_histogram"], scale, folder)
+    manifest = store.commit(StageResult(rows_in=seen.get("rows", 0), extra=extra), fp, time.perf_counter() - start)
+    print_summary(manifest, skipped=False)
+    return manifest
+
+
+def _scale(text: Optional[str]) -> judging.RatingScale:
+    if not text:
+        return judging.RatingScale(1, 5)
+    low, _, high = str(text).partition("-")
+    try:
+        return judging.RatingScale(int(low), int(high))
+    except ValueError:
+        raise ValueError(f"judge.scale is written low-high, like 1-10; got {text!r}") from None
+
+
+def _plot_histogram(histogram: dict, scale: judging.RatingScale, folder: str) -> Optional[str]:
+    if not histogram:
+        return None
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(scale.scores, [histogram.get(str(s), 0) for s in scale.scores], color="#4c72b0")
+    ax.set_xlabel("score")
+    ax.set_ylabel("records")
+    ax.set_title("judged scores")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "score_histogram.png"))
+    return "score_histogram.png"
+
+
+def print_summary(manifest: dict, skipped: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="judge" + (" (skipped: up to date)" if skipped else ""), title_justify="left")
+    for column in ("rows in", "judged", "rejected", "parse rate", "pairs consistent", "tokens", "cost $", "wall s"):
+        table.add_column(column, justify="right")
+    consistency = manifest.get("position_consistency")
+    table.add_row(str(manifest["rows_in"]), str(manifest["rows_out"]), str(manifest["rows_rejected"]),
+                  f"{manifest['parse_rate']:.3f}" if manifest.get("parse_rate") is not None else "-",
+                  f"{consistency:.3f}" if consistency is not None else "-",
+                  str(manifest["prompt_tokens"] + manifest["completion_tokens"]), f"{manifest['cost_usd']:.4f}",
+                  f"{manifest['wall_s']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"  scores: {manifest.get('score_histogram')}  (plot: {manifest.get('plot')})")
