@@ -126,8 +126,8 @@ def job_command(job: dict) -> tuple[str, str, list[str]]:
 
 def test_every_manifest_parses_and_names_its_kind():
     docs = documents()
-    assert set(docs) >= {"raycluster.yaml", "rayjob-pipeline.yaml", "rayjob-label.yaml", "rayservice-judge.yaml",
-                         "storage.yaml", "runtime-env.yaml"}
+    assert set(docs) >= {"raycluster.yaml", "rayjob-pipeline.yaml", "rayjob-label.yaml", "rayjob-judge.yaml",
+                         "rayservice-judge.yaml", "storage.yaml", "runtime-env.yaml"}
     kinds = []
     for name, items in docs.items():
         if name == "runtime-env.yaml":
@@ -138,7 +138,7 @@ def test_every_manifest_parses_and_names_its_kind():
             if doc["kind"].startswith("Ray"):
                 assert doc["apiVersion"] == "ray.io/v1", name
             kinds.append(doc["kind"])
-    assert sorted(kinds) == ["PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob", "RayService"]
+    assert sorted(kinds) == ["PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob", "RayJob", "RayService"]
 
 
 def test_ray_clusters_autoscale_and_match_the_installed_ray():
@@ -232,7 +232,7 @@ def test_rayjob_entrypoints_exist_and_their_configs_load(name):
     script, config, overrides = job_command(rayjob)
     assert (ROOT / script).is_file(), f"{name}: entrypoint {script} does not exist"
     command = Path(script).stem
-    assert command == "pipeline" or command in STAGES, script
+    assert command in ("pipeline", "judge") or command in STAGES, script
     assert (ROOT / config).is_file(), f"{name}: config {config} does not exist"
     cfg = load(ROOT / config, overrides)  # an unknown key or a wrong type fails here
     assert rayjob["spec"]["entrypointNumCpus"] == job.ENTRYPOINT_NUM_CPUS
@@ -248,7 +248,7 @@ def test_rayjob_entrypoints_exist_and_their_configs_load(name):
 
 
 def _check_stage_fits(name: str, spec: dict, cfg, stage: str) -> None:
-    if stage in ROW_STAGES:
+    if stage in ROW_STAGES or stage == "judge":
         pool = cfg[stage].pool
         assert 1 <= pool.min_size <= pool.max_size, (name, stage)
         wants = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **dict(pool.resources)}
@@ -281,6 +281,18 @@ def test_the_label_rayjob_autoscales_from_zero_on_its_own_cluster():
     assert pool.max_size > pool.min_size, "an actor pool that can grow"
     for resource in pool.resources:
         assert offered(spec["headGroupSpec"]).get(resource, 0) == 0, "the head must not host labeling actors"
+
+
+def test_the_judge_rayjob_autoscales_gpu_workers_from_zero_and_writes_to_a_bucket():
+    (rayjob,) = [j for j in by_kind("RayJob").values() if job_command(j)[0] == "jobs/judge.py"]
+    spec = rayjob["spec"]["rayClusterSpec"]
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert all(g["minReplicas"] == 0 and g.get("replicas", 0) == 0 for g in spec["workerGroupSpecs"])
+    _, config, overrides = job_command(rayjob)
+    cfg = load(ROOT / config, overrides)
+    assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
+    assert cfg.judge.pool.num_gpus >= 1 and offered(spec["headGroupSpec"])["GPU"] == 0
+    assert cfg.judge.engine.model.startswith("/data/")  # the trained judge, on the volume every pod mounts
 
 
 def serve_config() -> tuple[dict, dict]:
@@ -336,3 +348,4 @@ def test_the_readme_maps_every_manifest():
     for path in [*CLUSTER.glob("*.yaml"), *CLUSTER.glob("configs/*.yaml"), CLUSTER / "Dockerfile"]:
         assert path.relative_to(CLUSTER).as_posix() in readme, f"cluster/README.md does not mention {path.name}"
     assert "jobs/pipeline.py" in readme and "jobs/label.py" in readme and "jobs/<stage>.py" in readme
+    assert "jobs/judge.py" in readme
