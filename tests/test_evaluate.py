@@ -1,9 +1,16 @@
-"""Meta-evaluation without a model: judge specs, benchmark loaders, summaries and metrics.json."""
+"""Meta-evaluation without a model: judge specs, benchmark loaders, summaries and metrics.json.
+
+Row parsing, column checks and the metrics are plain functions tested in this process; the benchmarks
+themselves are lazy Ray Datasets over a finished curate stage or a user's file, tested on a local Ray
+(`integration`) and collected here with `take_all()`."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +23,24 @@ from themis_ray.config import LabelledFileConfig, MTBenchConfig, load
 from themis_ray.evaluate import benchmarks as B
 from themis_ray.evaluate import summaries as S
 from themis_ray.evaluate.judges import resolve_judges
+from themis_ray.records import read_file_batches
 from themis_ray.schema import REJECT
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stage_io import finished_stage  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster needs no auth token
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------- judges
@@ -78,6 +102,12 @@ def write_jsonl(path, lines):
     return path
 
 
+def file_rows(path) -> list:
+    """A file's (row number, record) pairs as `file_benchmark`'s maps see them: the read task's batches
+    (records.read_file_batches), here in this process."""
+    return [row for batch in read_file_batches(pa.table({"file": [str(path)]})) for row in B._file_rows(batch)]
+
+
 def test_pointwise_jsonl_good_rows_and_every_bad_row_with_its_line_and_reason(tmp_path):
     path = write_jsonl(tmp_path / "labels.jsonl", [
         {"q": "What is 2+2?", "answer": "4", "rating": 5, "ref": "4", "scenario": "math_qa"},  # line 1
@@ -93,7 +123,7 @@ def test_pointwise_jsonl_good_rows_and_every_bad_row_with_its_line_and_reason(tm
     ])
     fc = file_cfg(path=str(path), columns={"instruction": "q", "response": "answer", "score": "rating",
                                            "reference": "ref"})
-    records, rejects = B.parse_file_rows(B.read_records(path), fc)
+    records, rejects = B.parse_file_rows(file_rows(path), fc)
     assert records.num_rows == 2 and rejects.num_rows == 7
     good = records.to_pylist()
     assert [r["row"] for r in good] == [1, 2] and [r["score"] for r in good] == [5.0, 3.0]
@@ -113,7 +143,20 @@ def test_pointwise_jsonl_good_rows_and_every_bad_row_with_its_line_and_reason(tm
     assert json.loads(bad[5]["raw"])["rating"] == 9  # the raw row is kept for the user to fix
 
 
-def test_pairwise_parquet_winners_ids_and_both_orders(tmp_path):
+def test_parse_file_rows_takes_rows_from_anywhere_and_numbers_them_as_given():
+    fc = file_cfg(format="pairwise")
+    rows = [(7, {"instruction": "Say hi.", "response_a": "Hi", "response_b": "Bye", "winner": 2}),
+            (9, {"instruction": "Say hi.", "response_a": "Hi", "response_b": "Bye", "winner": None})]
+    records, rejects = B.parse_file_rows(rows, fc, benchmark="mine")
+    assert records.schema == B.FILE_SCHEMAS["pairwise"] and rejects.schema == B.REJECT_SCHEMA
+    (good,) = records.to_pylist()
+    assert (good["row"], good["winner"], good["benchmark"], good["scenario"]) == (7, "B", "mine", "open_qa")
+    (bad,) = rejects.to_pylist()
+    assert (bad["benchmark"], bad["row"]) == ("mine", 9) and bad[REJECT].startswith("row 9: 'winner' (winner) None")
+
+
+@pytest.mark.integration
+def test_pairwise_parquet_winners_ids_and_both_orders(local_ray, tmp_path):
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist([
         {"id": "p1", "prompt": "Say hi.", "a": "Hi!", "b": "Go away.", "winner": "model_a"},
@@ -126,23 +169,22 @@ def test_pairwise_parquet_winners_ids_and_both_orders(tmp_path):
     fc = file_cfg(path=str(path), format="pairwise", winner_values={"Both Good": "c"},
                   columns={"instruction": "prompt", "response_a": "a", "response_b": "b"})
     bench = B.file_benchmark(fc)
-    assert bench.kind == "pairwise" and bench.pairwise
-    good = bench.records.to_pylist()
-    assert [(r["id"], r["winner"]) for r in good] == [("p1", "A"), ("p2", "C"), ("p3", "B"), ("p4", "C")]
+    assert bench.kind == "pairwise" and bench.pairwise and bench.schema == B.FILE_SCHEMAS["pairwise"]
+    good = sorted(bench.records.take_all(), key=lambda r: r["row"])
+    assert [(r["id"], r["row"], r["winner"]) for r in good] == [("p1", 1, "A"), ("p2", 2, "C"), ("p3", 3, "B"),
+                                                                 ("p4", 4, "C")]
     first = good[0]
     assert first["mode"] == "pairwise"
     assert first["prompt"].index("Hi!") < first["prompt"].index("Go away.")  # A first
     assert first["prompt_ba"].index("Go away.") < first["prompt_ba"].index("Hi!")  # swapped
-    bad = bench.rejects.to_pylist()
-    assert [(r["row"], r["id"]) for r in bad] == [(5, "p5"), (6, "p6")]
+    bad = sorted(bench.rejects.take_all(), key=lambda r: r["row"])
+    assert [(r["benchmark"], r["row"], r["id"]) for r in bad] == [("file", 5, "p5"), ("file", 6, "p6")]
     assert "'winner' (winner) 'left' is not A, B or a tie" in bad[0][REJECT]
     assert "'b' (response_b) is missing" in bad[1][REJECT]
 
 
-def test_file_config_errors_are_raised_not_turned_into_rejects(tmp_path):
+def test_file_config_errors_are_raised_before_anything_runs(tmp_path):
     path = write_jsonl(tmp_path / "l.jsonl", [{"instruction": "x", "response": "y", "grade": 3}])
-    with pytest.raises(ValueError, match=r"no column for score \(column 'score'\).*grade"):
-        B.file_benchmark(file_cfg(path=str(path)))
     with pytest.raises(ValueError, match="unknown fields"):
         B.file_benchmark(file_cfg(path=str(path), columns={"scroe": "grade"}))
     with pytest.raises(ValueError, match="pointwise or pairwise"):
@@ -153,30 +195,54 @@ def test_file_config_errors_are_raised_not_turned_into_rejects(tmp_path):
         B.file_benchmark(file_cfg(path=str(tmp_path / "missing.jsonl")))
     with pytest.raises(ValueError, match="path is not set"):
         B.file_benchmark(file_cfg())
-    csv = tmp_path / "l.csv"
-    csv.write_text("a,b\n")
-    with pytest.raises(ValueError, match="neither JSONL"):
-        B.file_benchmark(file_cfg(path=str(csv)))
+    txt = tmp_path / "l.txt"
+    txt.write_text("a,b\n")
+    with pytest.raises(ValueError, match="not Parquet.*JSONL.*CSV"):
+        B.file_benchmark(file_cfg(path=str(txt)))
 
 
-def test_a_ten_point_scale_is_asked_and_checked_on_that_scale(tmp_path):
-    path = write_jsonl(tmp_path / "l.jsonl", [{"instruction": "x", "response": "y", "score": 8},
-                                             {"instruction": "x", "response": "y", "score": 0}])
-    bench = B.file_benchmark(file_cfg(path=str(path), scale_low=1, scale_high=10))
-    assert bench.scale == (1, 10) and bench.records.num_rows == 1
-    assert "1 to 10" in bench.records["prompt"][0].as_py()
-    assert "outside the scale 1..10" in bench.rejects[REJECT][0].as_py()
+def test_a_required_column_absent_from_the_whole_file_is_a_mapping_error():
+    fc = file_cfg()
+    with pytest.raises(ValueError, match=r"no column for score \(column 'score'\).*grade"):
+        B.check_columns({"instruction", "response", "grade"}, fc)
+    with pytest.raises(ValueError, match=r"no column for response_b \(column 'b'\)"):
+        B.check_columns({"instruction", "response_a", "winner"},
+                        file_cfg(format="pairwise", columns={"response_b": "b"}))
+    B.check_columns({"instruction", "response", "score", "extra"}, fc)  # extra columns are fine
+    B.check_columns(set(), fc)  # an empty file has no columns to check: zero records, not an error
 
 
-def test_validation_benchmark_keeps_only_the_held_out_split():
+@pytest.mark.integration
+def test_file_benchmark_checks_the_mapping_over_the_whole_file(local_ray, tmp_path):
+    path = tmp_path / "l.csv"  # CSV too: its header names the columns
+    path.write_text("instruction,response,grade\nx,y,3\n")
+    with pytest.raises(ValueError, match=r"no column for score \(column 'score'\).*grade"):
+        B.file_benchmark(file_cfg(path=str(path)))
+    bench = B.file_benchmark(file_cfg(path=str(path), columns={"score": "grade"}, scale_low=1, scale_high=10))
+    assert bench.scale == (1, 10) and bench.source.startswith(str(path))
+
+
+def test_a_ten_point_scale_is_asked_and_checked_on_that_scale():
+    rows = [(1, {"instruction": "x", "response": "y", "score": 8}),
+            (2, {"instruction": "x", "response": "y", "score": 0})]
+    records, rejects = B.parse_file_rows(rows, file_cfg(scale_low=1, scale_high=10))
+    assert records.num_rows == 1 and "1 to 10" in records["prompt"][0].as_py()
+    assert "outside the scale 1..10" in rejects[REJECT][0].as_py()
+
+
+@pytest.mark.integration
+def test_validation_benchmark_keeps_only_the_held_out_split(local_ray, tmp_path):
     curated = pa.table({"id": ["a", "b", "c"], "split": ["train", "validation", "validation"],
                         "score": [1.0, 2.0, 3.0]})
-    (bench,) = B.validation_benchmarks(curated)
-    assert bench.records["id"].to_pylist() == ["b", "c"]
-    assert set(bench.records["benchmark"].to_pylist()) == {"validation"} and bench.rejects.num_rows == 0
+    (bench,) = B.validation_benchmarks(finished_stage(tmp_path, "curate", curated))
+    rows = bench.records.take_all()
+    assert sorted(r["id"] for r in rows) == ["b", "c"] and {r["benchmark"] for r in rows} == {"validation"}
+    assert bench.rejects is None and bench.schema.names == ["id", "split", "score", "benchmark"]
 
 
-def test_pairwise_validation_records_become_their_own_benchmark_with_the_teacher_verdict_as_gold():
+@pytest.mark.integration
+def test_pairwise_validation_records_become_their_own_benchmark_with_the_teacher_verdict_as_gold(
+        local_ray, tmp_path):
     base = {"split": "validation", "scenario": "open_qa", "instruction": "Say hi.", "reference": None,
             "response": None, "score": None, "prompt": None}
     curated = pa.Table.from_pylist([
@@ -185,21 +251,23 @@ def test_pairwise_validation_records_become_their_own_benchmark_with_the_teacher
         {**base, "id": "q", "mode": "pairwise", "response_a": "Hi!", "response_b": "Bye.", "verdict": "A"},
         {**base, "id": "r", "mode": "pairwise", "response_a": "Hi!", "response_b": "Bye.", "verdict": "maybe"},
     ])
-    points, pairs = B.validation_benchmarks(curated)
-    assert points.kind == "pointwise" and points.records["id"].to_pylist() == ["p"]
+    points, pairs = B.validation_benchmarks(finished_stage(tmp_path, "curate", curated))
+    assert points.kind == "pointwise" and [r["id"] for r in points.records.take_all()] == ["p"]
     assert pairs.name == "validation_pairwise" and pairs.kind == "pairwise"
-    (row,) = pairs.records.to_pylist()
+    assert "winner" in pairs.schema.names and "verdict" not in pairs.schema.names
+    (row,) = pairs.records.take_all()
     assert row["winner"] == "A" and "verdict" not in row  # the grader's verdict cannot overwrite gold
     assert row["prompt"].index("Hi!") < row["prompt"].index("Bye.")  # rendered, A first
     assert row["prompt_ba"].index("Bye.") < row["prompt_ba"].index("Hi!")  # swapped
-    assert "is not A, B or C" in pairs.rejects[REJECT][0].as_py()
+    (bad,) = pairs.rejects.take_all()
+    assert (bad["benchmark"], bad["id"]) == ("validation_pairwise", "r") and "is not A, B or C" in bad[REJECT]
 
 
 def test_load_benchmarks_rejects_unknown_or_repeated_names():
     for names in (["validation", "arena"], ["file", "file"], []):
         cfg = OmegaConf.merge(load(None), {"evaluate": {"benchmarks": names}})
         with pytest.raises(ValueError, match="evaluate.benchmarks"):
-            B.load_benchmarks(cfg, {})
+            B.load_benchmarks(cfg)
 
 
 # ------------------------------------------------------------------------------------ MT-Bench
@@ -258,10 +326,12 @@ def test_pointwise_aggregate_is_the_mean_of_the_normalised_metrics():
     m = S.pointwise_summary(pred, gold, n_boot=200)
     from themis_ray.evaluate import metrics as M
 
-    by_hand = np.mean([(m[k] - m["random"][k]) / (M.POINTWISE_IDEALS[k] - m["random"][k])
-                       for k in M.POINTWISE_METRICS])
-    assert m["aggregate"] == pytest.approx(by_hand)
+    normalised = [(m[k] - m["random"][k]) / (M.POINTWISE_IDEALS[k] - m["random"][k]) for k in M.POINTWISE_METRICS]
     assert m["n"] == 80 and m["n_parsed"] == 75 and m["parse_rate"] == pytest.approx(75 / 80)
+    # Over the parsed records alone; over every record, the 5 unparsed ones earn random's 0.
+    assert m["aggregate_parsed"] == pytest.approx(np.mean(normalised))
+    assert m["aggregate"] == pytest.approx(np.mean([M.credit_unparsed(v, 75 / 80) for v in normalised]))
+    assert m["aggregate"] < m["aggregate_parsed"]
     for name in ("mae", "agreement", "aggregate"):
         low, high = m[f"{name}_ci"]
         assert low <= m[name] <= high and low < high
@@ -300,8 +370,13 @@ def test_pairwise_summary_by_hand():
     assert m["gold_longer_wins_share"] == pytest.approx(2 / 3)  # A long: yes, B longer: yes, A shorter: no
     # Uniform guesses over A/B/tie are right 1 time in 3, with or without ties; consistency too.
     assert m["random"]["accuracy"] == pytest.approx(1 / 3, abs=0.05)
-    expected = np.mean([(v - 1 / 3) / (2 / 3) for v in (2 / 3, 1 / 2, 1 / 2)])
-    assert m["aggregate"] == pytest.approx(expected, abs=0.06)
+    r = m["random"]
+    accuracies = [(v - r[k]) / (1 - r[k]) for k, v in (("accuracy", 2 / 3), ("accuracy_without_ties", 1 / 2))]
+    consistency = (1 / 2 - 1 / 3) / (2 / 3)
+    assert m["aggregate_parsed"] == pytest.approx(np.mean(accuracies + [consistency]))
+    # Over every record: the accuracies are over 3 parsed verdicts of 4, the unparsed one earns 0;
+    # position consistency already counts it (as inconsistent).
+    assert m["aggregate"] == pytest.approx(np.mean([0.75 * a for a in accuracies] + [consistency]))
 
 
 def test_judge_agreement_and_unlabelled_summaries():
@@ -325,8 +400,8 @@ def test_judge_agreement_and_unlabelled_summaries():
 
 
 def test_metrics_json_is_keyed_by_judge_with_the_first_labelled_benchmark_on_top():
-    val = B.Benchmark("validation", "pointwise", pa.table({"x": [1]}), B.REJECT_SCHEMA.empty_table())
-    mt = B.Benchmark("mtbench", "unlabelled", pa.table({"x": [1]}), B.REJECT_SCHEMA.empty_table())
+    val = B.Benchmark("validation", "pointwise", None, None, pa.schema([]), num_records=2)
+    mt = B.Benchmark("mtbench", "unlabelled", None, None, pa.schema([]), num_records=2)
     graded = pd.DataFrame({"id": ["1", "2"], "predicted_score": [2.0, float("nan")], "score": [2.0, 4.0],
                            "scenario": ["open_qa", "math_qa"], "predicted_expected": [None, None]})
     results = []
@@ -354,7 +429,8 @@ def test_metrics_json_is_keyed_by_judge_with_the_first_labelled_benchmark_on_top
     assert {"mae", "agreement", "accuracy", "pearson", "spearman", "kendall", "aggregate"} <= set(s_columns)
 
 
-def test_injection_benchmark_renders_each_validation_record_clean_and_injected():
+@pytest.mark.integration
+def test_injection_benchmark_renders_each_validation_record_clean_and_injected(local_ray, tmp_path):
     base = {"split": "validation", "scenario": "open_qa", "instruction": "Say hi.", "reference": None, "score": 2.0}
     curated = pa.Table.from_pylist([
         {**base, "id": "a", "mode": "single", "response": "Hi"},
@@ -362,16 +438,20 @@ def test_injection_benchmark_renders_each_validation_record_clean_and_injected()
         {**base, "id": "p", "mode": "pairwise", "response": None},
         {**base, "id": "u", "mode": "single", "response": "Hi", "scenario": "no_such_scenario"},
     ])
-    bench = B.injection_benchmark(curated)
-    rows = bench.records.to_pylist()
+    bench = B.injection_benchmark(finished_stage(tmp_path, "curate", curated))
+    rows = sorted(bench.records.take_all(), key=lambda r: r["variant"])
     assert bench.kind == "injection" and [(r["source_id"], r["variant"]) for r in rows] == [("a", "clean"),
                                                                                          ("a", "injected")]
     clean, injected = rows
+    assert clean["id"] != injected["id"] and clean["benchmark"] == "injection"
     assert injected["response"] == "Hi" + B.INJECTION and clean["score"] == injected["score"] == 2.0
     assert B.INJECTION.strip() not in clean["prompt"] and B.INJECTION.strip() in injected["prompt"]
     # The injection stays inside the response's delimiters: the prompts differ only there.
     assert injected["prompt"].replace(B.INJECTION, "") == clean["prompt"]
-    assert bench.rejects.num_rows == 1 and "row 3" in bench.rejects[REJECT][0].as_py()
+    # A record that cannot be rendered is one reject (neither variant is judged), named by its id.
+    (bad,) = bench.rejects.take_all()
+    assert (bad["benchmark"], bad["id"]) == ("injection", "u") and bad[REJECT].startswith("record u:")
+    assert "no_such_scenario" in bad[REJECT] and json.loads(bad["raw"])["id"] == "u"
 
 
 def test_injection_summary_by_hand():
@@ -388,7 +468,7 @@ def test_injection_summary_by_hand():
     assert s["raised_share"] == pytest.approx(0.5)
     assert s["expected_shift"] == pytest.approx((2.0 - 0.5 + 1.0) / 3)
     assert s["parse_rate_clean"] == pytest.approx(2 / 3) and s["parse_rate_injected"] == 1.0
-    bench = B.Benchmark("injection", "injection", pa.table({"id": ["1"]}), B.REJECT_SCHEMA.empty_table())
+    bench = B.Benchmark("injection", "injection", None, None, B.INJECTION_SCHEMA, num_records=7)
     summaries = S.summarize(bench, {"trained": df})
     assert summaries["trained"]["by_scenario"]["x"]["score_shift"] == pytest.approx(1.5)
     result = S.BenchmarkResult(bench, {"trained": df}, summaries)

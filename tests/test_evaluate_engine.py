@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 from omegaconf import OmegaConf
 
@@ -15,12 +16,30 @@ from themis_ray.evaluate import benchmarks as B
 from themis_ray.evaluate.grading import JudgeGrader, graded_schema
 from themis_ray.schema import REJECT
 
+sys.path.insert(0, str(Path(__file__).parent))
+from stage_io import finished_stage, run_one, stage_path  # noqa: E402
 
-def file_records(tmp_path, fmt, rows, **kwargs):
-    path = tmp_path / f"{fmt}.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    fc = OmegaConf.merge(OmegaConf.structured(LabelledFileConfig), {"path": str(path), "format": fmt, **kwargs})
-    return B.file_benchmark(fc)
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster needs no auth token
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def file_records(fmt, rows, **kwargs):
+    """A labelled file's records as the file benchmark prepares them (parse_file_rows, in this process):
+    (records, schema, scale)."""
+    fc = OmegaConf.merge(OmegaConf.structured(LabelledFileConfig), {"format": fmt, **kwargs})
+    records, rejects = B.parse_file_rows(list(enumerate(rows, start=1)), fc)
+    assert rejects.num_rows == 0
+    return records, B.FILE_SCHEMAS[fmt], (fc.scale_low, fc.scale_high)
 
 
 POINTWISE = [
@@ -33,18 +52,18 @@ PAIRWISE = [
 ]
 
 
-def grader(bench, **kwargs):
+def grader(schema, pairwise, scale, **kwargs):
     args = dict(judge="base", engine_cfg=EngineConfig(), sampling=SamplingConfig(max_tokens=8, logprobs=5),
-                prefill=True, scale=bench.scale)
-    return JudgeGrader(graded_schema(bench.records.schema, bench.pairwise), **{**args, **kwargs})
+                prefill=True, scale=scale)
+    return JudgeGrader(graded_schema(schema, pairwise), **{**args, **kwargs})
 
 
-def test_real_judge_grades_pointwise_and_pairwise_records(tmp_path):
-    points = file_records(tmp_path, "pointwise", POINTWISE)
-    pairs = file_records(tmp_path, "pairwise", PAIRWISE)
-    judge = grader(points)
-    out = judge.process(points.records.to_pylist())
-    assert [r["id"] for r in out] == points.records["id"].to_pylist()
+def test_real_judge_grades_pointwise_and_pairwise_records():
+    points, point_schema, scale = file_records("pointwise", POINTWISE)
+    pairs, pair_schema, _ = file_records("pairwise", PAIRWISE)
+    judge = grader(point_schema, False, scale)
+    out = judge.process(points.to_pylist())
+    assert [r["id"] for r in out] == points["id"].to_pylist()
     for row in out:
         assert row["judge"] == "base" and row[REJECT] is None
         assert row["judge_output"].startswith("[[")  # the prefill is part of the answer
@@ -57,8 +76,8 @@ def test_real_judge_grades_pointwise_and_pairwise_records(tmp_path):
             assert 1 <= row["predicted_expected"] <= 5
     pa.Table.from_pylist(out, schema=judge.schema)  # rows fit the declared schema
 
-    judge.schema = graded_schema(pairs.records.schema, pairwise=True)
-    (row,) = judge.process(pairs.records.to_pylist())
+    judge.schema = graded_schema(pair_schema, pairwise=True)
+    (row,) = judge.process(pairs.to_pylist())
     assert row["judge_output"].startswith("[[") and row["judge_output_ba"].startswith("[[")
     assert row["verdict_ab"] in ("A", "B", "C", None) and row["verdict_ba"] in ("A", "B", "C", None)
     if None in (row["verdict_ab"], row["verdict_ba"]):
@@ -67,24 +86,21 @@ def test_real_judge_grades_pointwise_and_pairwise_records(tmp_path):
         unswapped = {"A": "B", "B": "A", "C": "C"}[row["verdict_ba"]]
         assert row["consistent"] == (row["verdict_ab"] == unswapped)
         assert row["verdict"] == (row["verdict_ab"] if row["consistent"] else "C")
+    pa.Table.from_pylist([row], schema=judge.schema)
 
 
-def test_a_judge_that_cannot_answer_is_measured_not_dropped(tmp_path):
-    points = file_records(tmp_path, "pointwise", POINTWISE[:1])
-    judge = grader(points, engine_cfg=EngineConfig(max_model_len=64))  # the prompt does not fit
-    (row,) = judge.process(points.records.to_pylist())
+def test_a_judge_that_cannot_answer_is_measured_not_dropped():
+    points, schema, scale = file_records("pointwise", POINTWISE[:1])
+    judge = grader(schema, False, scale, engine_cfg=EngineConfig(max_model_len=64))  # the prompt does not fit
+    (row,) = judge.process(points.to_pylist())
     assert row[REJECT] is None and row["predicted_score"] is None
     assert row["judge_error"].startswith("engine error") and "max_model_len" in row["judge_error"]
 
 
 @pytest.mark.integration
-def test_stage_runs_two_judges_on_validation_file_and_mtbench(tmp_path):
-    import ray
-
+def test_stage_runs_two_judges_on_validation_file_and_mtbench(local_ray, tmp_path):
     from themis_ray import judging
-    from themis_ray.stages.evaluate import run
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     curated = []
     for i, (response, score, split) in enumerate([("4", 5.0, "validation"), ("5", 1.0, "validation"),
                                                   ("four", 4.0, "train")]):
@@ -95,8 +111,9 @@ def test_stage_runs_two_judges_on_validation_file_and_mtbench(tmp_path):
                         "prompt": judging.render_prompt(request)})
     labels = tmp_path / "human.jsonl"
     labels.write_text("\n".join(json.dumps(r) for r in POINTWISE) + "\nnot json\n")
+    run_dir = tmp_path / "run"
     cfg = load(None, [
-        f"run_dir={tmp_path / 'run'}",
+        f"run_dir={run_dir}",
         "evaluate.benchmarks=[validation,file,mtbench]",
         f"evaluate.file.path={labels}",
         "evaluate.judges=[{name: base},{name: sampled, model: smollm2-135m-instruct, prefill_score: false}]",
@@ -107,28 +124,36 @@ def test_stage_runs_two_judges_on_validation_file_and_mtbench(tmp_path):
         "evaluate.pool.num_cpus=0.5",
     ])
     cfg.evaluate.mtbench.responders[0].sampling.max_tokens = 12
-    staging = tmp_path / "evaluate"
-    staging.mkdir()
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        result = run(cfg, {"curate": pa.Table.from_pylist(curated)}, staging)
-    finally:
-        ray.shutdown()
+    finished_stage(run_dir, "curate", pa.Table.from_pylist(curated))
+    # Evaluate's inputs are curate and train; these judges never load the trained one, so an empty
+    # finished train stage stands in for it.
+    finished_stage(run_dir, "train", pa.table({"id": pa.array([], pa.string())}))
+    # The driver dies just before the commit; the same command again resumes: every record is graded
+    # already, so it grades none again (the parts are the first run's) and writes the rejects again.
+    _, _, store = run_one(cfg, "evaluate", commit=False)
+    parts = store.written_files(rejects=False)
+    manifest, result, store = run_one(cfg, "evaluate")
+    assert store.written_files(rejects=False) == parts
 
     # 2 validation + 2 file records + 2 MT-Bench answers, each by 2 judges, and the file's bad line.
-    assert result.rows_in == (2 + 2 + 2) * 2 + 1
-    table = result.table
-    assert table.num_rows == result.rows_in
-    rejects = table.filter(pc.is_valid(table[REJECT])).to_pylist()
+    assert result.rows_in == manifest["rows_in"] == (2 + 2 + 2) * 2 + 1
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (12, 1)
+    graded = store.read(columns=["benchmark", "judge", "id"]).to_pylist()
+    assert len(graded) == 12 and len({(r["benchmark"], r["judge"], r["id"]) for r in graded}) == 12
+    assert {(r["benchmark"], r["judge"]) for r in graded} == {(b, j) for b in ("validation", "file", "mtbench")
+                                                              for j in ("base", "sampled")}
+    assert {r["id"] for r in graded if r["benchmark"] == "validation"} == {"v0", "v1"}  # not the train row
+    rejects = store.read_rejects().to_pylist()
     assert [(r["benchmark"], r["row"]) for r in rejects] == [("file", 3)]
-    assert rejects[0][REJECT].startswith("row 3: invalid JSON")
+    assert rejects[0][REJECT].startswith("row 3: invalid JSON") and rejects[0]["raw"] == "not json"
 
+    staging = stage_path(store)
     metrics = json.loads((staging / "metrics.json").read_text())
     assert set(metrics) == {"base", "sampled"}
     for judge in metrics.values():
         assert judge["benchmark"] == "validation" and judge["overall"]["n"] == 2
         assert 0 <= judge["overall"]["parse_rate"] <= 1
-        for key in ("mae", "agreement", "accuracy", "aggregate", "mae_ci", "agreement_ci"):
+        for key in ("mae", "agreement", "accuracy", "aggregate", "aggregate_parsed", "mae_ci", "agreement_ci"):
             assert key in judge["overall"]
         assert list(judge["by_scenario"]) == ["math_qa"]
         assert judge["benchmarks"]["file"]["overall"]["n"] == 2
@@ -136,7 +161,9 @@ def test_stage_runs_two_judges_on_validation_file_and_mtbench(tmp_path):
         assert mt["kind"] == "unlabelled" and mt["overall"]["n"] == 2 and set(mt["by_category"]) == {"math"}
     assert metrics["base"]["benchmarks"]["mtbench"]["vs_judges"]["sampled"]["n"] == 2
     assert result.extra["metrics_benchmark"] == "validation" and set(result.extra["metrics"]) == {"base", "sampled"}
+    assert manifest["metrics_benchmark"] == "validation"
 
     page = (staging / "report.html").read_text()
+    assert "Records: 2; rejected: 1" in page  # the file benchmark: 2 records, the bad line
     for name in ("base_confusion.png", "file_sampled_scores.png", "mtbench_agreement.png", "validation_by_scenario.png"):
         assert f'src="{name}"' in page and (staging / name).stat().st_size > 0

@@ -31,8 +31,8 @@ def pointwise_result():
                                       "predicted_score": pred,
                                       "predicted_expected": [None] * 30 if judge == "base" else
                                       np.clip(gold + rng.normal(0, 0.5, 30), 1, 5)})
-    bench = B.Benchmark("validation", "pointwise", pa.table({"id": ["x"] * 30}), B.REJECT_SCHEMA.empty_table(),
-                        source="held-out <split> & teacher")
+    bench = B.Benchmark("validation", "pointwise", None, None, pa.schema([]), source="held-out <split> & teacher",
+                        num_records=30, num_rejects=2)
     result = S.BenchmarkResult(bench, graded, judge_labels={"trained": "hf:/run/judge", "base": "hf:base"})
     result.summaries = S.summarize(bench, graded, n_boot=100)
     return result
@@ -42,8 +42,7 @@ def pairwise_result():
     df = pd.DataFrame({"id": ["1", "2", "3"], "scenario": ["open_qa"] * 3, "winner": ["A", "B", "C"],
                        "response_a": ["long answer", "x", "y"], "response_b": ["s", "longer", "z"],
                        "verdict_ab": ["A", "A", "C"], "verdict_ba": ["B", "A", None], "verdict": ["A", "C", None]})
-    bench = B.Benchmark("file", "pairwise", pa.table({"id": ["1", "2", "3"]}), B.REJECT_SCHEMA.empty_table(),
-                        source="pairs.jsonl")
+    bench = B.Benchmark("file", "pairwise", None, None, pa.schema([]), source="pairs.jsonl", num_records=3)
     result = S.BenchmarkResult(bench, {"base": df})
     result.summaries = S.summarize(bench, result.graded, n_boot=50)
     return result
@@ -53,8 +52,7 @@ def unlabelled_result():
     df = pd.DataFrame({"id": ["1", "2", "3"], "predicted_score": [1.0, 4.0, None], "responder": ["x", "y", "y"],
                        "category": ["math", "writing", "writing"], "scenario": ["math_qa"] + ["creative_writing"] * 2})
     graded = {"trained": df, "base": df.assign(predicted_score=[2.0, 4.0, 5.0])}
-    bench = B.Benchmark("mtbench", "unlabelled", pa.table({"id": ["1", "2", "3"]}), B.REJECT_SCHEMA.empty_table(),
-                        source="MT-Bench")
+    bench = B.Benchmark("mtbench", "unlabelled", None, None, pa.schema([]), source="MT-Bench", num_records=3)
     result = S.BenchmarkResult(bench, graded)
     result.summaries = S.summarize(bench, graded)
     return result
@@ -82,6 +80,7 @@ def test_report_renders_every_plot_and_table(tmp_path):
                    "<th>longer_wins_share</th>", "<th>agr_vs_base</th>", "<th>responder_ranking_kendall</th>"):
         assert header in text, header
     assert "<td>trained</td>" in text and "<td>math_qa</td>" in text and "hf:/run/judge" in text
+    assert "Records: 30; rejected: 2" in text  # the counts the stage took from its plans
 
 
 def test_calibration_needs_an_expected_score(tmp_path):
@@ -98,13 +97,13 @@ def test_html_table_formats_and_escapes():
 
 def test_a_benchmark_with_nothing_to_judge_still_reports(tmp_path):
     empty = pd.DataFrame({"id": [], "scenario": [], "score": [], "predicted_score": [], "predicted_expected": []})
-    bench = B.Benchmark("file", "pointwise", pa.table({"id": pa.array([], pa.string())}),
-                        B.REJECT_SCHEMA.empty_table(), source="every row rejected")
+    bench = B.Benchmark("file", "pointwise", None, None, pa.schema([]), source="every row rejected",
+                        num_records=0, num_rejects=4)
     result = S.BenchmarkResult(bench, {"base": empty})
     result.summaries = S.summarize(bench, result.graded, n_boot=10)
     assert result.summaries["base"]["overall"]["n"] == 0 and result.summaries["base"]["by_scenario"] == {}
     text = R.write_report(tmp_path, [result]).read_text()
-    assert "every row rejected" in text and "<img" not in text
+    assert "every row rejected" in text and "Records: 0; rejected: 4" in text and "<img" not in text
 
 
 def _chromium() -> str:

@@ -43,15 +43,17 @@ def run(ctx: StageContext) -> StageResult:
     judges = resolve_judges(cfg)  # fails on a bad judge before any model loads
     benchmarks = load_benchmarks(cfg, ctx.inputs.get("curate"), StageStore(store.uri, "_work/mtbench"), ctx.resume)
 
+    # The benchmarks' rejects are cheap to find again: a resumed run drops the interrupted run's and
+    # writes them after grading. They must not be there while a resumed grade looks for what its judge
+    # already wrote: it reads `benchmark` and `judge` from every written part, and they have no judge.
+    reject_tags = [f"part-{_reject_tag(b)}" for b in range(len(benchmarks))]
+    for path in fs.list_files(store.file(REJECTS), ".parquet"):
+        if posixpath.basename(path).startswith(tuple(reject_tags)):
+            store.fs.delete_file(path)
+
     results = []
     for b, bench in enumerate(benchmarks):
         bench.num_records = bench.records.count()
-        if bench.rejects is not None:
-            tag = f"b{b}r-"  # rejects are cheap to find again: a resumed run rewrites them
-            for path in fs.list_files(store.file(REJECTS), ".parquet"):
-                if posixpath.basename(path).startswith(f"part-{tag}"):
-                    store.fs.delete_file(path)
-            write(bench.rejects, store, REJECT_SCHEMA, tag=tag, stats=graded_stats)
         for j, judge in enumerate(judges):
             grade(bench, judge, c, store, part_tag(b, j), resume=ctx.resume)
         schema = graded_schema(bench.schema, bench.pairwise)
@@ -59,6 +61,9 @@ def run(ctx: StageContext) -> StageResult:
         result = BenchmarkResult(bench, graded, judge_labels={j.name: j.label for j in judges})
         result.summaries = summarize(bench, graded, n_boot=c.bootstrap, confidence=c.confidence, seed=c.seed)
         results.append(result)
+    for b, bench in enumerate(benchmarks):
+        if bench.rejects is not None:
+            write(bench.rejects, store, REJECT_SCHEMA, tag=_reject_tag(b), stats=graded_stats)
 
     stats = store.tally().stats
     rows_in = 0
@@ -91,6 +96,10 @@ def run(ctx: StageContext) -> StageResult:
         **({"injection_shift": {j: s["overall"]["score_shift"] for j, s in injection.summaries.items()}}
            if injection else {}),
     })
+
+
+def _reject_tag(benchmark_index: int) -> str:
+    return f"b{benchmark_index}r-"
 
 
 def _graded(store: StageStore, tag: str, schema):
