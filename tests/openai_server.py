@@ -230,13 +230,23 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def start_process(port: int, log: str, latency_s: float = 0.05):
-    """This server in a process of its own (it outlives a client that is killed); a Popen."""
+FAULT_FLAGS = ("fail_rate", "malformed_rate", "rate_limit_rate", "retry_after_s", "hang_rate", "hang_s",
+               "garbage_rate")
+
+
+def start_process(port: int, log: str, latency_s: float = 0.05, max_concurrency: Optional[int] = None, **faults):
+    """This server in a process of its own (it outlives a client that is killed); a Popen. `faults`:
+    any of FAULT_FLAGS."""
     import subprocess
     import sys
 
-    server = subprocess.Popen([sys.executable, __file__, "--port", str(port), "--latency-s", str(latency_s),
-                               "--log", str(log)], stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, __file__, "--port", str(port), "--latency-s", str(latency_s), "--log", str(log)]
+    if max_concurrency is not None:
+        argv += ["--max-concurrency", str(max_concurrency)]
+    for name, value in faults.items():
+        assert name in FAULT_FLAGS, name
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     assert "serving on" in server.stdout.readline()
     return server
 
@@ -248,9 +258,12 @@ def main() -> None:
     parser.add_argument("--latency-s", type=float, default=0.0)
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--log", default=None)
+    for name in FAULT_FLAGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     args = parser.parse_args()
+    faults = {name: getattr(args, name) for name in FAULT_FLAGS if getattr(args, name) is not None}
     server = OpenAIServer(latency_s=args.latency_s, max_concurrency=args.max_concurrency, port=args.port,
-                          log_path=args.log)
+                          log_path=args.log, **faults)
     print(f"serving on {server.base_url}", flush=True)
     server._httpd.serve_forever()
 

@@ -150,6 +150,8 @@ def _written_keys(stage_uri: str, files: list[str], column: str, where: dict) ->
     filesystem, _ = fs.resolve(stage_uri)
     found = []
     for path in files:
+        if not {column, *where} <= set(pq.read_schema(path, filesystem=filesystem).names):
+            continue  # a part of other rows (a benchmark's rejects, say): none of its rows is one of ours
         table = pq.read_table(path, filesystem=filesystem, columns=[column, *where])
         for name, value in where.items():
             table = table.filter(pc.equal(table[name], value))
