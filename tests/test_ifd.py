@@ -1,4 +1,4 @@
-"""IFD from log-probabilities; the HF engine's batched scoring and the ifd stage against a plain reference."""
+"""IFD from log-probabilities; the hf engine's shared-prefix scoring and the ifd stage against a plain reference."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from themis_ray import judging
 from themis_ray.engines import Engine
+from themis_ray.engines.hf import SharedPrefixScorer, _common_prefix
 from themis_ray.schema import REJECT, output_schema
 from themis_ray.stages import ifd as ifd_stage
 from themis_ray.stages.ifd import ifd_from_logprobs
@@ -76,13 +77,14 @@ def test_prompt_ids_none_is_a_single_begin_token(hf_engine):
     assert hf_engine.prompt_ids(None) == [expected]
 
 
-@pytest.mark.parametrize("batch_size", [8, 2])
-def test_token_logprobs_equal_one_at_a_time_reference(hf_engine, batch_size):
+@pytest.mark.parametrize("micro_batch_size,share_prefix", [(8, True), (2, False)])
+def test_token_logprobs_equal_one_at_a_time_reference(hf_engine, micro_batch_size, share_prefix):
     prompts = [p for p, _ in RECORDS]
     completions = [c for _, c in RECORDS]
     lengths = [len(hf_engine.prompt_ids(p)) + len(hf_engine.text_ids(c)) for p, c in RECORDS]
     assert max(lengths) > 3 * min(lengths)  # very different lengths, so padding matters
-    got = hf_engine.token_logprobs(prompts, completions, batch_size=batch_size)
+    got = hf_engine.token_logprobs(prompts, completions, micro_batch_size=micro_batch_size, max_padding=1.0,
+                                   share_prefix=share_prefix)
     assert len(got) == len(RECORDS)
     for (prompt, completion), scores in zip(RECORDS, got):
         assert scores.error is None
@@ -164,8 +166,8 @@ def test_stage_ifd_equals_per_record_reference(hf_engine, monkeypatch, share_pre
                for r in STAGE_RECORDS]
     assert max(lengths) > 2 * min(lengths)  # very different lengths, so padding and sorting matter
     calls = []
-    original = ifd_stage.SharedPrefixScorer._score
-    monkeypatch.setattr(ifd_stage.SharedPrefixScorer, "_score",
+    original = SharedPrefixScorer._score
+    monkeypatch.setattr(SharedPrefixScorer, "_score",
                         lambda self, group, shared: calls.append((len(group), shared)) or original(self, group, shared))
     scorer = _scorer(hf_engine, monkeypatch, micro_batch_size=micro_batch_size, max_padding=max_padding,
                      share_prefix=share_prefix)
@@ -187,12 +189,12 @@ def test_stage_ifd_equals_per_record_reference(hf_engine, monkeypatch, share_pre
 
 
 def test_micro_batches_respect_size_and_padding_budget():
-    scorer = ifd_stage.SharedPrefixScorer(engine=None, micro_batch_size=3, max_padding=0.1)
+    scorer = SharedPrefixScorer(engine=None, micro_batch_size=3, max_padding=0.1)
     lengths = [100, 10, 98, 95, 11, 50, 99]
     batches = scorer.micro_batches(lengths)
     assert sorted(k for b in batches for k in b) == list(range(len(lengths)))
     assert [[lengths[k] for k in b] for b in batches] == [[10, 11], [50], [95, 98, 99], [100]]
-    assert ifd_stage.SharedPrefixScorer(None, micro_batch_size=1).micro_batches([5, 5, 5]) == [[0], [1], [2]]
+    assert SharedPrefixScorer(None, micro_batch_size=1).micro_batches([5, 5, 5]) == [[0], [1], [2]]
 
 
 def test_stage_rejects_what_cannot_be_scored_with_the_reason(hf_engine, monkeypatch):
@@ -206,14 +208,14 @@ def test_stage_rejects_what_cannot_be_scored_with_the_reason(hf_engine, monkeypa
 
 
 def test_prefix_groups_need_a_long_enough_common_prefix():
-    scorer = ifd_stage.SharedPrefixScorer(engine=None, min_prefix=3)
+    scorer = SharedPrefixScorer(engine=None, min_prefix=3)
     items = [(0, [1, 2, 3, 4, 9], [5]), (1, [7, 7, 7, 7], [5]), (2, [1, 2, 3, 5], [5]), (3, [1, 2, 8], [5])]
     groups = [[i for i, _, _ in g] for g in scorer._groups(items)]
     assert groups == [[0, 2], [3], [1]]
     # a deep prefix shared by two beats a shallow one shared by three
     deep = [(0, [1, 1, 1, 1, 1, 5], [5]), (1, [1, 1, 1, 1, 1, 6], [5]), (2, [1, 1, 2, 9], [5])]
-    assert [[i for i, _, _ in g] for g in ifd_stage.SharedPrefixScorer(None, min_prefix=2)._groups(deep)] == [[0, 1], [2]]
+    assert [[i for i, _, _ in g] for g in SharedPrefixScorer(None, min_prefix=2)._groups(deep)] == [[0, 1], [2]]
     # ...but not when the deeper prefix is only a little longer: 3 x 2 saved together, 1 x 3 + 1 x 2 apart
     close = [(0, [1, 1, 1, 5], [5]), (1, [1, 1, 1, 6], [5]), (2, [1, 1, 2, 9], [5]), (3, [1, 1, 3, 9], [5])]
-    assert len(ifd_stage.SharedPrefixScorer(None, min_prefix=2)._groups(close)) == 1
-    assert ifd_stage._common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2]]) == [1, 2]
+    assert len(SharedPrefixScorer(None, min_prefix=2)._groups(close)) == 1
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2]]) == [1, 2]

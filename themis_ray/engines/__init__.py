@@ -58,9 +58,12 @@ class Engine(ABC):
         """One completion per conversation, in order; a failure is per item, never per batch."""
 
     def token_logprobs(
-        self, prompts: list[Optional[Conversation]], completions: list[str]
+        self, prompts: list[Optional[Conversation]], completions: list[str], **batching
     ) -> list[TokenScores]:
-        """Score `completion` tokens after the chat-templated `prompt` (None: no prompt at all)."""
+        """Score `completion` tokens after the chat-templated `prompt` (None: no prompt at all).
+
+        `batching` (micro_batch_size, max_padding, share_prefix) tunes engines that batch the scoring
+        themselves (hf); engines that schedule their own batches ignore it."""
         raise NotImplementedError(
             f"the {type(self).__name__} cannot score given text; use engine kind 'hf' for this stage"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -102,29 +103,10 @@ class HFEngine(Engine):
 
     # -- scoring ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def token_logprobs(
-        self, prompts: list[Optional[Conversation]], completions: list[str], batch_size: int = 8
-    ) -> list[TokenScores]:
-        results: list[TokenScores] = [TokenScores() for _ in prompts]
-        items = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            p, c = self.prompt_ids(prompt), self.text_ids(completion)
-            if not c:
-                results[i] = TokenScores(error="the completion is empty", num_prompt_tokens=len(p))
-            elif len(p) + len(c) > self.max_model_len:
-                results[i] = TokenScores(
-                    error=f"prompt+completion is {len(p) + len(c)} tokens > max_model_len={self.max_model_len}",
-                    num_prompt_tokens=len(p),
-                )
-            else:
-                items.append((i, p, c))
-        # Length-sorted micro-batches waste little padding.
-        items.sort(key=lambda item: len(item[1]) + len(item[2]))
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            for (i, p, _), scores in zip(chunk, self._score_chunk([(p, c) for _, p, c in chunk])):
-                results[i] = TokenScores(logprobs=scores, num_prompt_tokens=len(p))
-        return results
+    def token_logprobs(self, prompts: list[Optional[Conversation]], completions: list[str], micro_batch_size: int = 8,
+                       max_padding: float = 0.1, share_prefix: bool = True) -> list[TokenScores]:
+        """Scores with the prompt prefix a batch's records share run once (see SharedPrefixScorer)."""
+        return SharedPrefixScorer(self, micro_batch_size, max_padding, share_prefix).token_logprobs(prompts, completions)
 
     @torch.inference_mode()
     def choice_logprobs(self, prompt: Conversation, options: list[str]) -> list[float]:
@@ -150,18 +132,125 @@ class HFEngine(Engine):
             totals.append(total)
         return totals
 
-    def _score_chunk(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        ids, mask = self._left_padded([p + c for p, c in pairs])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each row's 0
-        longest = max(len(c) for _, c in pairs)
-        # Left padding right-aligns every completion, so only the last `longest + 1` logits matter.
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1
-        ).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
-        out = []
-        for row, (_, c) in enumerate(pairs):
-            target = torch.tensor(c, device=self.device)
-            picked = logp[row, longest - len(c) :].gather(-1, target[:, None])[:, 0]
-            out.append(picked.tolist())
-        return out
+
+class SharedPrefixScorer:
+    """The hf engine's `token_logprobs`: shared prompt prefixes run once, micro-batches waste little padding.
+
+    Records are grouped by the token prefix their prompts share (at least `min_prefix` tokens, as the
+    evaluation prompts of one scenario and mode do); a group's prefix goes through the model once, and
+    each micro-batch of remainders (rest of the prompt + answer) continues from a copy of its cached keys
+    and values. Micro-batches are length-sorted, left-padded, at most `micro_batch_size` records, and
+    closed before padding would exceed `max_padding` of their tokens; only the answer positions' logits
+    are computed. Same tokens at the same positions as scoring each record whole, so the same
+    log-probabilities up to float rounding.
+    """
+
+    def __init__(self, engine, micro_batch_size: int = 1, max_padding: float = 0.1, share_prefix: bool = True,
+                 min_prefix: int = 32):
+        self.engine, self.micro_batch_size, self.max_padding = engine, max(1, micro_batch_size), max_padding
+        self.share_prefix, self.min_prefix = share_prefix, min_prefix
+
+    def token_logprobs(self, prompts: list, completions: list[str]) -> list[TokenScores]:
+        engine = self.engine
+        results: list[Optional[TokenScores]] = [None] * len(prompts)
+        items = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            p, c = engine.prompt_ids(prompt), engine.text_ids(completion)
+            if not c:
+                results[i] = TokenScores(error="the completion is empty", num_prompt_tokens=len(p))
+            elif len(p) + len(c) > engine.max_model_len:
+                results[i] = TokenScores(
+                    error=f"prompt+completion is {len(p) + len(c)} tokens > max_model_len={engine.max_model_len}",
+                    num_prompt_tokens=len(p))
+            else:
+                items.append((i, p, c))
+        plain = []  # records without a long enough prefix to share: scored together, from scratch
+        for group in self._groups(items) if self.share_prefix else [items]:
+            shared = min(len(_common_prefix([p for _, p, _ in group])), min(len(p) for _, p, _ in group) - 1)
+            if self.share_prefix and len(group) > 1 and shared >= self.min_prefix:
+                for i, p, scores in self._score(group, shared):
+                    results[i] = TokenScores(logprobs=scores, num_prompt_tokens=len(p))
+            else:
+                plain += group
+        for i, p, scores in self._score(plain, 0) if plain else ():
+            results[i] = TokenScores(logprobs=scores, num_prompt_tokens=len(p))
+        return results  # type: ignore[return-value]
+
+    def _groups(self, items: list) -> list[list]:
+        """Items in prompt-id order, cut into groups that each share one prefix, to save the most tokens.
+
+        A group of n sharing s tokens saves (n - 1) * s (when s >= min_prefix). A run is split where its
+        neighbours share the least, when its two halves save more apart than together: so records of
+        one scenario keep their long common prefix rather than the few tokens all prompts share.
+        """
+        items = sorted(items, key=lambda item: item[1])
+        neighbours = [len(_common_prefix([a[1], b[1]])) for a, b in zip(items, items[1:])]
+
+        def shared(lo: int, hi: int) -> int:
+            return min(min(neighbours[lo:hi - 1]), min(len(item[1]) for item in items[lo:hi]) - 1)
+
+        def saving(lo: int, hi: int) -> int:
+            s = shared(lo, hi) if hi - lo > 1 else 0
+            return (hi - lo - 1) * s if s >= self.min_prefix else 0
+
+        def split(lo: int, hi: int) -> list[tuple[int, int]]:
+            if hi - lo < 2:
+                return [(lo, hi)]
+            cut = lo + 1 + min(range(hi - lo - 1), key=lambda k: neighbours[lo + k])
+            parts = split(lo, cut) + split(cut, hi)
+            return [(lo, hi)] if saving(lo, hi) >= sum(saving(a, b) for a, b in parts) else parts
+
+        return [items[lo:hi] for lo, hi in split(0, len(items))] if items else []
+
+    def micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices into `lengths`, shortest first, cut so no batch exceeds its size or padding budget."""
+        batches: list[list[int]] = []
+        for k in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+            if batches and len(batches[-1]) < self.micro_batch_size:
+                members = batches[-1] + [k]
+                width = lengths[k]  # the longest so far: sorted ascending
+                padding = sum(width - lengths[j] for j in members) / (width * len(members))
+                if padding <= self.max_padding:
+                    batches[-1].append(k)
+                    continue
+            batches.append([k])
+        return batches
+
+    def _score(self, group: list, shared: int):
+        """(index, prompt ids, answer log-probabilities) for each item of the group."""
+        engine = self.engine
+        model, device = engine.model, engine.device
+        with torch.inference_mode():
+            cache = None
+            if shared:
+                cache = model(input_ids=torch.tensor([group[0][1][:shared]], device=device), use_cache=True).cache
+            rests = [p[shared:] + c for _, p, c in group]
+            for batch in self.micro_batches([len(r) for r in rests]):
+                chunk = [group[k] for k in batch]
+                ids, mask = engine._left_padded([rests[k] for k in batch])
+                positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row from 0
+                kwargs = {}
+                if cache is not None:
+                    kwargs["cache"] = copy.deepcopy(cache)
+                    kwargs["cache"].batch_repeat_interleave(len(chunk))
+                    mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype, device=device), mask], -1)
+                longest = max(len(c) for _, _, c in chunk)
+                # Left padding right-aligns every answer, so only the last `longest + 1` logits matter.
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               logits_to_keep=longest + 1, **kwargs).logits.float()
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
+                for row, (i, p, c) in enumerate(chunk):
+                    target = torch.tensor(c, device=device)
+                    yield i, p, logp[row, longest - len(c):].gather(-1, target[:, None])[:, 0].tolist()
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    first = seqs[0]
+    n = len(first)
+    for s in seqs[1:]:
+        n = min(n, len(s))
+        for k in range(n):
+            if s[k] != first[k]:
+                n = k
+                break
+    return first[:n]

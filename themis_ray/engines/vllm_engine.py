@@ -197,7 +197,8 @@ class VLLMEngine(_VLLMBase):
         outputs = self._run([ids for _, ids in todo], sampling_params(sampling))
         return self._read_generation(results, todo, outputs, sampling.logprobs)
 
-    def token_logprobs(self, prompts: list[Optional[Conversation]], completions: list[str]) -> list[TokenScores]:
+    def token_logprobs(self, prompts: list[Optional[Conversation]], completions: list[str],
+                       **batching) -> list[TokenScores]:
         results, todo = self._plan_scores(prompts, completions)
         outputs = self._run([p + c for _, p, c in todo], SCORE_PARAMS)
         return self._read_scores(results, todo, outputs)
@@ -260,7 +261,8 @@ class AsyncVLLMEngine(_VLLMBase):
     def generate(self, conversations: list[Conversation], sampling) -> list[Completion]:
         return self._wait(self.agenerate(conversations, sampling))
 
-    def token_logprobs(self, prompts: list[Optional[Conversation]], completions: list[str]) -> list[TokenScores]:
+    def token_logprobs(self, prompts: list[Optional[Conversation]], completions: list[str],
+                       **batching) -> list[TokenScores]:
         return self._wait(self.atoken_logprobs(prompts, completions))
 
     def choice_logprobs(self, prompt: Conversation, options: list[str]) -> list[float]:
