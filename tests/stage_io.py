@@ -38,7 +38,7 @@ def run_one(cfg, name: str, commit: bool = True):
     ctx = StageContext(cfg=cfg, store=store, inputs={n: StageStore(cfg.run_dir, n) for n in stage.inputs},
                        resume=resume)
     start = time.perf_counter()
-    result = stage.runner()(ctx)
+    result = stage.run(ctx)
     manifest = store.commit(result, fp, time.perf_counter() - start) if commit else None
     return manifest, result, store
 

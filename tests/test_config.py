@@ -116,3 +116,18 @@ def test_judge_names_are_shorthand_for_specs(tmp_path):
     assert [(j.name, j.model) for j in cfg.evaluate.judges] == [("trained", None), ("teacher", "/models/t")]
     cfg = load(path, ["evaluate.judges=[base]"])
     assert [j.name for j in cfg.evaluate.judges] == ["base"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("label.score_by=choise", "label.score_by"),
+    ("label.engine.kind=hff", "label.engine.kind"),
+    ("classify.method=trainedd", "classify.method"),
+    ("curate.ifd_measure=perplexitty", "curate.ifd_measure"),
+    ("judge.mode=triple", "judge.mode"),
+])
+def test_a_mistyped_enum_value_fails_at_load_naming_the_key(override, key):
+    # At load, before any stage runs: not hours later when the stage that reads it starts.
+    with pytest.raises(Exception) as err:
+        config.load(ROOT / "configs" / "quickstart.yaml", [override])
+    message = str(err.value)
+    assert key in message and override.split("=")[1] in message

@@ -184,3 +184,30 @@ def test_rerun_skips_finished_stages(finished_run, capsys):
     assert {n: (m["digest"], m["finished_at"]) for n, m in again.items()} == {
         n: (m["digest"], m["finished_at"]) for n, m in manifests.items()}
     assert capsys.readouterr().out.count("skipped: up to date") == len(STAGES)
+
+
+def test_retraining_the_classifier_reruns_classify(tmp_path):
+    import sys
+
+    import pyarrow as pa
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from stage_io import finished_stage
+
+    from themis_ray.pipeline import fingerprint
+
+    finished_stage(tmp_path, "synthesize", pa.table({"id": ["a"], "instruction": ["Say hi."], "scenario": ["open_qa"]}))
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    (classifier / "config.json").write_text('{"labels": 10}')
+    (classifier / "model.safetensors").write_bytes(b"weights v1")
+    trained = load(ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}", "classify.method=trained"])
+    before = fingerprint(trained, STAGES["classify"])
+    assert before == fingerprint(trained, STAGES["classify"])  # stable while nothing changes
+    (classifier / "model.safetensors").write_bytes(b"weights v2")  # train-classifier ran again
+    assert fingerprint(trained, STAGES["classify"]) != before
+    # Routing zero-shot, the folder is not read, so it does not count.
+    zero_shot = load(ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
+    first = fingerprint(zero_shot, STAGES["classify"])
+    (classifier / "model.safetensors").write_bytes(b"weights v3")
+    assert fingerprint(zero_shot, STAGES["classify"]) == first

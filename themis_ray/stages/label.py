@@ -228,8 +228,6 @@ def label_stats(table: pa.Table, rejected: bool) -> dict:
 
 def run(ctx: StageContext) -> StageResult:
     cfg, c = ctx.cfg, ctx.cfg.label
-    if c.score_by not in ("text", "choice"):
-        raise ValueError(f"label.score_by must be 'text' or 'choice', got {c.score_by!r}")
     source = ctx.input("respond")
     schema = output_schema("label", source.schema())
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
