@@ -6,7 +6,8 @@ Each answer token is also labelled SFT (scores, `[[n]]` markers, criterion names
 Sim (explanation prose), the split the paper's multi-objective loss trains differently.
 
 A training sequence is a list of examples: one in padded mode, several in packed mode, where the
-records sit end to end with position ids restarting at 0 for each one. transformers (5.x) reads
+records sit end to end with position ids restarting at 0 for each one. The Ray Data plan stores a
+sequence as one flat row (`sequence_row`: token lists end to end and each record's length). transformers (5.x) reads
 restarting position ids with no attention mask as packed sequences and builds a block-diagonal
 causal mask, so no record attends to another.
 """
@@ -149,33 +150,51 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     return collate_sequences([[e] for e in examples], pad_id)
 
 
-def collate_sequences(sequences: list[list[Example]], pad_id: int) -> dict:
-    """Right-pad a micro-batch of sequences into tensors.
+def sequence_row(examples: list[Example]) -> dict:
+    """A training sequence as the flat row the Ray Data plan writes: the records' tokens end to end,
+    with `segments` holding each record's length (one segment when not packed)."""
+    return {
+        "ids": [e.id for e in examples],
+        "segments": [len(e.input_ids) for e in examples],
+        "input_ids": [t for e in examples for t in e.input_ids],
+        "labels": [t for e in examples for t in e.labels],
+        "kinds": [k for e in examples for k in e.kinds],
+        "tokens": sum(len(e.input_ids) for e in examples),
+    }
 
-    A sequence of one example gets an attention mask (plain padding). A micro-batch holding any
-    sequence of several examples is packed: no attention mask, and position ids that restart at 0
+
+def collate_sequences(sequences: list[list[Example]], pad_id: int) -> dict:
+    """Right-pad a micro-batch of sequences (lists of examples) into tensors; see `collate_rows`."""
+    return collate_rows([sequence_row(seq) for seq in sequences], pad_id)
+
+
+def collate_rows(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad a micro-batch of sequence rows (`sequence_row`'s shape) into tensors.
+
+    A sequence of one record gets an attention mask (plain padding). A micro-batch holding any
+    sequence of several records is packed: no attention mask, and position ids that restart at 0
     for each record and for the padding tail, so every record (and the padding) is its own block of
     the causal mask. Labels of padding are IGNORE_INDEX either way; the first token of each record
     is a prompt token, so no label ever asks one record to predict the next."""
     import torch
 
-    lengths = [sum(len(e.input_ids) for e in seq) for seq in sequences]
+    lengths = [len(row["input_ids"]) for row in rows]
     width = max(lengths)
-    packed = any(len(seq) > 1 for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    kinds = torch.full((len(sequences), width), SFT, dtype=torch.long)
-    position_ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
+    packed = any(len(row["segments"]) > 1 for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    kinds = torch.full((len(rows), width), SFT, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = lengths[i]
+        input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
+        kinds[i, :n] = torch.as_tensor(row["kinds"], dtype=torch.long)
         pos = 0
-        for e in seq:
-            n = len(e.input_ids)
-            input_ids[row, pos : pos + n] = torch.tensor(e.input_ids)
-            labels[row, pos : pos + n] = torch.tensor(e.labels)
-            kinds[row, pos : pos + n] = torch.tensor(e.kinds)
-            position_ids[row, pos : pos + n] = torch.arange(n)
-            pos += n
-        position_ids[row, pos:] = torch.arange(width - pos)
+        for length in row["segments"]:
+            position_ids[i, pos : pos + length] = torch.arange(length)
+            pos += length
+        position_ids[i, pos:] = torch.arange(width - pos)
     batch = {"input_ids": input_ids, "labels": labels, "kinds": kinds}
     if packed:
         batch["position_ids"] = position_ids
