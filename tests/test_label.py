@@ -124,19 +124,26 @@ def test_cost_is_priced_per_record_from_its_tokens_over_every_attempt():
     assert row["cost_usd"] == pytest.approx((row["prompt_tokens"] * 2.5 + row["completion_tokens"] * 10.0) / 1000)
 
 
-def test_score_histogram_by_responder_counts_accepted_pointwise_scores():
+def test_label_stats_count_accepted_pointwise_scores_and_every_paid_token():
     import pyarrow as pa
 
-    from themis_ray.stages.label import score_histogram_by_responder
+    from themis_ray.stages.label import label_stats
 
-    table = pa.table({
-        "responder": ["careful", "careful", "careless", "careless", "careless", "careless"],
-        "score": [5.0, 4.0, 1.0, None, 2.0, 1.0],
-        "mode": ["single", "reference", "single", "single", "pairwise", "single"],
-        REJECT: [None, None, None, "unparsable", None, "unparsable"],
+    accepted = pa.table({
+        "responder": ["careful", "careful", "careless", "careless", "careless"],
+        "score": [5.0, 4.0, 1.0, None, None],
+        "mode": ["single", "reference", "single", "single", "pairwise"],
+        "verdict_consistent": [None, None, None, None, True],
+        "prompt_tokens": [10, 10, 10, 10, 20], "completion_tokens": [3, 3, 3, 3, 6], "cost_usd": [0.1] * 5,
     })
-    # rejects, score-less rows and pairwise verdicts are not scores
-    assert score_histogram_by_responder(table) == {"careful": {"4": 1, "5": 1}, "careless": {"1": 1}}
+    stats = label_stats(accepted, rejected=False)
+    # score-less rows and pairwise verdicts are not scores; the consistent pair is counted apart
+    assert stats["score_histogram_by_responder"] == {"careful": {"4": 1, "5": 1}, "careless": {"1": 1}}
+    assert stats["pairwise_consistent"] == 1
+    assert (stats["prompt_tokens"], stats["completion_tokens"]) == (60, 18) and stats["cost_usd"] == pytest.approx(0.5)
+    # Rejects were paid for too, but they add no score.
+    assert label_stats(accepted.slice(0, 2), rejected=True) == {"prompt_tokens": 20, "completion_tokens": 6,
+                                                                "cost_usd": pytest.approx(0.2)}
     # A user's own responses table need not say who wrote them.
-    assert score_histogram_by_responder(table.drop_columns(["responder", "mode"])) == {"None": {"1": 1, "2": 1,
-                                                                                             "4": 1, "5": 1}}
+    anonymous = label_stats(accepted.drop_columns(["responder"]), rejected=False)
+    assert anonymous["score_histogram_by_responder"] == {"None": {"1": 1, "4": 1, "5": 1}}

@@ -203,7 +203,7 @@ def test_aggregate_with_a_parse_rate_counts_unparsed_records():
 
 
 def test_a_judge_that_parses_one_percent_perfectly_aggregates_low():
-    from themis_ray.evaluate.summaries import pairwise_summary, pointwise_summary
+    from themis_ray.evaluate.results import pairwise_summary, pointwise_summary
 
     gold = [1, 2, 3, 4, 5] * 20
     pred = [gold[0]] + [None] * 99  # one parsed answer in 100, and it is right
@@ -228,7 +228,7 @@ def test_a_judge_that_parses_one_percent_perfectly_aggregates_low():
 
 
 def test_parsing_more_never_lowers_the_aggregate_and_silence_never_beats_answering():
-    from themis_ray.evaluate.summaries import pointwise_summary
+    from themis_ray.evaluate.results import pointwise_summary
 
     rng = np.random.default_rng(5)
     gold = rng.integers(1, 6, size=60).astype(float)

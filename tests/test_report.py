@@ -14,7 +14,7 @@ from PIL import Image
 
 from themis_ray.evaluate import benchmarks as B
 from themis_ray.evaluate import report as R
-from themis_ray.evaluate import summaries as S
+from themis_ray.evaluate import results as S
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -144,7 +144,7 @@ def test_respond_through_ray_data_llm_keeps_every_row(tmp_path, monkeypatch):
 
     from themis_ray.executor import map_processor
     from themis_ray.schema import output_schema
-    from themis_ray.stages.respond import Responder
+    from themis_ray.responders import Responder
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=CPUS, include_dashboard=False)

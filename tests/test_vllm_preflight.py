@@ -83,7 +83,7 @@ def test_vllm_stage_on_a_gpu_less_local_ray_fails_at_once(monkeypatch):
 
     from themis_ray.executor import map_processor
     from themis_ray.schema import output_schema
-    from themis_ray.stages.respond import Responder
+    from themis_ray.responders import Responder
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("THEMIS_WAIT_FOR_GPUS", raising=False)
@@ -169,7 +169,7 @@ def test_ray_data_llm_processor_config():
 
 def test_rows_through_the_ray_data_llm_steps_keep_prompts_parsing_and_rejects():
     """preprocess -> (what ray.data.llm returns per row) -> postprocess -> parse, without the engine."""
-    from themis_ray.stages.respond import Responder
+    from themis_ray.responders import Responder
     from themis_ray.executor.vllm_batch import ERROR, ROW, parse_batch, postprocess, preprocess
 
     responder = ResponderConfig(name="r1", engine=vllm_cfg(), system_prompt="Be brief.",

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train-classifier":
         from themis_ray.pipeline import init_ray
-        from themis_ray.scenario_model import print_summary, train_classifier
+        from themis_ray.classifier.trained import print_summary, train_classifier
 
         init_ray(cfg)
         print_summary(train_classifier(cfg))

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from themis_ray import fs, judging
+from themis_ray.classifier import ScenarioPredictor
 from themis_ray.config import digest
 from themis_ray.engines import engine_label
 from themis_ray.executor import RowProcessor, map_processor, map_tasks, partials, run_rows
@@ -66,17 +67,15 @@ class ScenarioRouter(RowProcessor):
     stage = "judge"
 
     def __init__(self, output_schema, classify_cfg, scenarios_dir):
-        from themis_ray.stages.classify import Classifier
-
         super().__init__(output_schema)
         model_dir = fs.local_dir(classify_cfg.model) if classify_cfg.method == "trained" else None
-        self.classifier = Classifier(output_schema, classify_cfg.engine, "classifier", scenarios_dir, model_dir)
+        self.predictor = ScenarioPredictor(classify_cfg.engine, scenarios_dir, model_dir)
 
     def process(self, rows: list[dict]) -> list[dict]:
         for row in rows:
             if row.get(REJECT) is None and not row.get("scenario"):
                 try:
-                    row["scenario"], _ = self.classifier._predict(row["instruction"])
+                    row["scenario"], _ = self.predictor.predict(row["instruction"])
                 except ValueError as err:
                     row[REJECT] = f"{row['_file']}:{row['_row']}: cannot classify the instruction: {err}"
         return rows

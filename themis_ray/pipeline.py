@@ -132,7 +132,7 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
     The driver only plans: the stage's plans read its inputs' listed parts, the workers write its own
     parts, and the manifest is written last from their footers' counts."""
     from themis_ray.executor import StageContext
-    from themis_ray.summary import print_stage_summary
+    from themis_ray.console import print_stage_summary
 
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
@@ -171,13 +171,13 @@ def engine_configs(node, path: str = ""):
 
 def preflight_engines(cfg, stages) -> None:
     """Every engine the stages will build, checked before the first stage starts (vllm: installed, GPUs)."""
-    from themis_ray.engines import preflight
+    from themis_ray.engines import gpus_per_engine, preflight
 
     engines = [(where, engine) for name in stages for key in STAGES[name].config_keys
                for where, engine in engine_configs(OmegaConf.select(cfg, key), key)]
     for where, engine in engines:
         preflight(engine, where)  # installed? (the GPU check needs Ray)
-    if any(engine.kind == "vllm" for _, engine in engines):
+    if any(gpus_per_engine(engine) for _, engine in engines):
         init_ray(cfg)
         for where, engine in engines:
             preflight(engine, where)  # now against the cluster's GPUs
@@ -190,7 +190,7 @@ def run_pipeline(cfg, force: bool = False) -> dict[str, dict]:
     preflight_engines(cfg, cfg.stages)  # a vllm teacher fails now, not after an hour of synthesis
     start = time.perf_counter()
     manifests = {name: run_stage(cfg, name, force=force) for name in cfg.stages}
-    from themis_ray.summary import print_pipeline_summary
+    from themis_ray.console import print_pipeline_summary
 
     print_pipeline_summary(cfg, manifests, time.perf_counter() - start)
     return manifests

@@ -183,9 +183,33 @@ def preflight(cfg, where: str = "engine") -> None:
         check_vllm_gpus(cfg, ray.cluster_resources(), where)
 
 
-def engine_label(cfg) -> str:
-    """"kind:model-folder-name", the engine's name in manifests and tables."""
-    return f"{cfg.kind}:{os.path.basename(str(cfg.model).rstrip('/'))}"
+def engine_label(cfg, full_path: bool = False) -> str:
+    """"kind:model" (the model folder's name, or its whole path), the engine's name in manifests,
+    metrics and tables."""
+    model = str(cfg.model) if full_path else os.path.basename(str(cfg.model).rstrip("/"))
+    return f"{cfg.kind}:{model}"
+
+
+def continues_assistant_message(cfg) -> bool:
+    """Whether the engine can continue an assistant message (a score prefilled as "[["): local
+    engines can; remote chat APIs answer a new message instead."""
+    return cfg.kind != "openai"
+
+
+def loads_local_weights(cfg) -> bool:
+    """Whether the engine loads a model folder (which must then exist), rather than calling an endpoint."""
+    return cfg.kind in ("hf", "vllm")
+
+
+def build_serving_engine(cfg, where: str = "serve.engine") -> tuple[Engine, bool]:
+    """The engine a server replica holds, and whether it batches concurrent requests itself (vLLM's
+    AsyncLLM, continuous batching) so the server must not batch them again."""
+    if cfg.kind == "vllm":
+        check_vllm_installed(where)
+        from themis_ray.engines.vllm_engine import AsyncVLLMEngine
+
+        return AsyncVLLMEngine(cfg), True
+    return build_engine(cfg, where), False
 
 
 def batches_in_flight(cfg) -> int:

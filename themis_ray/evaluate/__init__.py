@@ -4,6 +4,6 @@
 - `benchmarks`: the validation split, a labelled user file (pointwise or pairwise), MT-Bench
 - `grading`: a judge grades a benchmark's records on a Ray Data actor pool
 - `metrics`: the metrics themselves (pure numpy/scipy)
-- `summaries`: graded records -> headline metrics, CIs, normalised aggregate, per scenario, metrics.json
+- `results`: graded records -> headline metrics, CIs, normalised aggregate, per scenario, metrics.json
 - `report`: plots, text tables and the static report.html
 """

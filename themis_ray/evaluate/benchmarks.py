@@ -206,7 +206,7 @@ def _prepare_injection(batch: pa.Table, text: str, scenarios_dir) -> tuple[pa.Ta
 def injection_benchmark(curate, scenarios_dir: Optional[str] = None, text: str = INJECTION) -> Benchmark:
     """Each pointwise validation record twice, as written (`variant` clean) and with `text` appended to
     its response (`variant` injected), both rendered the same way. The mean score shift between the
-    two, per judge, is how far the injection moves that judge (`summaries.injection_summary`)."""
+    two, per judge, is how far the injection moves that judge (`results.injection_summary`)."""
     records, rejects = split_prepared(curate.dataset(), _prepare_injection, text=text, scenarios_dir=scenarios_dir)
     return Benchmark("injection", "injection", records, rejects, INJECTION_SCHEMA,
                      source=f"this run's validation split, each response judged as written and with "
@@ -439,7 +439,7 @@ def mtbench_benchmark(cfg, work, resume: bool = False) -> Benchmark:
 
     from themis_ray.executor import run_rows
     from themis_ray.schema import output_schema
-    from themis_ray.stages.respond import Responder
+    from themis_ray.responders import Responder
     from themis_ray.store import StageResult
 
     mc = cfg.evaluate.mtbench
@@ -452,7 +452,7 @@ def mtbench_benchmark(cfg, work, resume: bool = False) -> Benchmark:
         resume = work.begin({"mtbench": names})  # True when a crashed run left answers to keep
         for k, r in enumerate(mc.responders):
             run_rows(ray.data.from_arrow(questions), Responder, cfg.evaluate.pool, work, schema, resume=resume,
-                     tag=f"r{k}-", where={"responder": r.name}, responder=r)
+                     tag=f"r{k}-", where={"responder": r.name}, responder=r, section="evaluate.mtbench")
         work.commit(StageResult(rows_in=questions.num_rows * len(names)), {"mtbench": names}, 0.0)
     answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
     fields = [f for f in schema if f.name != REJECT]

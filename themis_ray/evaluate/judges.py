@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from themis_ray import fs
 from themis_ray.config import EngineConfig, JudgeSpec
+from themis_ray.engines import continues_assistant_message, engine_label
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Judge:
 
     @property
     def label(self) -> str:
-        return f"{self.engine.kind}:{self.engine.model}"
+        return engine_label(self.engine, full_path=True)
 
 
 def _spec(entry: Any) -> Any:
@@ -60,7 +61,7 @@ def resolve_judges(cfg, run_dir: str | Path | None = None) -> list[Judge]:
             prefill = bool(spec.prefill_score)
         else:
             # A remote API does not continue an assistant message: parse the score from the text.
-            prefill = bool(cfg.evaluate.prefill_score) and engine.kind != "openai"
+            prefill = bool(cfg.evaluate.prefill_score) and continues_assistant_message(engine)
         judges.append(Judge(name=str(spec.name), engine=engine, prefill=prefill))
     names = [j.name for j in judges]
     duplicates = sorted({n for n in names if names.count(n) > 1})

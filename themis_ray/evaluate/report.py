@@ -357,9 +357,9 @@ def _prefix(benchmark: str, judge: str) -> str:
 def write_report(out_dir: str | Path, results: list, title: str = "Judge meta-evaluation") -> Path:
     """Every plot of every benchmark, and report.html that shows them with the metric tables.
 
-    `results` are `summaries.BenchmarkResult`s with their summaries filled in.
+    `results` are `results.BenchmarkResult`s with their summaries filled in.
     """
-    from themis_ray.evaluate.summaries import headline_rows, scenario_rows
+    from themis_ray.evaluate.results import headline_rows, scenario_rows
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

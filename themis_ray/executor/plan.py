@@ -44,7 +44,7 @@ def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, si
     several batches at once on threads, so a batch waiting on one slow request does not hold the
     endpoint's other slots idle (the engine caps the requests in flight).
     """
-    engine_cfg, where = _engine_config(processor, kwargs)
+    engine_cfg, where = processor.engine_config(kwargs)
     if engine_cfg is not None:
         preflight(engine_cfg, where)  # before any actor waits for a GPU that is not there
     # Blocks of one batch each, so the pool spreads the work however the input was cut into files.
@@ -90,16 +90,6 @@ class WriteThrough:
 def _write_batch(batch: pa.Table, sink: StageSink) -> pa.Table:
     counts = sink.write([batch], None)
     return pa.table({"rows": [counts["rows"]], "rejected": [counts["rejected"]]}, schema=COUNTS)
-
-
-def _engine_config(processor: type[RowProcessor], kwargs: dict):
-    """The engine config a processor builds its engine from, and its name for error messages."""
-    if kwargs.get("engine_cfg") is not None:
-        return kwargs["engine_cfg"], f"{processor.stage}.engine"
-    responder = kwargs.get("responder")
-    if responder is not None and getattr(responder, "engine", None) is not None:
-        return responder.engine, f"{processor.stage}.responders[{responder.name}].engine"
-    return None, processor.stage
 
 
 def map_tasks(ds, fn: Callable[[pa.Table], pa.Table], **fn_kwargs):

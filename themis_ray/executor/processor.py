@@ -22,6 +22,12 @@ class RowProcessor:
     def __init__(self, output_schema: pa.Schema):
         self.schema = output_schema
 
+    @classmethod
+    def engine_config(cls, kwargs: dict):
+        """The engine config this processor builds from its constructor `kwargs`, and the config key
+        that names it in errors; (None, stage) for a processor without an engine."""
+        return kwargs.get("engine_cfg"), f"{cls.stage}.engine"
+
     def process(self, rows: list[dict]) -> list[dict]:
         raise NotImplementedError
 
@@ -38,9 +44,10 @@ class GenerationProcessor(RowProcessor):
 
     sampling = None  # the SamplingConfig of the generate call
 
-    def __init__(self, output_schema: pa.Schema, engine_cfg, with_engine: bool = True):
+    def __init__(self, output_schema: pa.Schema, engine_cfg, with_engine: bool = True, **kwargs):
         super().__init__(output_schema)
-        self.engine = build_engine(engine_cfg, f"{self.stage}.engine") if with_engine else None
+        where = self.engine_config({"engine_cfg": engine_cfg, **kwargs})[1]
+        self.engine = build_engine(engine_cfg, where) if with_engine else None
 
     def conversations(self, rows: list[dict]) -> list:
         raise NotImplementedError

@@ -5,8 +5,8 @@ Two deployments:
 * `JudgeAPI`: the FastAPI ingress (num_cpus=0, so it never competes with the model for a small box's
   CPUs). It validates, renders prompts, parses answers and speaks OpenAI's chat-completions dialect.
 * `JudgeModel`: builds the engine inside its replica and batches generate calls with `@serve.batch`;
-  requests with the same sampling parameters share one `engine.generate` call. With `engine.kind:
-  vllm` it runs vLLM's AsyncLLM instead, which batches every request in flight by itself (continuous
+  requests with the same sampling parameters share one `engine.generate` call. With a
+  vllm engine it runs vLLM's AsyncLLM instead, which batches every request in flight by itself (continuous
   batching), on the GPUs the replica holds.
 
 Start it from Python with `run_server(cfg, model)`, or with Serve's CLI through the application
@@ -32,7 +32,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from themis_ray.config import EngineConfig, SamplingConfig, ServeConfig
-from themis_ray.engines import Completion, Conversation, gpus_per_engine, preflight
+from themis_ray import fs
+from themis_ray.engines import Completion, Conversation, gpus_per_engine, loads_local_weights, preflight
 from themis_ray.serve.api import create_fastapi_app
 from themis_ray.serve.service import JudgeService, ServeSettings, engine_error, parse_keys
 
@@ -45,16 +46,9 @@ class JudgeModel:
 
     def __init__(self, engine_cfg: EngineConfig, max_batch_size: int, batch_wait_timeout_s: float,
                  scenarios_dir: Optional[str] = None):
-        from themis_ray.engines import build_engine, check_vllm_installed
+        from themis_ray.engines import build_serving_engine
 
-        self.continuous = engine_cfg.kind == "vllm"
-        if self.continuous:
-            check_vllm_installed("serve.engine")
-            from themis_ray.engines.vllm_engine import AsyncVLLMEngine
-
-            self.engine = AsyncVLLMEngine(engine_cfg)
-        else:
-            self.engine = build_engine(engine_cfg)
+        self.engine, self.continuous = build_serving_engine(engine_cfg)
         self.scenarios_dir = scenarios_dir
         self._lock = threading.Lock()  # one engine call at a time: the replica's CPUs are the engine's
         self._generate_batch.set_max_batch_size(max_batch_size)
@@ -96,7 +90,7 @@ class JudgeModel:
 
     async def classify(self, instruction: str) -> dict:
         """{"scenario", "confidence"}, or {"error"} when this instruction cannot be classified."""
-        from themis_ray.classifier import classify
+        from themis_ray.classifier.zero_shot import classify
 
         if self.continuous:  # the classifier's scoring calls run on this loop, from the worker thread
             self.engine.bind_loop(asyncio.get_running_loop())
@@ -159,7 +153,7 @@ def build_app(cfg: Any, model: Optional[str] = None, scenarios_dir: Optional[str
     cfg = _serve_config(cfg)
     engine = copy.deepcopy(cfg.engine)
     engine.model = model or cfg.model or engine.model
-    if engine.kind in ("hf", "vllm") and not _is_embedded(engine.model) and not os.path.isdir(os.path.expanduser(engine.model)):
+    if loads_local_weights(engine) and not _is_embedded(engine.model) and not fs.exists(engine.model):
         raise FileNotFoundError(f"judge model folder not found: {engine.model}")
     if cfg.max_tokens < 1 or cfg.max_tokens >= engine.max_model_len:
         raise ValueError(f"serve.max_tokens must be in 1..{engine.max_model_len - 1}; got {cfg.max_tokens}")

@@ -134,7 +134,7 @@ class EngineBackend:
         return completion
 
     async def classify(self, instruction: str) -> tuple[str, float]:
-        from themis_ray.classifier import classify
+        from themis_ray.classifier.zero_shot import classify
 
         try:
             ((name, confidence),) = await asyncio.to_thread(

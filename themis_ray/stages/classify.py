@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from themis_ray import fs, prompts
-from themis_ray.classifier import classify
-from themis_ray.engines import build_engine, engine_label
+from themis_ray.classifier import ScenarioPredictor
+from themis_ray.engines import engine_label
 from themis_ray.executor import RowProcessor, StageContext, run_rows
 from themis_ray.schema import REJECT, output_schema
 from themis_ray.store import StageResult
@@ -21,25 +21,14 @@ class Classifier(RowProcessor):
 
     def __init__(self, output_schema, engine_cfg, route_by, scenarios_dir, model_dir=None):
         super().__init__(output_schema)
-        if model_dir:
-            from themis_ray.scenario_model import ScenarioModel
-
-            self.trained, self.engine = ScenarioModel(model_dir, scenarios_dir, num_threads=engine_cfg.num_threads), None
-        else:
-            self.trained, self.engine = None, build_engine(engine_cfg)
+        self.predictor = ScenarioPredictor(engine_cfg, scenarios_dir, model_dir)
         self.route_by = route_by
-        self.scenarios_dir = scenarios_dir
-
-    def _predict(self, instruction: str) -> tuple[str, float]:
-        if self.trained is not None:
-            return self.trained.predict([instruction])[0]
-        return classify(self.engine, [instruction], self.scenarios_dir)[0]
 
     def process(self, rows: list[dict]) -> list[dict]:
         out = []
         for row in rows:
             try:
-                predicted, confidence = self._predict(row["instruction"])
+                predicted, confidence = self.predictor.predict(row["instruction"])
             except ValueError as err:
                 out.append({**row, REJECT: f"classifier failed: {err}"})
                 continue

@@ -29,7 +29,7 @@ from themis_ray.evaluate.benchmarks import REJECT_SCHEMA, load_benchmarks
 from themis_ray.evaluate.grading import grade, graded_schema, graded_stats, part_tag
 from themis_ray.evaluate.judges import resolve_judges
 from themis_ray.evaluate.report import format_table, write_report
-from themis_ray.evaluate.summaries import BenchmarkResult, headline_rows, metrics_json, scenario_rows, summarize
+from themis_ray.evaluate.results import BenchmarkResult, headline_rows, metrics_json, scenario_rows, summarize
 from themis_ray.executor import StageContext, write
 from themis_ray.store import REJECTS, StageResult, StageStore
 

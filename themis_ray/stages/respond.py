@@ -5,34 +5,10 @@ from __future__ import annotations
 import re
 
 from themis_ray.engines import engine_label
-from themis_ray.executor import GenerationProcessor, StageContext, run_rows
-from themis_ray.schema import REJECT, output_schema, stable_id
+from themis_ray.executor import StageContext, run_rows
+from themis_ray.responders import Responder
+from themis_ray.schema import output_schema
 from themis_ray.store import StageResult
-
-
-class Responder(GenerationProcessor):
-    stage = "respond"
-    resume_key = ("id", "instruction_id")  # per responder: the run narrows the written rows to its own
-
-    def __init__(self, output_schema, responder, with_engine: bool = True):
-        super().__init__(output_schema, responder.engine, with_engine)
-        self.responder = responder
-        self.sampling = responder.sampling
-
-    def conversations(self, rows: list[dict]) -> list:
-        system = [{"role": "system", "content": self.responder.system_prompt}] if self.responder.system_prompt else []
-        return [system + [{"role": "user", "content": r["instruction"]}] for r in rows]
-
-    def parse(self, rows: list[dict], completions: list) -> list[dict]:
-        out = []
-        for row, done in zip(rows, completions):
-            base = {**row, "id": stable_id(row["id"], self.responder.name), "instruction_id": row["id"],
-                    "responder": self.responder.name}
-            if done.error or not done.text.strip():
-                out.append({**base, REJECT: f"engine error: {done.error}" if done.error else "empty response"})
-            else:
-                out.append({**base, "response": done.text.strip(), REJECT: None})
-        return out
 
 
 def run(ctx: StageContext) -> StageResult:

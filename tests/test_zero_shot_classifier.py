@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from themis_ray.classifier import classify, scenario_prior, softmax, _scenario_logprobs
+from themis_ray.classifier.zero_shot import classify, scenario_prior, softmax, _scenario_logprobs
 from themis_ray.scenarios import load_scenarios
 
 

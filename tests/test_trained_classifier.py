@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from themis_ray.config import load
-from themis_ray.scenario_model import (
+from themis_ray.classifier.trained import (
     CONFUSION_PNG,
     METRICS_FILE,
     ScenarioModel,

@@ -324,7 +324,7 @@ def train_classifier(cfg: Any) -> dict:
         **fit,
     }
     if t.compare_zero_shot:
-        from themis_ray.classifier import classify
+        from themis_ray.classifier.zero_shot import classify
         from themis_ray.engines import build_engine
 
         # The zero-shot model reads every scenario definition per instruction (seconds each on a
