@@ -29,6 +29,23 @@ def ray_local(monkeypatch):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_module(request, s3_server):
+    """A local two-CPU Ray for one test module, started after the loopback S3 server so its workers
+    inherit the S3 settings; the module's own functions travel to the workers by value (a test module
+    is not importable there)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster needs no auth token
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP server on loopback (moto's server mode, as Ray's own tests use), with a

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,18 +28,6 @@ from themis_ray.schema import REJECT
 sys.path.insert(0, str(Path(__file__).parent))
 from stage_io import finished_stage  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster needs no auth token
-    ray.init(num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------- judges
@@ -156,7 +143,7 @@ def test_parse_file_rows_takes_rows_from_anywhere_and_numbers_them_as_given():
 
 
 @pytest.mark.integration
-def test_pairwise_parquet_winners_ids_and_both_orders(local_ray, tmp_path):
+def test_pairwise_parquet_winners_ids_and_both_orders(ray_module, tmp_path):
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist([
         {"id": "p1", "prompt": "Say hi.", "a": "Hi!", "b": "Go away.", "winner": "model_a"},
@@ -213,7 +200,7 @@ def test_a_required_column_absent_from_the_whole_file_is_a_mapping_error():
 
 
 @pytest.mark.integration
-def test_file_benchmark_checks_the_mapping_over_the_whole_file(local_ray, tmp_path):
+def test_file_benchmark_checks_the_mapping_over_the_whole_file(ray_module, tmp_path):
     path = tmp_path / "l.csv"  # CSV too: its header names the columns
     path.write_text("instruction,response,grade\nx,y,3\n")
     with pytest.raises(ValueError, match=r"no column for score \(column 'score'\).*grade"):
@@ -231,7 +218,7 @@ def test_a_ten_point_scale_is_asked_and_checked_on_that_scale():
 
 
 @pytest.mark.integration
-def test_validation_benchmark_keeps_only_the_held_out_split(local_ray, tmp_path):
+def test_validation_benchmark_keeps_only_the_held_out_split(ray_module, tmp_path):
     curated = pa.table({"id": ["a", "b", "c"], "split": ["train", "validation", "validation"],
                         "score": [1.0, 2.0, 3.0]})
     (bench,) = B.validation_benchmarks(finished_stage(tmp_path, "curate", curated))
@@ -242,7 +229,7 @@ def test_validation_benchmark_keeps_only_the_held_out_split(local_ray, tmp_path)
 
 @pytest.mark.integration
 def test_pairwise_validation_records_become_their_own_benchmark_with_the_teacher_verdict_as_gold(
-        local_ray, tmp_path):
+        ray_module, tmp_path):
     base = {"split": "validation", "scenario": "open_qa", "instruction": "Say hi.", "reference": None,
             "response": None, "score": None, "prompt": None}
     curated = pa.Table.from_pylist([
@@ -430,7 +417,7 @@ def test_metrics_json_is_keyed_by_judge_with_the_first_labelled_benchmark_on_top
 
 
 @pytest.mark.integration
-def test_injection_benchmark_renders_each_validation_record_clean_and_injected(local_ray, tmp_path):
+def test_injection_benchmark_renders_each_validation_record_clean_and_injected(ray_module, tmp_path):
     base = {"split": "validation", "scenario": "open_qa", "instruction": "Say hi.", "reference": None, "score": 2.0}
     curated = pa.Table.from_pylist([
         {**base, "id": "a", "mode": "single", "response": "Hi"},

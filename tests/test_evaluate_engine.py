@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,18 +18,6 @@ from themis_ray.schema import REJECT
 sys.path.insert(0, str(Path(__file__).parent))
 from stage_io import finished_stage, run_one, stage_path  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster needs no auth token
-    ray.init(num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def file_records(fmt, rows, **kwargs):
@@ -98,7 +85,7 @@ def test_a_judge_that_cannot_answer_is_measured_not_dropped():
 
 
 @pytest.mark.integration
-def test_stage_runs_two_judges_on_validation_file_and_mtbench(local_ray, tmp_path):
+def test_stage_runs_two_judges_on_validation_file_and_mtbench(ray_module, tmp_path):
     from themis_ray import judging
 
     curated = []

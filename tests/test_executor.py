@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,21 +30,6 @@ def _rows(n: int, reject_every: int = 0) -> pa.Table:
 
 def count_stats(table: pa.Table, rejected: bool) -> dict:
     return {"x": pc.sum(table["x"]).as_py() or 0}
-
-
-@pytest.fixture(scope="module")
-def ray_module(s3_server):  # the S3 variables first: workers inherit the environment they start in
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # The test's own functions travel by value: workers cannot import a test module.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 def _write_stage(ray, run_dir: str, table: pa.Table, blocks: int = 4) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from themis_ray.pipeline import STAGES
-from themis_ray.store import MANIFEST, StageStore
+from themis_ray.store import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"

@@ -3,12 +3,10 @@ dedup of a stage table, and one real synthesis run on local Ray covering the ten
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from themis_ray.config import DedupConfig, load

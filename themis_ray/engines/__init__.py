@@ -183,6 +183,25 @@ def preflight(cfg, where: str = "engine") -> None:
         check_vllm_gpus(cfg, ray.cluster_resources(), where)
 
 
+def plan_scores(engine, prompts: list[Optional[Conversation]], completions: list[str], reserve: int = 0,
+                why: str = ""):
+    """Tokenize each (prompt, completion); an empty completion, or one whose tokens with `reserve` more
+    exceed `engine.max_model_len`, becomes that item's error. Returns (results with those errors,
+    [(index, prompt ids, completion ids)] still to score). Shared by the engines that tokenize."""
+    results: list[Optional[TokenScores]] = [None] * len(prompts)
+    todo = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        p, c = engine.prompt_ids(prompt), engine.text_ids(completion)
+        if not c:
+            results[i] = TokenScores(error="the completion is empty", num_prompt_tokens=len(p))
+        elif len(p) + len(c) + reserve > engine.max_model_len:
+            results[i] = TokenScores(error=f"prompt+completion is {len(p) + len(c)} tokens{why}; that exceeds "
+                                           f"max_model_len={engine.max_model_len}", num_prompt_tokens=len(p))
+        else:
+            todo.append((i, p, c))
+    return results, todo
+
+
 def engine_label(cfg, full_path: bool = False) -> str:
     """"kind:model" (the model folder's name, or its whole path), the engine's name in manifests,
     metrics and tables."""

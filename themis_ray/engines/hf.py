@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from themis_ray.assets import resolve_model
-from themis_ray.engines import Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts
+from themis_ray.engines import (Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts,
+                                plan_scores)
 
 
 class HFEngine(Engine):
@@ -151,19 +152,7 @@ class SharedPrefixScorer:
         self.share_prefix, self.min_prefix = share_prefix, min_prefix
 
     def token_logprobs(self, prompts: list, completions: list[str]) -> list[TokenScores]:
-        engine = self.engine
-        results: list[Optional[TokenScores]] = [None] * len(prompts)
-        items = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            p, c = engine.prompt_ids(prompt), engine.text_ids(completion)
-            if not c:
-                results[i] = TokenScores(error="the completion is empty", num_prompt_tokens=len(p))
-            elif len(p) + len(c) > engine.max_model_len:
-                results[i] = TokenScores(
-                    error=f"prompt+completion is {len(p) + len(c)} tokens > max_model_len={engine.max_model_len}",
-                    num_prompt_tokens=len(p))
-            else:
-                items.append((i, p, c))
+        results, items = plan_scores(self.engine, prompts, completions)
         plain = []  # records without a long enough prefix to share: scored together, from scratch
         for group in self._groups(items) if self.share_prefix else [items]:
             shared = min(len(_common_prefix([p for _, p, _ in group])), min(len(p) for _, p, _ in group) - 1)

@@ -19,7 +19,8 @@ import uuid
 from typing import Any, Optional
 
 from themis_ray.assets import resolve_model
-from themis_ray.engines import Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts
+from themis_ray.engines import (Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts,
+                                plan_scores)
 
 
 def sampling_params(sampling) -> dict:
@@ -126,21 +127,8 @@ class _VLLMBase(Engine):
 
     # -- scoring given text ------------------------------------------------------------------------
     def _plan_scores(self, prompts: list[Optional[Conversation]], completions: list[str]):
-        results: list[Optional[TokenScores]] = [None] * len(prompts)
-        todo = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            p, c = self.prompt_ids(prompt), self.text_ids(completion)
-            if not c:
-                results[i] = TokenScores(error="the completion is empty", num_prompt_tokens=len(p))
-            elif len(p) + len(c) >= self.max_model_len:  # vLLM generates one token after them
-                results[i] = TokenScores(
-                    error=f"prompt+completion is {len(p) + len(c)} tokens; with the one token vLLM generates "
-                    f"that exceeds max_model_len={self.max_model_len}",
-                    num_prompt_tokens=len(p),
-                )
-            else:
-                todo.append((i, p, c))
-        return results, todo
+        # vLLM generates one token after the prompt it scores: that token needs room too.
+        return plan_scores(self, prompts, completions, reserve=1, why=" with the one token vLLM generates")
 
     @staticmethod
     def _read_scores(results, todo, outputs) -> list[TokenScores]:

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import yaml
 
@@ -204,10 +204,6 @@ def duplicate_edges(instructions, dedup):
 @ray.remote(num_cpus=LIGHT_CPUS)
 def _load_duplicates(files: list[str], stage_uri: str) -> dict:
     """The duplicate table (one entry per duplicate, not per instruction), built by a worker."""
-    import pyarrow.parquet as pq
-
-    from themis_ray import fs
-
     filesystem, _ = fs.resolve(stage_uri)
     edges = []
     for path in files:
