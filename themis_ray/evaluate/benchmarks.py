@@ -310,7 +310,7 @@ def _file_record(number, record, fc, column, winners, scale, scenarios_dir, benc
     from themis_ray.scenarios import get_scenario
 
     try:
-        helps = get_scenario(scenario, scenarios_dir).reference_helps
+        get_scenario(scenario, scenarios_dir)  # an unknown scenario is the row's own problem
     except KeyError as err:
         raise _Rejected(str(err.args[0])) from None
     out = {"benchmark": benchmark, "row": number, "scenario": scenario, "instruction": instruction,
@@ -324,10 +324,8 @@ def _file_record(number, record, fc, column, winners, scale, scenarios_dir, benc
             raise _Rejected(f"{column['score']!r} (score) is not a number: {field('score')!r:.40}")
         if not scale.low <= score <= scale.high:
             raise _Rejected(f"score {score:g} is outside the scale {scale.low}..{scale.high}")
-        mode = "reference" if reference and helps else "single"
-        request = judging.JudgeRequest(instruction=instruction, response=response, reference=reference,
-                                       scenario=scenario, mode=mode, scale=scale)
-        out.update(response=response, score=score, mode=mode, prompt=_render(request, scenarios_dir))
+        request = _request({**out, "response": response}, scenarios_dir, None, scale)
+        out.update(response=response, score=score, mode=request.mode, prompt=_render(request, scenarios_dir))
         content = (instruction, response)
     else:
         a, b = _text(field("response_a")), _text(field("response_b"))
@@ -338,13 +336,19 @@ def _file_record(number, record, fc, column, winners, scale, scenarios_dir, benc
         winner = winners.get(str(raw_winner).strip().lower()) if raw_winner is not None else None
         if winner is None:
             raise _Rejected(f"{column['winner']!r} (winner) {raw_winner!r:.40} is not A, B or a tie")
-        request = judging.JudgeRequest(instruction=instruction, response_a=a, response_b=b, reference=reference,
-                                       scenario=scenario, mode="pairwise", scale=scale)
+        request = _request({**out, "response_a": a, "response_b": b}, scenarios_dir, "pairwise", scale)
         out.update(response_a=a, response_b=b, winner=winner, mode="pairwise",
                    prompt=_render(request, scenarios_dir), prompt_ba=_render(judging.swap_pair(request), scenarios_dir))
         content = (instruction, a, b)
     out["id"] = _text(field("id")) or stable_id(benchmark, number, *content)
     return out
+
+
+def _request(row: dict, scenarios_dir, mode, scale) -> judging.JudgeRequest:
+    try:
+        return judging.request_from_row(row, scenarios_dir, mode=mode, scale=scale)
+    except (ValueError, KeyError) as err:
+        raise _Rejected(f"cannot build the evaluation prompt: {err}") from None
 
 
 def _render(request: judging.JudgeRequest, scenarios_dir) -> str:
