@@ -212,9 +212,14 @@ def _load_duplicates(files: list[str], stage_uri: str) -> dict:
     return {i: (d.kept_id, d.similarity, d.reason) for i, d in strongest(edges).items()}
 
 
-def _flag_duplicates(batch: pa.Table, duplicates) -> pa.Table:
+def _flag_duplicates(batch: pa.Table, duplicates=None) -> pa.Table:
+    """Accepted instructions with a reject column, set on the duplicates (naming their twin)."""
+    if REJECT not in batch.column_names:  # accepted parts have none
+        batch = batch.append_column(REJECT, pa.nulls(batch.num_rows, pa.string()))
     if isinstance(duplicates, ray.ObjectRef):
         duplicates = ray.get(duplicates)
+    if not duplicates:
+        return batch
     reasons = [reason if reason is not None else (duplicates[i][2] if i in duplicates else None)
                for i, reason in zip(batch["id"].to_pylist(), batch[REJECT].to_pylist())]
     return batch.set_column(batch.schema.get_field_index(REJECT), REJECT, pa.array(reasons, pa.string()))
@@ -257,19 +262,19 @@ def run(ctx: StageContext) -> StageResult:
                          {"generated": len(tasks)}, 0.0)
     # 2. The stage's parts: instructions less their duplicates, the generation's and the corpus' rejects.
     store.clear_parts()  # what a crashed run of this step had written is written again
-    write(ray.data.from_arrow(to_table(corpus_rejects, schema, "synthesize")), store, schema)
-    write(generated.dataset(rejects=True), store, schema)
-    instructions = generated.dataset()
+    if corpus_rejects:
+        write(ray.data.from_arrow(to_table(corpus_rejects, schema, "synthesize")), store, schema)
+    if generated.reject_files():
+        write(generated.dataset(rejects=True), store, schema)
+    duplicates = None
     if s.dedup.enabled and generated.num_rows() > 1:
         edges = store.file("_work", "duplicates")
         fs.delete(edges)
         duplicate_edges(generated.dataset(columns=["id", "instruction"]), s.dedup).write_parquet(
             fs.resolve(edges)[1], filesystem=store.fs)
         duplicates = _load_duplicates.remote(fs.list_files(edges, ".parquet"), store.uri)
-        instructions = map_tasks(map_tasks(instructions, _with_reason), _flag_duplicates, duplicates=duplicates)
-    else:
-        instructions = map_tasks(instructions, _with_reason)
-    write(instructions, store, schema, stats=synthesis_stats)
+    write(map_tasks(generated.dataset(), _flag_duplicates, duplicates=duplicates), store, schema,
+          stats=synthesis_stats)
     written = store.tally()
     found = written.stats.get("duplicates", 0)
     by = written.stats.get("by_scenario_method", {})
@@ -285,13 +290,6 @@ def run(ctx: StageContext) -> StageResult:
                "diversity": _diversity(store, written.rows_out, s.diversity_sample),
                "templates": {t: prompts.template_digest(t) for t in ("questioning", "quizzing", "quiz_answer")}},
     )
-
-
-def _with_reason(batch: pa.Table) -> pa.Table:
-    """Accepted parts have no reject column: give them an empty one, so flags can be set."""
-    if REJECT in batch.column_names:
-        return batch
-    return batch.append_column(REJECT, pa.nulls(batch.num_rows, pa.string()))
 
 
 def _diversity(store: StageStore, rows: int, sample: int) -> dict:
