@@ -140,7 +140,8 @@ class StageStore:
             if columns:
                 schema = pa.schema([schema.field(c) for c in columns])
             return ray.data.from_arrow(schema.empty_table())
-        return ray.data.read_parquet(files, filesystem=self.fs, columns=columns)
+        ds = ray.data.read_parquet(files, filesystem=self.fs)
+        return ds.select_columns(columns) if columns else ds  # projected into the read by Ray Data
 
     def schema(self, rejects: bool = False) -> pa.Schema:
         m = self.manifest() or {}
