@@ -299,6 +299,6 @@ def _diversity(store: StageStore, rows: int, sample: int) -> dict:
     if not files:
         return {}
     fraction = min(1.0, sample / rows) if rows else 1.0
-    texts = map_tasks(ray.data.read_parquet(files, filesystem=store.fs).select_columns(["id", "scenario", "instruction"]),
-                      _in_sample, fraction=fraction)
+    kept = ray.data.read_parquet(files, filesystem=store.fs).select_columns(["id", "scenario", "instruction"])
+    texts = map_tasks(kept, _in_sample, fraction=fraction)
     return diversity_by((r["scenario"], r["instruction"]) for r in texts.iter_rows())
