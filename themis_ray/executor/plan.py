@@ -3,8 +3,9 @@
 - `map_processor`: a stage's processor as `map_batches` on an autoscaling actor pool (the engine is
   built once per actor), or through ray.data.llm when the engine asks for it.
 - `run_rows`: read -> skip what an interrupted run already wrote -> map -> write, one plan.
-- `map_tasks`, `partials`: light maps and map-side aggregations (each block reduced to a few numbers,
-  merged on the driver) for the stages that need global statistics before they can decide.
+- `map_tasks`, `map_groups`, `partials`: light maps, groups brought together by a shuffle, and
+  map-side aggregations (each block reduced to a few numbers, merged on the driver) for the stages
+  that need global statistics before they can decide.
 
 This package is the only place that calls `map_batches`.
 """
