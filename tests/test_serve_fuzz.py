@@ -1,33 +1,103 @@
-"""Fuzz the judge's HTTP API from its own OpenAPI document with schemathesis: no input is a 5xx.
+"""Fuzz the live judge server from its own OpenAPI document with schemathesis: no input is a 5xx.
 
-The app is the real one (`create_fastapi_app` over the real `JudgeService`), called in-process over
-ASGI, with the embedded SmolLM2-135M behind it through `EngineBackend`. Generation is capped at a few
-tokens so that a fuzzed `max_tokens` cannot make one example run for minutes; everything else a
-request asks for (temperature, top_p, seed, logprobs, stop, criteria, scales) reaches the engine.
+The server is the real Ray Serve application (`run_server`: the FastAPI ingress, the `JudgeModel`
+deployment with `@serve.batch`, the embedded SmolLM2-135M) on 127.0.0.1, started once for this module,
+and every example goes to it over TCP. The examples are generated from the ingress app's OpenAPI
+document, read at import (schemathesis' lazy fixture loader does not work with pytest 9); the fixture
+checks that the live server's `/openapi.json` is that same document (less an empty `example` that Ray
+Serve's ingress adds to each request body). At least `EXAMPLES` examples per
+operation; every answer must be below 500, and every 4xx must say what was wrong.
+
+Generation stays short through the server's own configuration: `serve.max_tokens` (`MAX_NEW_TOKENS`)
+caps every judge answer and is the default of a chat completion that names no `max_tokens`, and
+`serve.max_request_bytes` (`MAX_REQUEST_BYTES`) refuses larger bodies, so no prompt runs to thousands
+of tokens. A chat
+request that names a valid `max_tokens` above it (the server would honour it, up to the model's
+context) has it lowered to `MAX_NEW_TOKENS` by `steer`, so one example cannot generate for minutes;
+invalid values (zero, negative, not an integer, at or above `max_model_len`) are left as generated, so
+the validators still see them.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from collections import Counter
+
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402  (installed with schemathesis)
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402  (installed with schemathesis)
 
 from themis_ray.scenarios import load_scenarios  # noqa: E402
-from themis_ray.serve.api import create_fastapi_app  # noqa: E402
-from themis_ray.serve.service import EngineBackend, JudgeService, ServeSettings  # noqa: E402
+from themis_ray.serve.app import fastapi_app  # noqa: E402  (the ingress app the Serve deployment runs)
 
-pytestmark = pytest.mark.integration  # about a minute of the real model
+pytestmark = pytest.mark.integration  # a Ray Serve application on the real model
 
-MAX_NEW_TOKENS = 3  # per fuzzed request; the point is the request's path, not the answer's length
+MAX_NEW_TOKENS = 3  # serve.max_tokens of the fuzzed server; the point is the request's path, not the answer
+MAX_MODEL_LEN = 2048  # the embedded engine's (EngineConfig.max_model_len)
+MAX_REQUEST_BYTES = 4096  # serve.max_request_bytes: a larger body is a 413 before any parsing
 SCENARIOS = sorted(load_scenarios())
-EXAMPLES = 20  # per operation (four operations): about a minute on two idle CPU cores
+EXAMPLES = 100  # per operation (four operations)
+CALLS: Counter = Counter()  # (method, path, status) -> examples, printed at the end
+DOCUMENT = json.loads(json.dumps(fastapi_app.openapi()))
 
 
-class CappedBackend(EngineBackend):
-    async def generate(self, conversation, sampling):
-        capped = {**sampling, "max_tokens": min(sampling["max_tokens"], MAX_NEW_TOKENS)}
-        return await super().generate(conversation, capped)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_url():
+    import httpx
+    import ray
+    from ray import serve
+
+    from themis_ray.config import EngineConfig, ServeConfig
+    from themis_ray.serve import run_server
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cfg = ServeConfig(
+        port=_free_port(),
+        engine=EngineConfig(num_threads=1),  # the embedded model
+        api_keys_env="THEMIS_FUZZ_NO_KEYS",  # unset: no auth, so every example reaches the API
+        max_tokens=MAX_NEW_TOKENS,
+        max_request_bytes=MAX_REQUEST_BYTES,
+        max_batch_size=4,
+        batch_wait_timeout_s=0.01,
+    )
+    os.environ.pop(cfg.api_keys_env, None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a Ray of its own
+    started = time.time()
+    try:
+        url = run_server(cfg, blocking=False)
+        # Fuzzing the server's own API: its document is the one the examples come from.
+        assert _without_empty_examples(httpx.get(f"{url}/openapi.json", timeout=60).json()) == DOCUMENT
+        yield url
+    finally:
+        print(f"\nfuzzed the live server for {time.time() - started:.0f} s; examples by operation and status: "
+              f"{dict(sorted(CALLS.items()))}")
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _without_empty_examples(document):
+    """The document less the `"example": {}` that Ray Serve's ingress adds to each request body."""
+    if isinstance(document, dict):
+        return {k: _without_empty_examples(v) for k, v in document.items() if not (k == "example" and v == {})}
+    if isinstance(document, list):
+        return [_without_empty_examples(v) for v in document]
+    return document
+
+
+def _lower(body: dict, key: str) -> None:
+    value = body.get(key)
+    if type(value) is int and MAX_NEW_TOKENS < value < MAX_MODEL_LEN:
+        body[key] = MAX_NEW_TOKENS
 
 
 def steer(case) -> None:
@@ -36,6 +106,9 @@ def steer(case) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
+    if case.path == "/v1/chat/completions":
+        _lower(body, "max_tokens")
+        _lower(body, "max_completion_tokens")
     pick = sum(map(ord, repr(sorted(body, key=str)))) + len(repr(body))
     if not pick % 4:
         return  # left as generated: the validators' share
@@ -71,33 +144,23 @@ def steer(case) -> None:
                 body.pop("scale")
 
 
-# The schema is read from the app at import time; the engine behind it arrives with the fixture below.
-backend = CappedBackend(engine=None)
-service = JudgeService(
-    backend, ServeSettings(model_id="smollm2-135m-instruct", max_tokens=MAX_NEW_TOKENS, max_request_bytes=16384)
-)
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_fastapi_app(lambda: service))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _real_engine(hf_engine):
-    backend.engine = hf_engine
-    service.settings.max_model_len = hf_engine.max_model_len
-    yield
-    backend.engine = None
+schema = schemathesis.openapi.from_dict(DOCUMENT)
 
 
 @schema.parametrize()
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
+    phases=[Phase.generate, Phase.shrink],  # generated examples only (no schema-coverage phase): EXAMPLES each
     derandomize=True,  # the same examples on every run: a failure here is reproducible
     suppress_health_check=list(HealthCheck),
     database=None,
 )
-def test_no_input_is_a_server_error(case):
+def test_no_input_is_a_server_error(case, live_url):
     steer(case)
-    response = case.call(timeout=300)
+    response = case.call(base_url=live_url, timeout=300)
+    CALLS[(case.method, case.path, response.status_code)] += 1
     assert response.status_code < 500, (case.method, case.path, case.body, response.status_code, response.text)
     if response.status_code >= 400:
-        assert response.json()["error"]["message"]
+        message = response.json()["error"]["message"]
+        assert isinstance(message, str) and message.strip(), (case.method, case.path, case.body, response.text)
