@@ -5,17 +5,18 @@ deployment with `@serve.batch`, the embedded SmolLM2-135M) on 127.0.0.1, started
 and every example goes to it over TCP. The examples are generated from the ingress app's OpenAPI
 document, read at import (schemathesis' lazy fixture loader does not work with pytest 9); the fixture
 checks that the live server's `/openapi.json` is that same document (less an empty `example` that Ray
-Serve's ingress adds to each request body). At least `EXAMPLES` examples per
-operation; every answer must be below 500, and every 4xx must say what was wrong.
+Serve's ingress adds to each request body). `EXAMPLES` generated examples per operation that takes
+input (`POST /v1/judge`, `POST /v1/chat/completions`; the two GETs take none, so one example each);
+schemathesis' schema-coverage phase is left out to keep the run to a few minutes on two cores. Every
+answer must be below 500, and every 4xx must say what was wrong.
 
 Generation stays short through the server's own configuration: `serve.max_tokens` (`MAX_NEW_TOKENS`)
 caps every judge answer and is the default of a chat completion that names no `max_tokens`, and
 `serve.max_request_bytes` (`MAX_REQUEST_BYTES`) refuses larger bodies, so no prompt runs to thousands
-of tokens. A chat
-request that names a valid `max_tokens` above it (the server would honour it, up to the model's
-context) has it lowered to `MAX_NEW_TOKENS` by `steer`, so one example cannot generate for minutes;
-invalid values (zero, negative, not an integer, at or above `max_model_len`) are left as generated, so
-the validators still see them.
+of tokens. A chat request that names a valid `max_tokens` above the cap (the server would honour it,
+up to the model's context) has it lowered to `MAX_NEW_TOKENS` by `steer`, so one example cannot
+generate for minutes; invalid values (zero, negative, not an integer, at or above `max_model_len`)
+are left as generated, so the validators still see them.
 """
 
 from __future__ import annotations
