@@ -2,7 +2,7 @@
 
 The reference is how the original IFD code (Cherry LLM) scores: one record at a time, two plain forward
 passes (prompt + answer, then the answer alone after a begin token), full-vocabulary logits over the
-whole sequence. The stage orders the table as its `run` does (scenario, mode, length), cuts it into
+whole sequence. The stage orders the table as its `run` does (scenario, mode), cuts it into
 the actor pool's batches, and each batch goes through `IFDScorer.process`: the prompt prefix a batch
 shares is run once, the remainders are length-sorted and left-padded, and only the answer positions'
 logits are computed.
@@ -16,7 +16,12 @@ answer tokens of the conditioned pass, plus begin + answer tokens of the uncondi
 `--workers 2` also times it as two single-threaded processes (what an actor pool of two one-CPU actors
 with `num_threads: 1` runs, without Ray's scheduling), each batch going to one of them.
 
-    python benchmarks/ifd_throughput.py --records 32 --threads 2 --no-prefix --workers 2
+Ratios are like for like: the float32 stage against the float32 reference (`speedup`), and with
+`--bf16` the bfloat16 stage against the same reference loop run on the bfloat16 model
+(`speedup_bf16`). The bfloat16 IFD is also compared with the float32 reference's, for what the lower
+precision costs. `--out` writes the JSON document there as well.
+
+    python benchmarks/ifd_throughput.py --records 16 --repeats 3 --bf16 --out benchmarks/results/ifd_throughput.json
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import platform
 import random
 import resource
 import statistics
+import sys
 import time
 
 import pyarrow as pa
@@ -39,7 +45,7 @@ from themis_ray import judging
 from themis_ray.assets import python_docs
 from themis_ray.config import EngineConfig, IFDConfig
 from themis_ray.schema import output_schema
-from themis_ray.stages.ifd import IFDScorer, SharedPrefixScorer, batch_order, ifd_from_logprobs
+from themis_ray.stages.ifd import IFDScorer, ifd_from_logprobs
 
 SCENARIOS = ("open_qa", "informative_writing", "close_qa")
 
@@ -62,6 +68,11 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 
 
 @torch.inference_mode()
+def stage_order(records: list[dict]) -> list[dict]:
+    """The order `ifd.run` cuts batches in: sorted by scenario and mode (`ifd.sort_batches`)."""
+    return sorted(records, key=lambda r: (r["scenario"], r["mode"]))
+
+
 def reference_ifd(engine, record: dict) -> float:
     """One record, two plain forward passes, full logits: the per-record baseline."""
     def answer_logprobs(prompt_ids: list[int], answer_ids: list[int]) -> list[float]:
@@ -90,14 +101,23 @@ def _process_batch(batch: list[dict]) -> dict:
     return {o["id"]: o["ifd"] for o in _WORKER["scorer"].process(batch)}
 
 
-def bf16_figures(reference: dict, bf16: dict, best: dict) -> dict:
-    """Speed of the bfloat16 stage and how far its IFD moves from the float32 reference: absolute and
-    relative differences, rank agreement (what top-k% filtering uses), and flips of Cherry's IFD > 1 rule."""
+def bf16_figures(reference: dict, bf16: dict, reference_bf16: dict, best: dict, total: dict, walls: dict,
+                 cpu: dict) -> dict:
+    """Speed of the bfloat16 stage against the bfloat16 reference loop (like for like), and how far its
+    IFD moves from the float32 reference: absolute and relative differences, rank agreement (what
+    top-k% filtering uses), and flips of Cherry's IFD > 1 rule."""
     from scipy.stats import spearmanr
 
     ids = sorted(reference)
     ref, low = [reference[i] for i in ids], [bf16[i] for i in ids]
-    return {"speedup_bf16": round(best["reference"] / best["stage_bf16"], 2),
+    return {"speedup_bf16": round(best["reference_bf16"] / best["stage_bf16"], 2),
+            "speedup_bf16_mean": round(total["reference_bf16"] / total["stage_bf16"], 2),
+            "median_batch_speedup_bf16": round(statistics.median(
+                r / s for rs, ss in zip(walls["reference_bf16"], walls["stage_bf16"]) for r, s in zip(rs, ss)), 2),
+            "cpu_time_speedup_bf16": round(cpu["reference_bf16"] / cpu["stage_bf16"], 2),
+            "max_abs_ifd_difference_bf16_stage_vs_bf16_reference": max(abs(reference_bf16[i] - bf16[i]) for i in ids),
+            # not like for like (different dtypes); what bfloat16 as a whole buys over the float32 loop
+            "stage_bf16_vs_fp32_reference": round(best["reference"] / best["stage_bf16"], 2),
             "max_abs_ifd_difference_bf16": round(max(abs(a - b) for a, b in zip(ref, low)), 5),
             "mean_rel_ifd_difference_bf16": round(statistics.fmean(abs(a - b) / abs(a) for a, b in zip(ref, low)), 5),
             "spearman_ifd_bf16_vs_fp32": round(float(spearmanr(ref, low).statistic), 4),
@@ -117,18 +137,19 @@ def main() -> None:
                         help="also time the stage with the model in bfloat16 (vs the float32 reference)")
     parser.add_argument("--workers", type=int, default=0,
                         help="also time the stage as N single-threaded processes, each batch to one of them")
+    parser.add_argument("--out", help="also write the JSON document here")
     args = parser.parse_args()
+    started = time.time()
     records = make_records(args.records)
     table = pa.Table.from_pylist(records)
-    ordered = [records[i] for i in batch_order(table)]
+    ordered = stage_order(records)
     batches = [ordered[k:k + args.batch_size] for k in range(0, len(ordered), args.batch_size)]
     schema = output_schema("ifd", table.schema)
     scorer = IFDScorer(schema, EngineConfig(num_threads=args.threads), micro_batch_size=args.micro_batch_size,
                        max_padding=args.max_padding)
     engine = scorer.engine
     plain = copy.copy(scorer)  # the same engine, prefix sharing off
-    plain.conditioned = plain.unconditioned = SharedPrefixScorer(
-        engine, args.micro_batch_size, args.max_padding, share_prefix=False).token_logprobs
+    plain.options = {**scorer.options, "share_prefix": False}
     tokens = sum(len(engine.prompt_ids(judging.build_messages(r["prompt"]))) + 1 + 2 * len(engine.text_ids(r["evaluation"]))
                  for r in records)
     scorer.process(records[:2])  # warm-up; every path shares the model
@@ -136,11 +157,12 @@ def main() -> None:
 
     names = ["reference", "stage"] + (["stage_no_prefix"] if args.no_prefix else [])
     bf16 = None
-    if args.bf16:  # its own engine: the same weights in bfloat16
-        names.append("stage_bf16")
+    if args.bf16:  # its own engine: the same weights in bfloat16, for the stage and the reference loop
+        names += ["reference_bf16", "stage_bf16"]
         bf16 = IFDScorer(schema, EngineConfig(num_threads=args.threads, dtype="bfloat16"),
                          micro_batch_size=args.micro_batch_size, max_padding=args.max_padding)
         bf16.process(records[:2])
+        reference_ifd(bf16.engine, records[0])
     pool = None
     if args.workers:
         names.append(f"stage_{args.workers}x1")
@@ -154,8 +176,9 @@ def main() -> None:
              range(0, len(batches), max(1, args.workers))]
     walls: dict[str, list[list[float]]] = {n: [[] for _ in batches] for n in names}  # [batch][repeat]
     cpu = dict.fromkeys(names, 0.0)
-    reference, stage, no_prefix, stage_bf16 = {}, {}, {}, {}
+    reference, stage, no_prefix, stage_bf16, reference_bf16 = {}, {}, {}, {}, {}
     load_before = os.getloadavg()
+    load_samples = [load_before[0]]
     for repeat in range(args.repeats):
         for u, unit in enumerate(units):
             todo = [batches[k] for k in unit]
@@ -165,6 +188,8 @@ def main() -> None:
                                                 for b in todo],
                     "stage_bf16": lambda: [stage_bf16.update({o["id"]: o["ifd"] for o in bf16.process(b)})
                                            for b in todo],
+                    "reference_bf16": lambda: reference_bf16.update(
+                        {r["id"]: reference_ifd(bf16.engine, r) for b in todo for r in b}),
                     f"stage_{args.workers}x1": lambda: [workers.update(d) for d in pool.map(_process_batch, todo, 1)]}
             order = names if (u + repeat) % 2 == 0 else names[::-1]  # alternate who goes first
             for name in order:
@@ -173,6 +198,10 @@ def main() -> None:
                 for k in unit:
                     walls[name][k].append((time.perf_counter() - start) / len(unit))
                 cpu[name] += time.process_time() - start_cpu
+            load_samples.append(os.getloadavg()[0])
+            print(f"repeat {repeat + 1}/{args.repeats}, unit {u + 1}/{len(units)}: "
+                  + ", ".join(f"{n} {walls[n][unit[0]][-1] * len(unit):.1f}s" for n in names)
+                  + f"; load {load_samples[-1]:.1f}", file=sys.stderr, flush=True)
     if pool is not None:
         pool.close()
     load_after = os.getloadavg()
@@ -198,18 +227,27 @@ def main() -> None:
         **({f"speedup_{args.workers}x1": round(best["reference"] / best[f"stage_{args.workers}x1"], 2),
             f"max_abs_ifd_difference_{args.workers}x1": max(abs(reference[i] - workers[i]) for i in reference)}
            if args.workers else {}),
-        **(bf16_figures(reference, stage_bf16, best) if args.bf16 else {}),
+        **(bf16_figures(reference, stage_bf16, reference_bf16, best, total, walls, cpu) if args.bf16 else {}),
         "median_batch_speedup": round(statistics.median(
             r / s for rs, ss in zip(walls["reference"], walls["stage"]) for r, s in zip(rs, ss)), 2),
         "cpu_time_speedup": round(cpu["reference"] / cpu["stage"], 2),
         "max_abs_ifd_difference": max(abs(reference[i] - stage[i]) for i in reference),
         "per_batch_s": {n: [[round(t, 2) for t in times] for times in walls[n]] for n in names},
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "load_average_1m": {"min": round(min(load_samples), 2), "median": round(statistics.median(load_samples), 2),
+                            "max": round(max(load_samples), 2), "samples": len(load_samples)},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
+        "command": "python benchmarks/ifd_throughput.py " + " ".join(sys.argv[1:]),
+        "wall_s": round(time.time() - started, 1),
+        "run": "one run of this script on a machine shared with other work; see load_average_1m",
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":
