@@ -1,23 +1,33 @@
-"""Learning check: a short ZeRO-3 SFT on judge records teaches the embedded model to judge.
+"""Learning check: a short ZeRO-3 SFT on judge records, measured on records it has never seen.
 
 The records and the scoring are `benchmarks/train_learning_check.py`'s (a teacher rule the model can
-learn: answers score 5 or 4, refusals 1, off-topic replies 2), so the test and the published figures
-measure the same thing.
+learn: answers score 5, hedged answers 4, refusals 1, off-topic replies 2). Held-out records share no
+instruction, fact or filled response template with the training records (asserted), so the held-out
+figures measure generalisation; the training records are scored beside them to tell it apart from
+memorisation. Baselines: the base model and the best constant predictor on the training labels.
+
+Two sizes (benchmarks/RESULTS.md has both runs' figures):
+- the suite's check (default, about the old 12-step budget): 24 records, 12 optimizer steps at lr
+  1e-4. The embedded 135M model learns the verdict format (100% parsable against the base model's
+  0%) but not yet the rule: it gives every record the same score, held-out and training alike, no
+  better than the best constant. The test asserts exactly that much.
+- the generalisation check (`THEMIS_LEARNING_CHECK=full`): 48 records, 3 epochs, 36 steps at lr
+  3e-4, measured at held-out MAE 0.19 against 1.50 for the best constant and the base model. It
+  takes about 20 minutes on the 2-core development machine, five times the suite's budget.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections import Counter
+import os
 from pathlib import Path
 
 import pytest
 
-from themis_ray.assets import prepare_default_model
-from themis_ray.config import TrainConfig
-
-pytestmark = pytest.mark.integration
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_learning_check.py"
+FULL = os.environ.get("THEMIS_LEARNING_CHECK") == "full"
+# (training records, held-out records, training records scored, epochs, learning rate)
+SIZE = (48, 16, 16, 3, 3e-4) if FULL else (24, 16, 8, 2, 1e-4)
 
 
 def _learning_check():
@@ -27,22 +37,30 @@ def _learning_check():
     return module
 
 
-def test_short_sft_makes_verdicts_parsable_and_beats_the_majority_score(ray_local, tmp_path):
-    from themis_ray.train import train_judge
-
+def test_held_out_records_share_nothing_with_the_training_records():
     check = _learning_check()
-    model_dir = str(prepare_default_model())
-    train, heldout = check.make_records(24, seed=1), check.make_records(12, seed=2)
-    gold = [r["score"] for r in heldout]
-    base = check.figures(check.judge_outputs(model_dir, heldout), gold)
+    train, heldout = check.make_records(48, "train", 1), check.make_records(16, "heldout", 1)
+    check.assert_disjoint(train, heldout)
+    with pytest.raises(AssertionError, match="share instructions"):
+        check.assert_disjoint(train, heldout + train[:1])
+    assert {r["score"] for r in heldout} == {1, 2, 4, 5}  # every kind is held out too
+    assert check.best_constant([5, 4, 1, 2]) == 3  # MAE 1.5: any of 2..4, the middle one
+    assert check.best_constant([5, 5, 4, 1]) in (4, 5)
 
-    cfg = TrainConfig(num_workers=2, epochs=2, global_batch_size=4, micro_batch_size=1, learning_rate=1e-4,
-                      warmup_ratio=0.1, max_length=1024, checkpoint_every=0)
-    summary = train_judge(train, model_dir, tmp_path / "judge", cfg)
-    tuned = check.figures(check.judge_outputs(summary["judge_dir"], heldout), gold)
 
-    majority = Counter(r["score"] for r in train).most_common(1)[0][0]
-    majority_mae = sum(abs(majority - g) for g in gold) / len(gold)
-    assert summary["final_loss"] < summary["first_loss"]
-    assert tuned["parse_rate"] >= 0.95 and tuned["parse_rate"] > base["parse_rate"], (base, tuned)
-    assert tuned["mae"] < majority_mae, (tuned, majority_mae)
+@pytest.mark.integration
+def test_short_sft_on_held_out_records(ray_local, tmp_path):
+    check = _learning_check()
+    n_train, n_heldout, n_eval, epochs, learning_rate = SIZE
+    train, heldout = check.make_records(n_train, "train", 1), check.make_records(n_heldout, "heldout", 1)
+    result = check.run_check(train, heldout, train[:n_eval], check.check_config(epochs, learning_rate), tmp_path,
+                             base_on_train=FULL)
+    base, tuned, constant = result["base"]["heldout"], result["trained"]["heldout"], result["constant"]["heldout"]
+    summary = result["train_summary"]
+    print(result)
+    assert summary["first_loss"] < 5  # the base weights were loaded (a random model starts near ln(49152) = 10.8)
+    assert summary["final_loss"] < summary["first_loss"] / 3
+    assert tuned["parse_rate"] >= 0.95 and tuned["parse_rate"] > base["parse_rate"], result
+    if FULL:  # the rule carries over to records the model never saw
+        assert tuned["mae"] < constant["mae"] / 2 and tuned["mae"] < base["mae"] / 2, result
+        assert tuned["agr_2_2"] > constant["agr_2_2"] + 0.5, result

@@ -393,6 +393,22 @@ def test_model_shape_reads_the_config_only(model_dir):
     assert shape.largest_layer_params == shape.vocab * shape.hidden  # the (tied) embedding
 
 
+@pytest.mark.integration
+def test_a_recipe_that_cannot_fit_fails_before_any_worker_starts(ray_local, tmp_path, capsys):
+    """Qwen-14B's shape (its config only: the estimate never reads weights) on the local 2-CPU Ray:
+    the estimate is printed and the run refused, naming the memory each rank needs."""
+    from transformers import Qwen2Config
+
+    from themis_ray.train import train_judge
+
+    Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=13696, num_hidden_layers=48,
+                num_attention_heads=40, num_key_value_heads=40).save_pretrained(tmp_path / "qwen-14b")
+    with pytest.raises(MemoryError, match="GB of host memory per rank"):
+        train_judge([_record(1), _record(2)], str(tmp_path / "qwen-14b"), tmp_path / "judge", TrainConfig())
+    assert "train memory estimate: 14." in capsys.readouterr().out
+    assert not (tmp_path / "_work" / "ray_train").exists()  # no Ray Train run was started
+
+
 def test_a_missing_base_model_folder_is_named(tmp_path):
     from themis_ray.train import train_judge
 
@@ -503,7 +519,9 @@ def test_train_stage_resumes_after_its_driver_is_killed(tiny_model_dir, tmp_path
 @pytest.mark.integration
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     """Rank 1 exits hard after step 3; the group restarts from the step-2 checkpoint and the run
-    ends with the planned number of optimizer steps, each logged once."""
+    ends with the planned number of optimizer steps, each logged once. With ZeRO-3 CPU offload of
+    parameters and optimizer state and activation checkpointing on, so those paths save, restore
+    and export too."""
     from transformers import AutoModelForCausalLM
 
     from themis_ray.train import train_judge
@@ -511,7 +529,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_model_
     records = [_record(i, score=1 + i % 5) for i in range(8)]
     cfg = TrainConfig(
         num_workers=2, global_batch_size=2, micro_batch_size=1, epochs=1, learning_rate=1e-4,
-        warmup_ratio=0.0, max_length=256, checkpoint_every=2, max_failures=1,
+        warmup_ratio=0.0, max_length=256, checkpoint_every=2, max_failures=1, offload="all",
+        activation_checkpointing=True,
     )
     planned = plan_steps(len(records), cfg).total_steps
     assert planned == 4

@@ -126,7 +126,7 @@ def test_train_classifier_on_two_workers_beats_chance_on_held_out_rows(ray_local
 
     rows = [{"id": "r1", "instruction": "Write a limerick about closures.", "scenario": "creative_writing"}]
     processor = Classifier(output_schema("classify"), EngineConfig(), "classifier", None, model_dir=str(out))
-    assert processor.engine is None  # no language model is loaded for a trained classifier
+    assert processor.predictor.engine is None  # no language model is loaded for a trained classifier
     [row] = processor.process(rows)
     assert row[REJECT] is None and row["synthesis_scenario"] == "creative_writing"
     assert row["scenario"] == row["predicted_scenario"] in metrics["labels"] and 0 < row["scenario_confidence"] <= 1
