@@ -395,17 +395,18 @@ def test_model_shape_reads_the_config_only(model_dir):
 
 @pytest.mark.integration
 def test_a_recipe_that_cannot_fit_fails_before_any_worker_starts(ray_local, tmp_path, capsys):
-    """Qwen-14B's shape (its config only: the estimate never reads weights) on the local 2-CPU Ray:
+    """Qwen2.5-14B's shape (its config only: the estimate never reads weights) on the local 2-CPU Ray:
     the estimate is printed and the run refused, naming the memory each rank needs."""
     from transformers import Qwen2Config
 
     from themis_ray.train import train_judge
 
-    Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=13696, num_hidden_layers=48,
-                num_attention_heads=40, num_key_value_heads=40).save_pretrained(tmp_path / "qwen-14b")
+    Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                num_attention_heads=40, num_key_value_heads=8,
+                tie_word_embeddings=False).save_pretrained(tmp_path / "qwen-14b")
     with pytest.raises(MemoryError, match="GB of host memory per rank"):
         train_judge([_record(1), _record(2)], str(tmp_path / "qwen-14b"), tmp_path / "judge", TrainConfig())
-    assert "train memory estimate: 14." in capsys.readouterr().out
+    assert "train memory estimate: 14.7" in capsys.readouterr().out  # Qwen2.5-14B has 14.7B parameters
     assert not (tmp_path / "_work" / "ray_train").exists()  # no Ray Train run was started
 
 
