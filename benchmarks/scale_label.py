@@ -74,6 +74,7 @@ def label_run(folder: Path, n: int, endpoint: Endpoint, concurrency: int, batch_
         "sampling": {"max_tokens": 32, "logprobs": 0}, "score_by": "text", "prefill_score": False,
         "max_attempts": 2,
         "pool": {"num_cpus": 0, "min_size": 1, "max_size": 1, "batch_size": batch_size}}}))
+    before = endpoint.paid()  # earlier runs on this server asked some of the same prompts
     measured = run_measured([THEMIS, "label", "--config", str(config)])
     store = StageStore(str(run_dir), "label")
     manifest = store.manifest()
@@ -84,7 +85,7 @@ def label_run(folder: Path, n: int, endpoint: Endpoint, concurrency: int, batch_
     rows = [*store.read(columns=["prompt", "attempts"]).to_pylist(),
             *(rejects.select(["prompt", "attempts"]).to_pylist() if rejects.num_rows else [])]
     asked = {digest(r["prompt"]): r["attempts"] or 0 for r in rows if r["prompt"]}
-    paid = endpoint.paid()  # the server's log: every answer it gave, this stage's prompts and others'
+    paid = endpoint.paid() - before  # the server's log: every answer it gave during this run
     out["paid_beyond_attempts"] = sum(max(0, paid[key] - attempts) for key, attempts in asked.items())
     return out
 
@@ -93,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,300000")
     parser.add_argument("--alone", type=int, default=20000, help="records for the engine-alone peer")
+    parser.add_argument("--scale-only", action="store_true", help="only part 1 (no faults, no latency sweep)")
     parser.add_argument("--out", default="benchmarks/results/scale_label.json")
     args = parser.parse_args()
     doc: dict = {"command": "python benchmarks/scale_label.py " + " ".join(sys.argv[1:]), "machine": machine()}
@@ -113,6 +115,9 @@ def main() -> None:
         sizes = [k for k in scale if k.isdigit()]
         scale["driver_rss_growth_mb"] = round(scale[sizes[-1]]["driver_peak_rss_mb"] - scale[sizes[0]]["driver_peak_rss_mb"], 1)
         doc["scale"] = scale
+        if args.scale_only:
+            write_json(Path(args.out), doc)
+            return
         # 2. faults
         endpoint = Endpoint(folder, latency_s=0.2, cap=16, rate_limit_rate=0.10, retry_after_s=0.5, fail_rate=0.05,
                             hang_rate=0.02, hang_s=5.0, malformed_rate=0.02, garbage_rate=0.05)

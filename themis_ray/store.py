@@ -34,6 +34,7 @@ ATTEMPT = "_attempt.json"
 REJECTS = "_rejects"
 WORK = "_work"  # a stage's intermediate data (kept for a resume, never read by another stage)
 STATS_KEY = b"themis.stats"  # footer key of a part's summable statistics (JSON)
+FOOTERS_AT_ONCE = 256  # footers read in parallel (and held) at a time while tallying
 
 
 @dataclass
@@ -207,24 +208,28 @@ class StageStore:
         return files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else [])
 
     def tally(self) -> Tally:
-        """Counts and summed statistics of the written parts, from their footers."""
+        """Counts and summed statistics of the written parts, from their footers. A footer is dropped
+        as soon as it is counted: a stage of a million rows has thousands of parts, and their footers
+        held together would grow the driver with rows."""
         if self._tally is None:
             files, rejects = fs.list_files(self.uri, ".parquet"), fs.list_files(self.file(REJECTS), ".parquet")
+            parts = [(path, False) for path in files] + [(path, True) for path in rejects]
+            counts, stats, schemas = {False: 0, True: 0}, {}, {}
             with ThreadPoolExecutor(16) as pool:
-                metas = list(pool.map(lambda p: pq.read_metadata(p, filesystem=self.fs), files + rejects))
-            stats: dict = {}
-            for meta in metas:
-                blob = (meta.metadata or {}).get(STATS_KEY)
-                if blob:
-                    stats = merge_stats(stats, json.loads(blob))
+                for start in range(0, len(parts), FOOTERS_AT_ONCE):
+                    chunk = parts[start:start + FOOTERS_AT_ONCE]
+                    footers = pool.map(lambda part: pq.read_metadata(part[0], filesystem=self.fs), chunk)
+                    for (_, rejected), meta in zip(chunk, footers):
+                        counts[rejected] += meta.num_rows
+                        blob = (meta.metadata or {}).get(STATS_KEY)
+                        if blob:
+                            stats = merge_stats(stats, json.loads(blob))
+                        if rejected not in schemas:
+                            schemas[rejected] = _schema_hex(meta)
             relative = [posixpath.relpath(p, self.path) for p in files + rejects]
             self._tally = Tally(files=relative[:len(files)], reject_files=relative[len(files):],
-                                rows_out=sum(m.num_rows for m in metas[:len(files)]),
-                                rows_rejected=sum(m.num_rows for m in metas[len(files):]), stats=stats)
-            self._schema_blobs = {
-                "schema": _schema_hex(metas[0]) if files else None,
-                "reject_schema": _schema_hex(metas[len(files)]) if rejects else None,
-            }
+                                rows_out=counts[False], rows_rejected=counts[True], stats=stats)
+            self._schema_blobs = {"schema": schemas.get(False), "reject_schema": schemas.get(True)}
         return self._tally
 
     def commit(self, result: StageResult, fingerprint: dict, wall_s: float) -> dict:
