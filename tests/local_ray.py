@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,29 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+@contextmanager
+def judge_server(cfg, keys: Optional[str] = None):
+    """The judge's Ray Serve app from `cfg` (a ServeConfig) on a local Ray of its own; yields its URL.
+    `keys` go into `cfg.api_keys_env` after Ray started, so the replicas never see them: only their
+    digests travel."""
+    import ray
+    from ray import serve
+
+    from themis_ray.serve import run_server
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop(cfg.api_keys_env, None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if keys:
+        os.environ[cfg.api_keys_env] = keys
+    try:
+        yield run_server(cfg, blocking=False)
+    finally:
+        os.environ.pop(cfg.api_keys_env, None)
+        serve.shutdown()
+        ray.shutdown()
 
 
 def free_port_range(width: int = 200) -> int:

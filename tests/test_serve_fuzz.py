@@ -22,8 +22,6 @@ are left as generated, so the validators still see them.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from collections import Counter
 
@@ -34,6 +32,7 @@ from hypothesis import HealthCheck, Phase, settings  # noqa: E402  (installed wi
 
 from themis_ray.scenarios import load_scenarios  # noqa: E402
 from themis_ray.serve.app import fastapi_app  # noqa: E402  (the ingress app the Serve deployment runs)
+from local_ray import free_ports, judge_server  # noqa: E402
 
 pytestmark = pytest.mark.integration  # a Ray Serve application on the real model
 
@@ -46,24 +45,14 @@ CALLS: Counter = Counter()  # (method, path, status) -> examples, printed at the
 DOCUMENT = json.loads(json.dumps(fastapi_app.openapi()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_url():
     import httpx
-    import ray
-    from ray import serve
 
     from themis_ray.config import EngineConfig, ServeConfig
-    from themis_ray.serve import run_server
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cfg = ServeConfig(
-        port=_free_port(),
+        port=free_ports(1)[0],
         engine=EngineConfig(num_threads=1),  # the embedded model
         api_keys_env="THEMIS_FUZZ_NO_KEYS",  # unset: no auth, so every example reaches the API
         max_tokens=MAX_NEW_TOKENS,
@@ -71,19 +60,15 @@ def live_url():
         max_batch_size=4,
         batch_wait_timeout_s=0.01,
     )
-    os.environ.pop(cfg.api_keys_env, None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a Ray of its own
     started = time.time()
-    try:
-        url = run_server(cfg, blocking=False)
-        # Fuzzing the server's own API: its document is the one the examples come from.
-        assert _without_empty_examples(httpx.get(f"{url}/openapi.json", timeout=60).json()) == DOCUMENT
-        yield url
-    finally:
-        print(f"\nfuzzed the live server for {time.time() - started:.0f} s; examples by operation and status: "
-              f"{dict(sorted(CALLS.items()))}")
-        serve.shutdown()
-        ray.shutdown()
+    with judge_server(cfg) as url:
+        try:
+            # Fuzzing the server's own API: its document is the one the examples come from.
+            assert _without_empty_examples(httpx.get(f"{url}/openapi.json", timeout=60).json()) == DOCUMENT
+            yield url
+        finally:
+            print(f"\nfuzzed the live server for {time.time() - started:.0f} s; examples by operation and status: "
+                  f"{dict(sorted(CALLS.items()))}")
 
 
 def _without_empty_examples(document):

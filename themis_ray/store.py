@@ -207,6 +207,12 @@ class StageStore:
         files = fs.list_files(self.uri, ".parquet")
         return files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else [])
 
+    def rows_written(self, prefix: str) -> int:
+        """Rows in the parts written so far whose names start with `prefix` (accepted and rejected),
+        from their footers."""
+        return sum(pq.read_metadata(path, filesystem=self.fs).num_rows for path in self.written_files()
+                   if posixpath.basename(path).startswith(prefix))
+
     def tally(self) -> Tally:
         """Counts and summed statistics of the written parts, from their footers. A footer is dropped
         as soon as it is counted: a stage of a million rows has thousands of parts, and their footers

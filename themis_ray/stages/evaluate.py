@@ -55,7 +55,9 @@ def run(ctx: StageContext) -> StageResult:
     for b, bench in enumerate(benchmarks):
         bench.num_records = bench.records.count()
         for j, judge in enumerate(judges):
-            grade(bench, judge, c, store, part_tag(b, j), resume=ctx.resume)
+            # A resumed run skips a judge that graded the whole benchmark already (no model load).
+            if not (ctx.resume and store.rows_written(f"part-{part_tag(b, j)}") >= bench.num_records):
+                grade(bench, judge, c, store, part_tag(b, j), resume=ctx.resume)
         schema = graded_schema(bench.schema, bench.pairwise)
         graded = {judge.name: _graded(store, part_tag(b, j), schema) for j, judge in enumerate(judges)}
         result = BenchmarkResult(bench, graded, judge_labels={j.name: j.label for j in judges})
