@@ -210,8 +210,15 @@ class StageStore:
     def rows_written(self, prefix: str) -> int:
         """Rows in the parts written so far whose names start with `prefix` (accepted and rejected),
         from their footers."""
-        return sum(pq.read_metadata(path, filesystem=self.fs).num_rows for path in self.written_files()
-                   if posixpath.basename(path).startswith(prefix))
+        named = [path for path in self.written_files() if posixpath.basename(path).startswith(prefix)]
+        return sum(meta.num_rows for meta in self._footers(named))
+
+    def _footers(self, paths: list[str]):
+        """The parts' Parquet footers in order, read in parallel, `FOOTERS_AT_ONCE` held at a time."""
+        with ThreadPoolExecutor(16) as pool:
+            for start in range(0, len(paths), FOOTERS_AT_ONCE):
+                yield from pool.map(lambda path: pq.read_metadata(path, filesystem=self.fs),
+                                    paths[start:start + FOOTERS_AT_ONCE])
 
     def tally(self) -> Tally:
         """Counts and summed statistics of the written parts, from their footers. A footer is dropped
@@ -219,19 +226,15 @@ class StageStore:
         held together would grow the driver with rows."""
         if self._tally is None:
             files, rejects = fs.list_files(self.uri, ".parquet"), fs.list_files(self.file(REJECTS), ".parquet")
-            parts = [(path, False) for path in files] + [(path, True) for path in rejects]
             counts, stats, schemas = {False: 0, True: 0}, {}, {}
-            with ThreadPoolExecutor(16) as pool:
-                for start in range(0, len(parts), FOOTERS_AT_ONCE):
-                    chunk = parts[start:start + FOOTERS_AT_ONCE]
-                    footers = pool.map(lambda part: pq.read_metadata(part[0], filesystem=self.fs), chunk)
-                    for (_, rejected), meta in zip(chunk, footers):
-                        counts[rejected] += meta.num_rows
-                        blob = (meta.metadata or {}).get(STATS_KEY)
-                        if blob:
-                            stats = merge_stats(stats, json.loads(blob))
-                        if rejected not in schemas:
-                            schemas[rejected] = _schema_hex(meta)
+            for i, meta in enumerate(self._footers(files + rejects)):
+                rejected = i >= len(files)
+                counts[rejected] += meta.num_rows
+                blob = (meta.metadata or {}).get(STATS_KEY)
+                if blob:
+                    stats = merge_stats(stats, json.loads(blob))
+                if rejected not in schemas:
+                    schemas[rejected] = _schema_hex(meta)
             relative = [posixpath.relpath(p, self.path) for p in files + rejects]
             self._tally = Tally(files=relative[:len(files)], reject_files=relative[len(files):],
                                 rows_out=counts[False], rows_rejected=counts[True], stats=stats)
