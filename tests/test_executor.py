@@ -121,8 +121,9 @@ def test_user_files_are_read_with_file_and_row_numbers(ray_module, tmp_path):
         read_records(str(tmp_path / "missing.jsonl"))
 
 
-def test_dedup_at_scale_matches_dedup_in_one_process(ray_module):
+def test_dedup_at_scale_matches_dedup_in_one_process(ray_module, monkeypatch):
     from themis_ray.config import DedupConfig
+    from themis_ray.executor import plan
     from themis_ray.dedup import find_duplicates, strongest
     from themis_ray.stages.synthesize import duplicate_edges
 
@@ -141,7 +142,24 @@ def test_dedup_at_scale_matches_dedup_in_one_process(ray_module):
     items = sorted((f"i{k:04d}-{rng.random():.6f}", t) for k, t in enumerate(texts))
     expected = find_duplicates(items, 0.7)
     table = pa.table({"id": [i for i, _ in items], "instruction": [t for _, t in items]})
-    edges = duplicate_edges(ray_module.data.from_arrow(table).repartition(5), DedupConfig()).take_all()
+    # Several shuffle partitions, as millions of instructions would get: twins must still meet.
+    monkeypatch.setattr(plan, "ROWS_PER_PARTITION", -(-len(items) // 4))
+    assert plan.shuffle_partitions(len(items)) == 4 and plan.shuffle_partitions(1) == 1
+    assert plan.shuffle_partitions(10**12) == ray_module.data.DataContext.get_current().default_hash_shuffle_parallelism
+    edges = duplicate_edges(ray_module.data.from_arrow(table).repartition(5), DedupConfig(), len(items)).take_all()
     found = strongest((e["id"], e["twin"], e["similarity"]) for e in edges)
     assert expected and {k: (d.kept_id, round(d.similarity, 6)) for k, d in found.items()} == {
         k: (d.kept_id, round(d.similarity, 6)) for k, d in expected.items()}
+
+
+def test_blocks_hold_whole_batches_and_keep_every_concurrent_call_busy():
+    from themis_ray.executor.plan import BATCHES_PER_BLOCK, rows_per_block
+
+    assert rows_per_block(64, None, 16) == 64  # rows unknown: one batch per block, as before
+    assert rows_per_block(64, 800, 16) == 64  # few rows: small blocks, so 13 of 16 calls get one
+    for rows, batch, tasks in [(300_000, 64, 16), (30_000, 64, 16), (54, 8, 1), (10_000, 8, 4), (5_000, 32, 2)]:
+        size = rows_per_block(batch, rows, tasks)
+        assert size % batch == 0 and batch <= size <= batch * BATCHES_PER_BLOCK
+        if size > batch:  # grown only while every task the pool runs at once still gets four blocks
+            assert rows // size >= 4 * tasks
+    assert rows_per_block(64, 300_000, 16) == 64 * BATCHES_PER_BLOCK

@@ -131,6 +131,6 @@ def grade(benchmark, judge, evaluate_cfg, store, tag: str, resume: bool = False)
     the graded rows into `store` as parts named by `tag`."""
     schema = graded_schema(benchmark.schema, benchmark.pairwise)
     run_rows(benchmark.records, JudgeGrader, evaluate_cfg.pool, store, schema, resume=resume, tag=tag,
-             where={"benchmark": benchmark.name, "judge": judge.name}, stats=graded_stats, judge=judge.name,
-             engine_cfg=judge.engine, sampling=evaluate_cfg.sampling, prefill=judge.prefill,
-             scale=tuple(benchmark.scale))
+             total=benchmark.num_records, where={"benchmark": benchmark.name, "judge": judge.name},
+             stats=graded_stats, judge=judge.name, engine_cfg=judge.engine, sampling=evaluate_cfg.sampling,
+             prefill=judge.prefill, scale=tuple(benchmark.scale))

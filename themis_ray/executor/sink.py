@@ -55,6 +55,17 @@ class _Part:
             self.filesystem.move(self.writing, self.path)
 
 
+def _split_rejects(table: pa.Table) -> list[tuple[bool, pa.Table]]:
+    """[(rejected, rows)] for the kinds present; a batch of one kind (the usual case) is not copied."""
+    flags = table[REJECT]
+    if flags.null_count == table.num_rows:
+        return [(False, table)]
+    if flags.null_count == 0:
+        return [(True, table)]
+    flagged = pc.is_valid(flags)
+    return [(False, table.filter(pc.invert(flagged))), (True, table.filter(flagged))]
+
+
 class StageSink(Datasink):
     def __init__(self, stage_uri: str, schema: pa.Schema, tag: str = "", stats: Optional[Stats] = None):
         self.stage_uri, self.schema, self.tag, self.stats = stage_uri, schema, tag, stats
@@ -71,11 +82,10 @@ class StageSink(Datasink):
             table = BlockAccessor.for_block(block).to_arrow()
             if not table.num_rows:
                 continue
-            table = table.select(self.schema.names).cast(self.schema)
-            flagged = pc.is_valid(table[REJECT])
-            for rejected, rows in ((False, table.filter(pc.invert(flagged))), (True, table.filter(flagged))):
-                if not rows.num_rows:
-                    continue
+            table = table.select(self.schema.names)
+            if table.schema != self.schema:
+                table = table.cast(self.schema)
+            for rejected, rows in _split_rejects(table):
                 if rejected not in parts:
                     folder = fs.join(self.stage_uri, REJECTS) if rejected else self.stage_uri
                     parts[rejected] = _Part(folder, name, self.schema if rejected else self.accepted_schema)

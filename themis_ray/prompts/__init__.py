@@ -16,6 +16,7 @@ _env = jinja2.Environment(
     undefined=jinja2.StrictUndefined,  # a missing variable is an error, not an empty string
     keep_trailing_newline=False,
     autoescape=False,
+    auto_reload=False,  # package files: no stat() per render (their digests go into manifests)
 )
 
 

@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
         model_dir = fs.local_dir(folder)
     source = ctx.input("synthesize")
     run_rows(source.dataset(), Classifier, cfg.classify.pool, ctx.store, output_schema("classify", source.schema()),
-             resume=ctx.resume, stats=agreement_stats, engine_cfg=cfg.classify.engine, model_dir=model_dir,
+             resume=ctx.resume, total=source.num_rows(), stats=agreement_stats, engine_cfg=cfg.classify.engine, model_dir=model_dir,
              route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
     written = ctx.store.tally()
     return StageResult(rows_in=source.num_rows(), extra={

@@ -233,7 +233,7 @@ def run(ctx: StageContext) -> StageResult:
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
                   max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir)
     run_rows(source.dataset(), Labeler, c.pool, ctx.store, schema, resume=ctx.resume, stats=label_stats,
-             score_by=c.score_by, prefill=c.prefill_score, **common)
+             total=source.num_rows(), score_by=c.score_by, prefill=c.prefill_score, **common)
     rows_in, extra = source.num_rows(), {}
     if c.pairwise:
         # Row accounting: each pair is one unit of work beside the responses, so rows in = responses +
@@ -241,7 +241,7 @@ def run(ctx: StageContext) -> StageResult:
         pairs = _pairs(ctx, source, c.max_pairs_per_instruction)
         if pairs.num_rows():
             run_rows(pairs.dataset(), PairLabeler, c.pool, ctx.store, schema, resume=ctx.resume, tag="pairwise-",
-                     stats=label_stats, score_by="text", prefill=False, **common)
+                     total=pairs.num_rows(), stats=label_stats, score_by="text", prefill=False, **common)
         rows_in += pairs.num_rows()
         extra = {"pairwise_pairs": pairs.num_rows()}
     written = ctx.store.tally().stats
@@ -270,7 +270,7 @@ def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int) -> S
     pairs.begin({"pairs": max_per_instruction}, force=True)
     grouped = map_groups(source.dataset(columns=["id", "instruction_id", "instruction", "scenario", "reference",
                                                   "response", "responder"]),
-                         "instruction_id", make_pairs, max_per_instruction=max_per_instruction)
+                         "instruction_id", make_pairs, rows=source.num_rows(), max_per_instruction=max_per_instruction)
     write(grouped, pairs, PAIR_SCHEMA)
     pairs.commit(StageResult(rows_in=pairs.tally().rows_out), {"pairs": max_per_instruction}, 0.0)
     return pairs

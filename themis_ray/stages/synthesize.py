@@ -194,11 +194,11 @@ def _bucket_edges(group: pa.Table, dedup) -> pa.Table:
     return pa.Table.from_pylist([dict(zip(EDGES.names, e)) for e in edges], schema=EDGES)
 
 
-def duplicate_edges(instructions, dedup):
+def duplicate_edges(instructions, dedup, rows: int):
     """Accepted instructions (a Dataset of id, instruction) -> a Dataset of (id, twin, similarity) edges:
     each instruction is sent to its buckets, a groupby brings each bucket together, and only a bucket's
     members are compared."""
-    return map_groups(map_tasks(instructions, _buckets, dedup=dedup), "bucket", _bucket_edges, dedup=dedup)
+    return map_groups(map_tasks(instructions, _buckets, dedup=dedup), "bucket", _bucket_edges, rows=rows, dedup=dedup)
 
 
 @ray.remote(num_cpus=LIGHT_CPUS)
@@ -255,7 +255,7 @@ def run(ctx: StageContext) -> StageResult:
         resume = generated.begin({"generated": len(tasks)})
         if tasks:
             run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), Synthesizer, s.pool,
-                     generated, schema, resume=resume, stats=synthesis_stats, engine_cfg=s.engine,
+                     generated, schema, resume=resume, total=len(tasks), stats=synthesis_stats, engine_cfg=s.engine,
                      sampling=s.sampling, max_instruction_chars=s.max_instruction_chars)
         done = generated.tally()
         generated.commit(StageResult(rows_in=len(tasks), units_ok=done.stats.get("tasks_ok", 0)),
@@ -270,7 +270,7 @@ def run(ctx: StageContext) -> StageResult:
     if s.dedup.enabled and generated.num_rows() > 1:
         edges = store.file("_work", "duplicates")
         fs.delete(edges)
-        duplicate_edges(generated.dataset(columns=["id", "instruction"]), s.dedup).write_parquet(
+        duplicate_edges(generated.dataset(columns=["id", "instruction"]), s.dedup, generated.num_rows()).write_parquet(
             fs.resolve(edges)[1], filesystem=store.fs)
         duplicates = _load_duplicates.remote(fs.list_files(edges, ".parquet"), store.uri)
     write(map_tasks(generated.dataset(), _flag_duplicates, duplicates=duplicates), store, schema,
