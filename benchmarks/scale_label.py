@@ -7,7 +7,8 @@ each, in parts of 1,000 rows) and writing `label`.
 
 1. scale: N = 10k, 100k, 300k, fault-free: records/s of the stage (its manifest's wall time) and the
    peak RSS of the driver process, against the engine alone (one `generate` call over 20k records,
-   the same client with the same prompts, no Ray) in the same run. Goals: driver peak grows by at
+   the same client with the same prompts, no Ray) in the same run, before and after the stage runs:
+   the faster of the two is the peer. Goals: driver peak grows by at
    most 150 MB from 10k to 300k; records/s at 300k at least 0.9x the engine alone.
 2. faults: 800 records, 0.2 s per answer, at most 16 at once (limit 80/s), with 429 10% (Retry-After),
    500 5%, hangs 2% (5 s), malformed 200 bodies 2%, score-less answers 5%: labelled share, records/s,
@@ -103,16 +104,22 @@ def main() -> None:
         # 1. scale, fault-free
         endpoint = Endpoint(folder, latency_s=0.02)
         try:
+            # The peer runs before and after the stage runs, and the faster of the two is the figure
+            # the stage is held against: on a shared machine one measurement of it can be slowed.
+            peer = conversations(args.alone)
             scale = {"latency_s": 0.02, "engine_max_concurrency": 32,
-                     "engine_alone": engine_alone(endpoint.base_url, conversations(args.alone), 32, 32)}
+                     "engine_alone_before": engine_alone(endpoint.base_url, peer, 32, 32)}
             for n in map(int, args.sizes.split(",")):
                 scale[str(n)] = label_run(folder, n, endpoint, concurrency=32)
-                scale[str(n)]["vs_engine_alone"] = round(
-                    scale[str(n)]["records_per_s"] / scale["engine_alone"]["records_per_s"], 3)
                 print(json.dumps({n: scale[str(n)]}), flush=True)
+            scale["engine_alone_after"] = engine_alone(endpoint.base_url, peer, 32, 32)
         finally:
             endpoint.close()
+        scale["engine_alone"] = max(scale["engine_alone_before"], scale["engine_alone_after"],
+                                    key=lambda m: m["records_per_s"])
         sizes = [k for k in scale if k.isdigit()]
+        for n in sizes:
+            scale[n]["vs_engine_alone"] = round(scale[n]["records_per_s"] / scale["engine_alone"]["records_per_s"], 3)
         scale["driver_rss_growth_mb"] = round(scale[sizes[-1]]["driver_peak_rss_mb"] - scale[sizes[0]]["driver_peak_rss_mb"], 1)
         doc["scale"] = scale
         if args.scale_only:
