@@ -456,7 +456,8 @@ def mtbench_benchmark(cfg, work, resume: bool = False) -> Benchmark:
         resume = work.begin({"mtbench": names})  # True when a crashed run left answers to keep
         for k, r in enumerate(mc.responders):
             run_rows(ray.data.from_arrow(questions), Responder, cfg.evaluate.pool, work, schema, resume=resume,
-                     total=questions.num_rows, tag=f"r{k}-", where={"responder": r.name}, responder=r, section="evaluate.mtbench")
+                     total=questions.num_rows, tag=f"r{k}-", where={"responder": r.name}, responder=r,
+                     section="evaluate.mtbench")
         work.commit(StageResult(rows_in=questions.num_rows * len(names)), {"mtbench": names}, 0.0)
     answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
     fields = [f for f in schema if f.name != REJECT]

@@ -55,11 +55,12 @@ def run(ctx: StageContext) -> StageResult:
                                     "run `themis-ray train-classifier` or set classify.model")
         model_dir = fs.local_dir(folder)
     source = ctx.input("synthesize")
+    rows_in = source.num_rows()
     run_rows(source.dataset(), Classifier, cfg.classify.pool, ctx.store, output_schema("classify", source.schema()),
-             resume=ctx.resume, total=source.num_rows(), stats=agreement_stats, engine_cfg=cfg.classify.engine, model_dir=model_dir,
-             route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
+             resume=ctx.resume, total=rows_in, stats=agreement_stats, engine_cfg=cfg.classify.engine,
+             model_dir=model_dir, route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
     written = ctx.store.tally()
-    return StageResult(rows_in=source.num_rows(), extra={
+    return StageResult(rows_in=rows_in, extra={
         "engine": engine_label(cfg.classify.engine) if model_dir is None else f"trained:{model_dir}",
         "method": cfg.classify.method,
         "agreement_with_synthesis": round(written.stats.get("agree", 0) / written.rows_out, 4)

@@ -77,11 +77,12 @@ class IFDScorer(RowProcessor):
 def run(ctx: StageContext) -> StageResult:
     c = ctx.cfg.ifd
     source = ctx.input("label")
+    rows_in = source.num_rows()
     records = source.dataset()
     if c.sort_batches:
         # Batches of one scenario and mode share their prompt's opening, which the hf scorer runs once.
         records = records.sort(["scenario", "mode"])
     run_rows(records, IFDScorer, c.pool, ctx.store, output_schema("ifd", source.schema()), resume=ctx.resume,
-             total=source.num_rows(), engine_cfg=c.engine, micro_batch_size=c.micro_batch_size,
+             total=rows_in, engine_cfg=c.engine, micro_batch_size=c.micro_batch_size,
              max_padding=c.max_padding, share_prefix=c.share_prefix)
-    return StageResult(rows_in=source.num_rows(), extra={"engine": engine_label(c.engine)})
+    return StageResult(rows_in=rows_in, extra={"engine": engine_label(c.engine)})

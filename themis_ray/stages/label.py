@@ -232,18 +232,19 @@ def run(ctx: StageContext) -> StageResult:
     schema = output_schema("label", source.schema())
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
                   max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir)
+    rows_in, extra = source.num_rows(), {}  # counted once from the footers: it sizes the plan too
     run_rows(source.dataset(), Labeler, c.pool, ctx.store, schema, resume=ctx.resume, stats=label_stats,
-             total=source.num_rows(), score_by=c.score_by, prefill=c.prefill_score, **common)
-    rows_in, extra = source.num_rows(), {}
+             total=rows_in, score_by=c.score_by, prefill=c.prefill_score, **common)
     if c.pairwise:
         # Row accounting: each pair is one unit of work beside the responses, so rows in = responses +
         # pairs, and each pair ends as one row, labelled or rejected.
-        pairs = _pairs(ctx, source, c.max_pairs_per_instruction)
-        if pairs.num_rows():
+        pairs = _pairs(ctx, source, c.max_pairs_per_instruction, rows_in)
+        n_pairs = pairs.num_rows()
+        if n_pairs:
             run_rows(pairs.dataset(), PairLabeler, c.pool, ctx.store, schema, resume=ctx.resume, tag="pairwise-",
-                     total=pairs.num_rows(), stats=label_stats, score_by="text", prefill=False, **common)
-        rows_in += pairs.num_rows()
-        extra = {"pairwise_pairs": pairs.num_rows()}
+                     total=n_pairs, stats=label_stats, score_by="text", prefill=False, **common)
+        rows_in += n_pairs
+        extra = {"pairwise_pairs": n_pairs}
     written = ctx.store.tally().stats
     if c.pairwise:
         extra["pairwise_consistent"] = written.get("pairwise_consistent", 0)
@@ -261,7 +262,7 @@ def run(ctx: StageContext) -> StageResult:
     })
 
 
-def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int) -> StageStore:
+def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int, responses: int) -> StageStore:
     """The pairs to judge, grouped from the responses by instruction and written under `_work/` once
     (a resumed run reuses them), as a finished store whose rows the pairwise plan reads."""
     pairs = StageStore(ctx.store.uri, "_work/pairs")
@@ -270,7 +271,7 @@ def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int) -> S
     pairs.begin({"pairs": max_per_instruction}, force=True)
     grouped = map_groups(source.dataset(columns=["id", "instruction_id", "instruction", "scenario", "reference",
                                                   "response", "responder"]),
-                         "instruction_id", make_pairs, rows=source.num_rows(), max_per_instruction=max_per_instruction)
+                         "instruction_id", make_pairs, rows=responses, max_per_instruction=max_per_instruction)
     write(grouped, pairs, PAIR_SCHEMA)
     pairs.commit(StageResult(rows_in=pairs.tally().rows_out), {"pairs": max_per_instruction}, 0.0)
     return pairs

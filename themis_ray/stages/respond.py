@@ -18,10 +18,11 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError(f"respond.responders: names must be unique, got {names}")
     source = ctx.input("classify")
     schema = output_schema("respond", source.schema())
+    instructions = source.num_rows()
     # One plan per responder, one after another, so their pools never compete for the same CPUs.
     for responder in c.responders:
         tag = re.sub(r"[^A-Za-z0-9_.-]", "_", responder.name) + "-"
-        run_rows(source.dataset(), Responder, c.pool, ctx.store, schema, resume=ctx.resume, tag=tag, total=source.num_rows(),
+        run_rows(source.dataset(), Responder, c.pool, ctx.store, schema, resume=ctx.resume, tag=tag, total=instructions,
                  where={"responder": responder.name}, responder=responder)
-    return StageResult(rows_in=source.num_rows() * len(names),
+    return StageResult(rows_in=instructions * len(names),
                        extra={"responders": {r.name: engine_label(r.engine) for r in c.responders}})
