@@ -130,6 +130,18 @@ def test_pointwise_jsonl_good_rows_and_every_bad_row_with_its_line_and_reason(tm
     assert json.loads(bad[5]["raw"])["rating"] == 9  # the raw row is kept for the user to fix
 
 
+def test_a_folder_of_files_names_each_rejected_row_by_its_file_and_line(tmp_path):
+    good = {"instruction": "Say hi.", "response": "Hi", "score": 4}
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(tmp_path / name, [good, "{not json"])  # line 2 is bad in both files
+    batches = list(read_file_batches(pa.table({"file": [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl")]})))
+    records, rejects = zip(*(B._prepare_file(batch, file_cfg(), None) for batch in batches))
+    assert sum(r.num_rows for r in records) == 2
+    bad = [row for table in rejects for row in table.to_pylist()]
+    assert sorted((Path(r["file"]).name, r["row"]) for r in bad) == [("a.jsonl", 2), ("b.jsonl", 2)]
+    assert all(r[REJECT].startswith(f"{r['file']} row 2: invalid JSON") for r in bad)
+
+
 def test_parse_file_rows_takes_rows_from_anywhere_and_numbers_them_as_given():
     fc = file_cfg(format="pairwise")
     rows = [(7, {"instruction": "Say hi.", "response_a": "Hi", "response_b": "Bye", "winner": 2}),

@@ -132,7 +132,8 @@ def test_stage_runs_two_judges_on_validation_file_and_mtbench(ray_module, tmp_pa
     assert {r["id"] for r in graded if r["benchmark"] == "validation"} == {"v0", "v1"}  # not the train row
     rejects = store.read_rejects().to_pylist()
     assert [(r["benchmark"], r["row"]) for r in rejects] == [("file", 3)]
-    assert rejects[0][REJECT].startswith("row 3: invalid JSON") and rejects[0]["raw"] == "not json"
+    assert rejects[0]["file"] == str(labels) and rejects[0]["raw"] == "not json"
+    assert rejects[0][REJECT].startswith(f"{labels} row 3: invalid JSON")
 
     staging = stage_path(store)
     metrics = json.loads((staging / "metrics.json").read_text())

@@ -43,7 +43,7 @@ _WINNERS = {
     "c": "C", "tie": "C", "draw": "C", "tie (bothbad)": "C",
 }
 
-REJECT_SCHEMA = pa.schema([("benchmark", pa.string()), ("row", pa.int64()), ("id", pa.string()),
+REJECT_SCHEMA = pa.schema([("benchmark", pa.string()), ("file", pa.string()), ("row", pa.int64()), ("id", pa.string()),
                            ("raw", pa.string()), (REJECT, pa.string())])
 _COMMON = [("id", pa.string()), ("benchmark", pa.string()), ("row", pa.int64()), ("scenario", pa.string()),
            ("mode", pa.string()), ("instruction", pa.string())]
@@ -273,18 +273,20 @@ def check_columns(present: set[str], fc) -> None:
 
 
 def parse_file_rows(rows: list[tuple[int, Any]], fc, scenarios_dir: Optional[str] = None,
-                    benchmark: str = "file") -> tuple[pa.Table, pa.Table]:
-    """(records ready to judge, rejects) from a labelled file's rows, per `evaluate.file` (fc)."""
+                    benchmark: str = "file", files: Optional[list[str]] = None) -> tuple[pa.Table, pa.Table]:
+    """(records ready to judge, rejects) from a labelled file's rows, per `evaluate.file` (fc). `files`,
+    beside the rows, names the file each came from (a folder of files numbers each file's rows anew)."""
     column, winners = _check_file_config(fc)
     scale = judging.RatingScale(fc.scale_low, fc.scale_high)
     good, bad = [], []
-    for number, record in rows:
+    for (number, record), file in zip(rows, files or [None] * len(rows)):
         try:
             good.append(_file_record(number, record, fc, column, winners, scale, scenarios_dir, benchmark))
         except _Rejected as err:
             rid = record.get(column["id"]) if isinstance(record, dict) else None
-            bad.append({"benchmark": benchmark, "row": number, "id": _text(rid), "raw": _raw(record),
-                        REJECT: f"row {number}: {err}"})
+            where = f"{file} row {number}" if file else f"row {number}"
+            bad.append({"benchmark": benchmark, "file": file, "row": number, "id": _text(rid), "raw": _raw(record),
+                        REJECT: f"{where}: {err}"})
     return (pa.Table.from_pylist(good, schema=FILE_SCHEMAS[fc.format]),
             pa.Table.from_pylist(bad, schema=REJECT_SCHEMA))
 
@@ -376,7 +378,7 @@ def _file_columns(batch: pa.Table) -> dict:
 
 
 def _prepare_file(batch: pa.Table, fc, scenarios_dir) -> tuple[pa.Table, pa.Table]:
-    return parse_file_rows(_file_rows(batch), fc, scenarios_dir)
+    return parse_file_rows(_file_rows(batch), fc, scenarios_dir, files=batch["_file"].to_pylist())
 
 
 def file_benchmark(fc, scenarios_dir: Optional[str] = None) -> Benchmark:
