@@ -66,6 +66,29 @@ def engine_alone(base_url: str, conversations: list, concurrency: int, max_token
             "records_per_s": round(len(conversations) / wall, 2)}
 
 
+def _engine_alone_share(args: tuple) -> dict:
+    return engine_alone(*args)
+
+
+def engine_alone_processes(base_url: str, conversations: list, concurrency: int, max_tokens: int,
+                           processes: int) -> dict:
+    """The engine alone in `processes` processes at once, each with its share of the conversations (the
+    like-for-like peer of a stage whose pool runs that many actors): records/s over the slowest share."""
+    if processes == 1:
+        return engine_alone(base_url, conversations, concurrency, max_tokens)
+    import multiprocessing
+
+    shares = [conversations[i::processes] for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_engine_alone_share, [(base_url, share[:32], concurrency, max_tokens) for share in shares])  # imports
+        start = time.perf_counter()
+        each = pool.map(_engine_alone_share, [(base_url, share, concurrency, max_tokens) for share in shares])
+        wall = time.perf_counter() - start
+    return {"records": len(conversations), "processes": processes, "errors": sum(e["errors"] for e in each),
+            "wall_s": round(wall, 2), "records_per_s": round(len(conversations) / wall, 2),
+            "each_records_per_s": [e["records_per_s"] for e in each]}
+
+
 def run_measured(argv: list[str], timeout: float = 7200) -> dict:
     """Run a command; its wall time and the peak RSS of the driver process itself (not its Ray children),
     sampled every 0.2 s."""

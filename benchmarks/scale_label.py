@@ -9,7 +9,8 @@ each, in parts of 1,000 rows) and writing `label`.
    peak RSS of the driver process, against the engine alone (one `generate` call over 20k records,
    the same client with the same prompts, no Ray) in the same run, before and after the stage runs:
    the faster of the two is the peer. Goals: driver peak grows by at
-   most 150 MB from 10k to 300k; records/s at 300k at least 0.9x the engine alone.
+   most 150 MB from 10k to 300k; records/s at 300k at least 0.9x the engine alone. With `--actors N`
+   the stage's pool runs N actors and the peer runs in N processes at once (like for like).
 2. faults: 800 records, 0.2 s per answer, at most 16 at once (limit 80/s), with 429 10% (Retry-After),
    500 5%, hangs 2% (5 s), malformed 200 bodies 2%, score-less answers 5%: labelled share, records/s,
    and answers paid for that the stage did not ask for (server-answered minus the attempts the stage
@@ -17,7 +18,7 @@ each, in parts of 1,000 rows) and writing `label`.
 3. latency: 0.05, 0.2 and 1 s per answer, at most 16 at once: stage vs the engine alone vs the
    server's limit (16 / latency).
 
-    python benchmarks/scale_label.py [--sizes 10000,100000,300000] [--out benchmarks/results/scale_label.json]
+    python benchmarks/scale_label.py [--sizes 10000,100000,300000] [--actors 1] [--scale-only] [--out benchmarks/results/scale_label.json]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-from _endpoint import THEMIS, Endpoint, digest, engine_alone, machine, run_measured, write_json
+from _endpoint import THEMIS, Endpoint, digest, engine_alone, engine_alone_processes, machine, run_measured, write_json
 
 from themis_ray import judging
 from themis_ray.executor.sink import StageSink
@@ -65,7 +66,7 @@ def conversations(n: int) -> list:
             for table in responses(n, offset=10_000_000) for row in table.to_pylist()]
 
 
-def label_run(folder: Path, n: int, endpoint: Endpoint, concurrency: int, batch_size: int = 64) -> dict:
+def label_run(folder: Path, n: int, endpoint: Endpoint, concurrency: int, batch_size: int = 64, actors: int = 1) -> dict:
     run_dir = folder / f"run-{n}-{time.time_ns()}"
     respond_stage(run_dir, n)
     config = run_dir / "label.yaml"
@@ -74,7 +75,7 @@ def label_run(folder: Path, n: int, endpoint: Endpoint, concurrency: int, batch_
                    "max_concurrency": concurrency, "timeout_s": 30.0, "max_retries": 8},
         "sampling": {"max_tokens": 32, "logprobs": 0}, "score_by": "text", "prefill_score": False,
         "max_attempts": 2,
-        "pool": {"num_cpus": 0, "min_size": 1, "max_size": 1, "batch_size": batch_size}}}))
+        "pool": {"num_cpus": 0, "min_size": actors, "max_size": actors, "batch_size": batch_size}}}))
     before = endpoint.paid()  # earlier runs on this server asked some of the same prompts
     measured = run_measured([THEMIS, "label", "--config", str(config)])
     store = StageStore(str(run_dir), "label")
@@ -95,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,300000")
     parser.add_argument("--alone", type=int, default=20000, help="records for the engine-alone peer")
+    parser.add_argument("--actors", type=int, default=1,
+                        help="the stage's pool size in part 1; the peer then runs in as many processes")
     parser.add_argument("--scale-only", action="store_true", help="only part 1 (no faults, no latency sweep)")
     parser.add_argument("--out", default="benchmarks/results/scale_label.json")
     args = parser.parse_args()
@@ -107,12 +110,16 @@ def main() -> None:
             # The peer runs before and after the stage runs, and the faster of the two is the figure
             # the stage is held against: on a shared machine one measurement of it can be slowed.
             peer = conversations(args.alone)
-            scale = {"latency_s": 0.02, "engine_max_concurrency": 32,
-                     "engine_alone_before": engine_alone(endpoint.base_url, peer, 32, 32)}
+
+            def alone() -> dict:
+                return engine_alone_processes(endpoint.base_url, peer, 32, 32, args.actors)
+
+            scale = {"latency_s": 0.02, "engine_max_concurrency": 32, "actors": args.actors,
+                     "engine_alone_before": alone()}
             for n in map(int, args.sizes.split(",")):
-                scale[str(n)] = label_run(folder, n, endpoint, concurrency=32)
+                scale[str(n)] = label_run(folder, n, endpoint, concurrency=32, actors=args.actors)
                 print(json.dumps({n: scale[str(n)]}), flush=True)
-            scale["engine_alone_after"] = engine_alone(endpoint.base_url, peer, 32, 32)
+            scale["engine_alone_after"] = alone()
         finally:
             endpoint.close()
         scale["engine_alone"] = max(scale["engine_alone_before"], scale["engine_alone_after"],
