@@ -50,20 +50,31 @@ def digest(prompt: str) -> str:
     return hashlib.sha1(prompt.encode()).hexdigest()
 
 
-def engine_alone(base_url: str, conversations: list, concurrency: int, max_tokens: int) -> dict:
+def engine_alone(base_url: str, conversations: list, concurrency: int, max_tokens: int, threads: int = 0,
+                 batch: int = 64) -> dict:
     """The openai engine called once with every conversation, in this process: the best this client
-    does on this machine, the peer the stage is measured against."""
+    does on this machine, the peer the stage is measured against. With `threads`, it is called the way
+    an actor calls it instead: that many threads, each with one batch of `batch` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from themis_ray.config import EngineConfig, SamplingConfig
     from themis_ray.engines.openai_engine import OpenAIEngine
 
     engine = OpenAIEngine(EngineConfig(kind="openai", base_url=base_url, model="teacher", max_concurrency=concurrency,
                                        api_key_env="THEMIS_BENCH_UNUSED_KEY"))
+    sampling = SamplingConfig(max_tokens=max_tokens)
     start = time.perf_counter()
-    done = engine.generate(conversations, SamplingConfig(max_tokens=max_tokens))
+    if threads:
+        with ThreadPoolExecutor(threads) as pool:
+            batches = [conversations[i:i + batch] for i in range(0, len(conversations), batch)]
+            done = [d for answers in pool.map(lambda b: engine.generate(b, sampling), batches) for d in answers]
+    else:
+        done = engine.generate(conversations, sampling)
     wall = time.perf_counter() - start
     engine.close()
-    return {"records": len(conversations), "errors": sum(1 for d in done if d.error), "wall_s": round(wall, 2),
-            "records_per_s": round(len(conversations) / wall, 2)}
+    out = {"records": len(conversations), "errors": sum(1 for d in done if d.error), "wall_s": round(wall, 2),
+           "records_per_s": round(len(conversations) / wall, 2)}
+    return {**out, "threads": threads, "batch": batch} if threads else out
 
 
 def _engine_alone_share(args: tuple) -> dict:

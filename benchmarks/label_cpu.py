@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -42,8 +41,8 @@ def _group(proc: psutil.Process) -> str:
     if name.startswith("ray::"):
         return "actor" if name.startswith("ray::MapWorker") else "ray workers (reads, Ray Data's actors)"
     command = " ".join(proc.cmdline())
-    for key, group in (("label_cpu.py", "benchmark process (the engine alone runs here)"), ("openai_server", "server"), ("themis-ray", "driver"), ("raylet", "ray system"),
-                       ("gcs_server", "ray system"), ("dashboard", "ray system"), ("log_monitor", "ray system"),
+    for key, group in (("label_cpu.py", "benchmark process (the engine alone runs here)"), ("openai_server", "server"),
+                       ("themis-ray", "driver"), ("raylet", "ray system"), ("gcs_server", "ray system"), ("dashboard", "ray system"), ("log_monitor", "ray system"),
                        ("monitor.py", "ray system"), ("runtime_env", "ray system")):
         if key in command:
             return group
@@ -55,35 +54,30 @@ class CpuSampler:
     which exit before the end (Ray's, when the stage is done) are counted up to their last sample."""
 
     def __init__(self):
-        self.first = {p.pid: _cpu(p) for p in psutil.process_iter() if self._readable(p)}
+        self.first = {pid: cpu for pid, (_, cpu) in self._snapshot().items()}
         self.last: dict[int, tuple[str, float]] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     @staticmethod
-    def _readable(proc) -> bool:
-        try:
-            proc.cpu_times()
-            return True
-        except psutil.Error:
-            return False
-
-    def _sample(self) -> None:
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        out = {}
         for proc in psutil.process_iter():
             try:
-                self.last[proc.pid] = (_group(proc), _cpu(proc))
+                out[proc.pid] = (_group(proc), _cpu(proc))
             except psutil.Error:
-                pass
+                pass  # gone, or not ours to read
+        return out
 
     def _run(self) -> None:
         while not self.done.wait(1.0):
-            self._sample()
+            self.last.update(self._snapshot())
 
     def stop(self) -> dict:
         self.done.set()
         self.thread.join()
-        self._sample()
+        self.last.update(self._snapshot())
         groups: dict[str, float] = {}
         for pid, (group, cpu) in self.last.items():
             groups[group] = groups.get(group, 0.0) + cpu - self.first.get(pid, 0.0)
@@ -106,7 +100,11 @@ def actor_threads(seconds: float, after: float) -> dict:
 
     def per_thread() -> dict:
         out = {}
-        for tid in os.listdir(f"/proc/{actor.pid}/task"):
+        try:
+            tids = os.listdir(f"/proc/{actor.pid}/task")
+        except OSError:
+            return out  # the actor is gone: the stage ended first
+        for tid in tids:
             try:
                 fields = Path(f"/proc/{actor.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
                 out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
@@ -117,29 +115,14 @@ def actor_threads(seconds: float, after: float) -> dict:
     before, start = per_thread(), time.time()
     time.sleep(seconds)
     after_, wall = per_thread(), time.time() - start
+    if not before or not after_:
+        return {}  # too short a run to watch the actor for `seconds`
     used = {tid: after_[tid] - before.get(tid, 0.0) for tid in after_}
     # The engine's loop is the busiest thread by far (every request's client work runs on it).
     loop = max(used, key=used.get)
     return {"seconds": round(wall, 1), "engine_loop_thread_cores": round(used[loop] / wall, 3),
             "other_threads_cores": round(sum(v for t, v in used.items() if t != loop) / wall, 3),
             "threads": len(used)}
-
-
-def engine_in_threads(base_url: str, convs: list, threads: int, batch: int = 64) -> dict:
-    """The engine called as an actor calls it: `threads` threads, each one batch at a time."""
-    from themis_ray.config import EngineConfig, SamplingConfig
-    from themis_ray.engines.openai_engine import OpenAIEngine
-
-    engine = OpenAIEngine(EngineConfig(kind="openai", base_url=base_url, model="teacher", max_concurrency=32,
-                                       api_key_env="THEMIS_BENCH_UNUSED_KEY"))
-    batches = [convs[i:i + batch] for i in range(0, len(convs), batch)]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda b: engine.generate(b, SamplingConfig(max_tokens=32)), batches))
-    wall = time.perf_counter() - start
-    engine.close()
-    return {"records": len(convs), "threads": threads, "batch": batch, "wall_s": round(wall, 2),
-            "records_per_s": round(len(convs) / wall, 2)}
 
 
 def main() -> None:
@@ -158,7 +141,7 @@ def main() -> None:
             alone = engine_alone(endpoint.base_url, peer, 32, 32)
             alone["cpu_s_per_1k"] = {g: round(s * 1000 / args.alone, 3) for g, s in sampler.stop().items()}
             doc["engine_alone"] = alone
-            doc["engine_in_threads"] = engine_in_threads(endpoint.base_url, peer, args.threads)
+            doc["engine_in_threads"] = engine_alone(endpoint.base_url, peer, 32, 32, threads=args.threads)
             doc["engine_alone_again"] = engine_alone(endpoint.base_url, peer, 32, 32)
             print(json.dumps({k: doc[k] for k in ("engine_alone", "engine_in_threads", "engine_alone_again")}), flush=True)
             inside: dict = {}
