@@ -49,6 +49,12 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int = 0
     logprobs: int = 0  # top-k log-probabilities per generated token (0: none)
+    # Stop a sequence once its generated text matches this regular expression and it has at least
+    # `stop_min_tokens` tokens; max_tokens still caps it. Judging sets both (the verdict is out and
+    # the rationale has its length: `judging.stop_at_verdict`). The hf engine honours it; the others
+    # run to max_tokens or the end of turn.
+    stop_pattern: Optional[str] = None
+    stop_min_tokens: int = 0
 
 
 @dataclass
@@ -193,6 +199,11 @@ class LabelConfig:
     prefill_score: bool = False
     max_attempts: int = 2  # a parse failure is re-asked (sampled) until this many attempts
     retry_temperature: float = 0.7
+    # false: the score (pairwise: the verdict) is chosen by log-probability in one forward pass and is
+    # the whole evaluation, no text generated (needs an engine that scores text: hf, vllm).
+    rationale: bool = True
+    # Stop an evaluation once its score is out and it has this many tokens (null: max_tokens or end of turn).
+    rationale_tokens: Optional[int] = None
     # Pairwise labels beside the pointwise ones: for each instruction with two or more responses, up
     # to `max_pairs_per_instruction` pairs of consecutive responses (by responder) are judged in both
     # orders; a verdict that flips with the order is a tie. Each pair is one more unit of work: it
@@ -373,6 +384,8 @@ class EvaluateConfig:
     )
     pool: PoolConfig = field(default_factory=PoolConfig)
     prefill_score: bool = True
+    rationale: bool = True  # false: each judge's score or verdict from one forward pass, no text (hf, vllm)
+    rationale_tokens: Optional[int] = None  # stop once the score is out and the answer is this long
     bootstrap: int = 1000  # resamples for the confidence intervals of the headline numbers (0: none)
     confidence: float = 0.95
     seed: int = 0
@@ -403,7 +416,11 @@ class ServeConfig:
     autoscaling: Optional[ServeAutoscalingConfig] = None
     replica_num_cpus: float = 1.0
     prefill_score: bool = True
+    # The most tokens any answer gets, on every route: a request asking for more gets this many.
     max_tokens: int = 128
+    # A judge answer stops once its verdict is out and it has this many tokens (the rationale's cap;
+    # null: runs to max_tokens or the end of turn). Requests with "rationale": false generate nothing.
+    rationale_tokens: Optional[int] = 48
 
 
 @dataclass
@@ -433,6 +450,8 @@ class JudgeConfig:
                                                                             logprobs=10))
     prefill_score: bool = False  # continue an answer that reads "[[" (local models; remote APIs refuse)
     max_attempts: int = 2  # an answer without a parsable score is asked again, then rejected with it
+    rationale: bool = True  # false: the score or verdict from one forward pass, no text (hf, vllm engines)
+    rationale_tokens: Optional[int] = None  # stop once the score is out and the answer is this long
 
 
 @dataclass

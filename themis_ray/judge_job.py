@@ -253,6 +253,7 @@ def judge_dataset(cfg) -> dict:
     run_rows(rows, DatasetJudge, c.pool, store, schema, resume=resume, stats=judge_stats, before=route,
              total=seen.get("rows", 0), engine_cfg=c.engine, sampling=c.sampling, score_by="text", calibrate=False,
              prefill=c.prefill_score, max_attempts=c.max_attempts, retry_temperature=0.7,
+             rationale=c.rationale, rationale_tokens=c.rationale_tokens,
              scenarios_dir=cfg.scenarios_dir, scale=(scale.low, scale.high),
              criteria=[{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None)
     written = store.tally()

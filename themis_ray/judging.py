@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from themis_ray import prompts
 from themis_ray.scenarios import Criterion, get_scenario, load_tiers
 
 MODES = ("single", "reference", "pairwise")
+VERDICTS = ("A", "B", "C")  # pairwise: the first response wins, the second, a tie
 SCORE_PREFILL = "[["  # the answer's first characters when the engine is made to start with the score
 _SCORE = re.compile(r"\[\[\s*(-?\d+(?:\.\d+)?)\s*\]\]")
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -193,6 +194,41 @@ def _score_token_position(tokens: list[str]) -> Optional[int]:
 def score_options(scale: RatingScale = RatingScale()) -> list[str]:
     """What may follow the "[[" prefill when the score is chosen by log-probability: "1]]", "2]]", ..."""
     return [f"{score}]]" for score in scale.scores]
+
+
+def choice_options(mode: str = "single", scale: RatingScale = RatingScale()) -> list[str]:
+    """What may follow the "[[" prefill: a score on the scale, or a pairwise verdict."""
+    return [f"{v}]]" for v in VERDICTS] if mode == "pairwise" else score_options(scale)
+
+
+def evaluation_from_choices(option_logprobs: list[float], mode: str = "single",
+                            scale: RatingScale = RatingScale()) -> tuple[str, Evaluation, dict]:
+    """Score-only judging: log-probabilities of `choice_options` after the "[[" prefill, read in one
+    forward pass with no text generated -> (the answer "[[x]]", its evaluation, the distribution).
+
+    The distribution is over the scale's scores (its mean is the expected score) or over A, B, C.
+    """
+    options = VERDICTS if mode == "pairwise" else scale.scores
+    peak = max(option_logprobs)
+    weights = [math.exp(lp - peak) for lp in option_logprobs]
+    distribution = {option: w / sum(weights) for option, w in zip(options, weights)}
+    choice = max(distribution, key=distribution.get)
+    text = f"{SCORE_PREFILL}{choice}]]"
+    return text, parse_evaluation(text, mode, scale), distribution
+
+
+def stop_at_verdict(sampling, mode: str, rationale_tokens: Optional[int]):
+    """`sampling` that stops an answer once its overall score (pairwise: its verdict) is written and it
+    has `rationale_tokens` tokens: a rationale written first is kept whole, one written after the
+    verdict is cut at that length. The stop only fires after a whole `[[n]]`, so it never cuts a score.
+    None: unchanged (the answer runs to max_tokens or the end of turn)."""
+    if rationale_tokens is None:
+        return sampling
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_object(sampling) if OmegaConf.is_config(sampling) else sampling
+    pattern = (_VERDICT if mode == "pairwise" else _SCORE).pattern
+    return replace(plain, stop_pattern=pattern, stop_min_tokens=max(0, int(rationale_tokens)))
 
 
 def choice_distribution(option_logprobs: list[float], scale: RatingScale = RatingScale()) -> dict[int, float]:

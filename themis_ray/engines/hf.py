@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Optional
 
 import torch
@@ -53,15 +54,24 @@ class HFEngine(Engine):
         if encoded:
             # Sort by length so each call pads little; results go back to their places.
             encoded.sort(key=lambda item: len(item[1]))
-            generated = self._generate_ids([ids for _, ids in encoded], sampling)
+            answer_starts = [_prefill_text(conversations[idx]) for idx, _ in encoded]
+            generated = self._generate_ids([ids for _, ids in encoded], sampling, answer_starts)
             for (idx, _), completion in zip(encoded, generated):
                 results[idx] = completion
         return results  # type: ignore[return-value]
 
-    def _generate_ids(self, rows: list[list[int]], sampling) -> list[Completion]:
+    def _generate_ids(self, rows: list[list[int]], sampling, answer_starts: Optional[list[str]] = None
+                      ) -> list[Completion]:
         ids, mask = self._left_padded(rows)
         torch.manual_seed(sampling.seed)
         greedy = sampling.temperature <= 0
+        stopping = None
+        if getattr(sampling, "stop_pattern", None):
+            from transformers import StoppingCriteriaList
+
+            stopping = StoppingCriteriaList([StopAfterMatch(
+                self.tokenizer, sampling.stop_pattern, sampling.stop_min_tokens, ids.shape[1],
+                answer_starts or [""] * len(rows))])
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -73,6 +83,7 @@ class HFEngine(Engine):
             pad_token_id=self.tokenizer.pad_token_id,
             return_dict_in_generate=True,
             output_logits=sampling.logprobs > 0,
+            stopping_criteria=stopping,
         )
         new_tokens = out.sequences[:, ids.shape[1] :]
         eos = self.model.generation_config.eos_token_id
@@ -132,6 +143,36 @@ class HFEngine(Engine):
             total = first[o[0]].item() + sum(logp[k, j - 1, o[j]].item() for j in range(1, len(o)))
             totals.append(total)
         return totals
+
+
+def _prefill_text(conversation: Conversation) -> str:
+    """What the answer already says when the conversation ends with an assistant message to continue."""
+    last = conversation[-1] if conversation else {}
+    return last.get("content", "") if last.get("role") == "assistant" else ""
+
+
+class StopAfterMatch:
+    """Per sequence: done once the answer (its prefill + the tokens generated) matches `pattern` and at
+    least `min_tokens` tokens were generated. A transformers stopping criterion: `generate` pads a
+    finished sequence and stops when all are finished.
+
+    A match never goes away as tokens are added, so each sequence is searched only until it matches,
+    and only once it could stop (the regex runs on a few hundred characters per step).
+    """
+
+    def __init__(self, tokenizer, pattern: str, min_tokens: int, prompt_width: int, answer_starts: list[str]):
+        self.tokenizer, self.regex = tokenizer, re.compile(pattern)
+        self.min_tokens, self.prompt_width, self.answer_starts = max(0, min_tokens), prompt_width, answer_starts
+        self.matched = [False] * len(answer_starts)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        generated = input_ids[:, self.prompt_width:]
+        for row, start in enumerate(self.answer_starts):
+            if not self.matched[row]:
+                text = start + self.tokenizer.decode(generated[row], skip_special_tokens=True)
+                self.matched[row] = self.regex.search(text) is not None
+        enough = generated.shape[1] >= self.min_tokens
+        return torch.tensor([m and enough for m in self.matched], dtype=torch.bool, device=input_ids.device)
 
 
 class SharedPrefixScorer:

@@ -11,10 +11,12 @@ says whether both orders agreed. A judge that fails is measured, not dropped: it
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pyarrow as pa
 
 from themis_ray import judging
-from themis_ray.engines import build_engine
+from themis_ray.engines import Completion, build_engine
 from themis_ray.executor import RowProcessor, run_rows
 from themis_ray.schema import REJECT
 
@@ -47,22 +49,26 @@ class JudgeGrader(RowProcessor):
     stage = "evaluate"
     resume_key = ("id", "id")  # within one benchmark and judge (run_rows narrows the written rows to them)
 
-    def __init__(self, output_schema, judge: str, engine_cfg, sampling, prefill: bool, scale=(1, 5)):
+    def __init__(self, output_schema, judge: str, engine_cfg, sampling, prefill: bool, scale=(1, 5),
+                 rationale: bool = True, rationale_tokens=None):
         super().__init__(output_schema)
         self.judge = judge
         self.engine = build_engine(engine_cfg)
         self.sampling, self.prefill = sampling, prefill
+        self.rationale, self.rationale_tokens = rationale, rationale_tokens
         self.scale = judging.RatingScale(int(scale[0]), int(scale[1]))
 
     def process(self, rows: list[dict]) -> list[dict]:
-        conversations, where = [], []  # where[i]: (row index, which order)
+        asks: dict[str, list] = {"single": [], "pairwise": []}  # mode -> [((row index, order), prompt)]
         for i, row in enumerate(rows):
-            conversations.append(judging.build_messages(row["prompt"], self.prefill))
-            where.append((i, "ab"))
-            if row.get("mode") == "pairwise":
-                conversations.append(judging.build_messages(row["prompt_ba"], self.prefill))
-                where.append((i, "ba"))
-        answers: dict[tuple[int, str], object] = dict(zip(where, self.engine.generate(conversations, self.sampling)))
+            mode = "pairwise" if row.get("mode") == "pairwise" else "single"
+            asks[mode].append(((i, "ab"), row["prompt"]))
+            if mode == "pairwise":
+                asks[mode].append(((i, "ba"), row["prompt_ba"]))
+        answers: dict[tuple[int, str], object] = {}
+        for mode, items in asks.items():
+            if items:
+                answers.update(zip([key for key, _ in items], self._answer([p for _, p in items], mode)))
         out = []
         for i, row in enumerate(rows):
             # Every declared column is present: a failed answer has explicit nulls, not missing keys.
@@ -74,20 +80,42 @@ class JudgeGrader(RowProcessor):
             out.append(graded)
         return out
 
+    def _answer(self, prompts: list[str], mode: str) -> list[tuple[Completion, Optional[dict]]]:
+        """The judge's answers with the score distribution at the score (pointwise): generated, stopped
+        once the verdict is out and the rationale has its length; or, without a rationale, "[[x]]"
+        chosen by log-probability in one forward pass."""
+        if self.rationale:
+            sampling = judging.stop_at_verdict(self.sampling, mode, self.rationale_tokens)
+            done = self.engine.generate([judging.build_messages(p, self.prefill) for p in prompts], sampling)
+            return [(d, None if mode == "pairwise" else judging.score_distribution(
+                d.tokens, d.top_logprobs, self.scale, prefill=self.prefill)) for d in done]
+        options, answers = judging.choice_options(mode, self.scale), []
+        for prompt in prompts:
+            try:
+                lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
+            except ValueError as err:  # too long for the model: this record's failure
+                answers.append((Completion(error=str(err)), None))
+                continue
+            text, _, dist = judging.evaluation_from_choices(lp, mode, self.scale)
+            answer = text[len(judging.SCORE_PREFILL):] if self.prefill else text  # _text adds the prefill back
+            answers.append((Completion(text=answer), None if mode == "pairwise" else dist))
+        return answers
+
     def _text(self, done) -> str | None:
         return None if done.error else judging.full_text(done.text, self.prefill)
 
-    def _pointwise(self, done) -> dict:
+    def _pointwise(self, answer) -> dict:
+        done, dist = answer
         text = self._text(done)
         if text is None:
             return {"judge_error": f"engine error: {done.error}"}
         parsed = judging.parse_evaluation(text, "single", self.scale)
-        dist = judging.score_distribution(done.tokens, done.top_logprobs, self.scale, prefill=self.prefill)
         return {"judge_output": text, "predicted_score": parsed.score, "judge_error": parsed.error,
                 "predicted_expected": judging.expected_score(dist),
                 "predicted_distribution": list(dist.values()) if dist else None}
 
-    def _pairwise(self, done_ab, done_ba) -> dict:
+    def _pairwise(self, answer_ab, answer_ba) -> dict:
+        (done_ab, _), (done_ba, _) = answer_ab, answer_ba
         texts = [self._text(done_ab), self._text(done_ba)]
         verdicts, errors = [], []
         for order, done, text in (("A,B", done_ab, texts[0]), ("B,A", done_ba, texts[1])):
@@ -133,4 +161,5 @@ def grade(benchmark, judge, evaluate_cfg, store, tag: str, resume: bool = False)
     run_rows(benchmark.records, JudgeGrader, evaluate_cfg.pool, store, schema, resume=resume, tag=tag,
              total=benchmark.num_records, where={"benchmark": benchmark.name, "judge": judge.name},
              stats=graded_stats, judge=judge.name, engine_cfg=judge.engine, sampling=evaluate_cfg.sampling,
-             prefill=judge.prefill, scale=tuple(benchmark.scale))
+             prefill=judge.prefill, scale=tuple(benchmark.scale), rationale=evaluate_cfg.rationale,
+             rationale_tokens=evaluate_cfg.rationale_tokens)

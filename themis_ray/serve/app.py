@@ -35,9 +35,10 @@ from themis_ray.config import EngineConfig, SamplingConfig, ServeConfig
 from themis_ray import fs
 from themis_ray.engines import Completion, Conversation, gpus_per_engine, loads_local_weights, preflight
 from themis_ray.serve.api import create_fastapi_app
-from themis_ray.serve.service import JudgeService, ServeSettings, engine_error, parse_keys
+from themis_ray.serve.service import (JudgeService, ServeSettings, engine_error, parse_keys, raise_scoring_error,
+                                      score_choices)
 
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "logprobs")
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "logprobs", "stop_pattern", "stop_min_tokens")
 
 
 @serve.deployment
@@ -102,6 +103,12 @@ class JudgeModel:
             return {"error": str(exc)}
         return {"scenario": name, "confidence": confidence}
 
+    async def score_choices(self, conversation: Conversation, options: list[str]) -> dict:
+        """Score-only judging: {"logprobs"} of each option after the conversation, or {"error"}."""
+        if self.continuous:
+            self.engine.bind_loop(asyncio.get_running_loop())
+        return await asyncio.to_thread(self._locked, score_choices, self.engine, conversation, options)
+
 
 class _HandleBackend:
     """The service's backend in Serve: calls on the `JudgeModel` deployment."""
@@ -117,6 +124,9 @@ class _HandleBackend:
         if result.get("error"):
             raise engine_error(result["error"])
         return result["scenario"], result["confidence"]
+
+    async def score_choices(self, conversation: Conversation, options: list[str]) -> list[float]:
+        return raise_scoring_error(await self.handle.score_choices.remote(conversation, options))
 
 
 def _replica_service() -> JudgeService:
@@ -157,6 +167,8 @@ def build_app(cfg: Any, model: Optional[str] = None, scenarios_dir: Optional[str
         raise FileNotFoundError(f"judge model folder not found: {engine.model}")
     if cfg.max_tokens < 1 or cfg.max_tokens >= engine.max_model_len:
         raise ValueError(f"serve.max_tokens must be in 1..{engine.max_model_len - 1}; got {cfg.max_tokens}")
+    if cfg.rationale_tokens is not None and cfg.rationale_tokens < 0:  # above max_tokens: max_tokens caps it
+        raise ValueError(f"serve.rationale_tokens must be at least 0, or null; got {cfg.rationale_tokens}")
     if cfg.max_request_bytes < 1:
         raise ValueError(f"serve.max_request_bytes must be positive; got {cfg.max_request_bytes}")
     preflight(engine, "serve.engine")  # vllm: installed, and GPUs in the cluster when Ray is up
@@ -164,6 +176,7 @@ def build_app(cfg: Any, model: Optional[str] = None, scenarios_dir: Optional[str
         model_id=engine.model,
         prefill_score=cfg.prefill_score,
         max_tokens=cfg.max_tokens,
+        rationale_tokens=cfg.rationale_tokens,
         max_model_len=engine.max_model_len,
         max_request_bytes=cfg.max_request_bytes,
         api_key_digests=parse_keys(os.environ.get(cfg.api_keys_env), cfg.api_keys_env),

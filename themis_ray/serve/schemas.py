@@ -69,6 +69,10 @@ class JudgeBody(BaseModel):
         default=None, min_length=1, max_length=20, description="replace the scenario's criteria"
     )
     scale: ScaleBody = Field(default_factory=ScaleBody)
+    rationale: bool = Field(
+        default=True,
+        description="false: the score (pairwise: the verdict) and its distribution from one forward pass, no text",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "JudgeBody":

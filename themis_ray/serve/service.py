@@ -8,6 +8,7 @@ fake). Prompt building and parsing are `themis_ray.judging`'s; nothing here rest
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Protocol, Union
 
 from themis_ray import judging
+from themis_ray.config import SamplingConfig
 from themis_ray.engines import Completion, Conversation
 from themis_ray.scenarios import get_scenario
 from themis_ray.serve.schemas import ChatCompletionBody, JudgeBody
@@ -83,7 +85,8 @@ class ServeSettings:
 
     model_id: str
     prefill_score: bool = True
-    max_tokens: int = 128  # judge answers, and chat completions that do not say
+    max_tokens: int = 128  # the cap on every answer, judge and chat alike
+    rationale_tokens: Optional[int] = 48  # a judge answer stops once its verdict is out and it is this long
     max_model_len: int = 2048
     max_request_bytes: int = 65536
     api_key_digests: frozenset[str] = field(default_factory=frozenset)
@@ -101,6 +104,9 @@ class Backend(Protocol):
 
     async def classify(self, instruction: str) -> tuple[str, float]:
         """(scenario, confidence); raises APIError (see `engine_error`) when this request fails."""
+
+    async def score_choices(self, conversation: Conversation, options: list[str]) -> list[float]:
+        """Each option's log-probability as the continuation; raises APIError when this request fails."""
 
 
 class EngineBackend:
@@ -144,6 +150,29 @@ class EngineBackend:
             raise engine_error(str(exc))
         return name, confidence
 
+    async def score_choices(self, conversation: Conversation, options: list[str]) -> list[float]:
+        return raise_scoring_error(await asyncio.to_thread(
+            self._locked, score_choices, self.engine, conversation, options))
+
+
+def score_choices(engine, conversation: Conversation, options: list[str]) -> dict:
+    """{"logprobs"} of each option after `conversation`, or {"error", "unsupported"} for this request."""
+    try:
+        return {"logprobs": engine.choice_logprobs(conversation, options)}
+    except NotImplementedError as exc:  # an engine that cannot score given text (openai)
+        return {"error": str(exc), "unsupported": True}
+    except ValueError as exc:  # e.g. too long for the model: the caller's problem
+        return {"error": str(exc)}
+
+
+def raise_scoring_error(result: dict) -> list[float]:
+    if result.get("unsupported"):
+        raise APIError(400, f'"rationale": false needs a judge engine that scores text (hf, vllm): {result["error"]}',
+                       code="unsupported")
+    if result.get("error"):
+        raise engine_error(result["error"])
+    return result["logprobs"]
+
 
 class JudgeService:
     def __init__(self, backend: Backend, settings: ServeSettings):
@@ -164,6 +193,15 @@ class JudgeService:
             if completion.error:
                 raise engine_error(completion.error)
         return list(completions)
+
+    async def _score_all(self, conversations: list[Conversation], options: list[str]) -> list[list[float]]:
+        try:
+            return list(await asyncio.gather(*(self.backend.score_choices(c, options) for c in conversations)))
+        except APIError:
+            raise
+        except Exception as exc:
+            log.exception("scoring failed")
+            raise APIError(503, f"the judge model is unavailable ({type(exc).__name__})", "server_error")
 
     async def _classify(self, instruction: str) -> tuple[str, float]:
         try:
@@ -193,12 +231,12 @@ class JudgeService:
             prompts = [judging.render_prompt(r, s.scenarios_dir) for r in orders]
         except (ValueError, KeyError) as exc:
             raise APIError(422, str(exc))
-        sampling = {"max_tokens": s.max_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0, "logprobs": JUDGE_TOP_LOGPROBS}
-        completions = await self._generate_all(
-            [judging.build_messages(p, prefill=s.prefill_score) for p in prompts], sampling
-        )
-        texts = [judging.full_text(c.text, s.prefill_score) for c in completions]
-        evaluations = [judging.parse_evaluation(t, request.mode, request.scale) for t in texts]
+        if body.rationale:
+            texts, distribution, usage = await self._judge_in_text(prompts, request)
+            evaluations = [judging.parse_evaluation(t, request.mode, request.scale) for t in texts]
+        else:
+            texts, evaluations, distribution = await self._judge_by_choice(prompts, request)
+            usage = None
         first = evaluations[0]
         out: dict = {
             "model": s.model_id,
@@ -214,7 +252,7 @@ class JudgeService:
             "expected_score": None,
             "raw": texts[0],
             "error": first.error,
-            "usage": _usage(completions),
+            "usage": usage,
         }
         if request.mode == "pairwise":
             second = evaluations[1]
@@ -229,15 +267,35 @@ class JudgeService:
                 error="; ".join(errors) + " (counted as a tie)" if errors else None,
             )
         else:
-            distribution = judging.score_distribution(
-                completions[0].tokens, completions[0].top_logprobs, request.scale, s.prefill_score
-            )
             out.update(
                 score=first.score,
                 score_distribution={str(k): v for k, v in distribution.items()} if distribution else None,
                 expected_score=judging.expected_score(distribution),
             )
         return out
+
+    async def _judge_in_text(self, prompts: list[str], request: judging.JudgeRequest):
+        """Generated evaluations, stopped once the verdict is out and the rationale has its length ->
+        (texts, the score distribution at the `[[n]]` position, usage)."""
+        s = self.settings
+        sampling = judging.stop_at_verdict(
+            SamplingConfig(max_tokens=s.max_tokens, temperature=0.0, top_p=1.0, seed=0, logprobs=JUDGE_TOP_LOGPROBS),
+            request.mode, s.rationale_tokens)
+        completions = await self._generate_all(
+            [judging.build_messages(p, prefill=s.prefill_score) for p in prompts], dataclasses.asdict(sampling)
+        )
+        distribution = judging.score_distribution(
+            completions[0].tokens, completions[0].top_logprobs, request.scale, s.prefill_score
+        ) if request.mode != "pairwise" else None
+        return [judging.full_text(c.text, s.prefill_score) for c in completions], distribution, _usage(completions)
+
+    async def _judge_by_choice(self, prompts: list[str], request: judging.JudgeRequest):
+        """`"rationale": false`: each order's score or verdict read from one forward pass, no text."""
+        options = judging.choice_options(request.mode, request.scale)
+        scored = await self._score_all([judging.build_messages(p, prefill=True) for p in prompts], options)
+        texts, evaluations, distributions = zip(*(judging.evaluation_from_choices(lp, request.mode, request.scale)
+                                                  for lp in scored))
+        return list(texts), list(evaluations), distributions[0] if request.mode != "pairwise" else None
 
     # -- /v1/models ---------------------------------------------------------------------------------
     def models(self) -> dict:
@@ -252,10 +310,8 @@ class JudgeService:
         if body.model not in s.model_aliases:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {s.model_id!r}",
                            "invalid_request_error", "model_not_found")
-        max_tokens = body.max_completion_tokens or body.max_tokens or s.max_tokens
-        if max_tokens >= s.max_model_len:
-            raise APIError(400, f"max_tokens={max_tokens} must be below max_model_len={s.max_model_len}",
-                           code="context_length_exceeded")
+        # The server's cap holds whatever the client asks (as a vLLM server's --max-model-len does).
+        max_tokens = min(body.max_completion_tokens or body.max_tokens or s.max_tokens, s.max_tokens)
         top_k = body.top_logprobs or 0
         temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's defaults
         if temperature < GREEDY_BELOW:

@@ -26,7 +26,7 @@ class Labeler(RowProcessor):
     judge_column = "teacher"  # the column naming the engine that judged the row
 
     def __init__(self, output_schema, engine_cfg, sampling, score_by, calibrate, prefill, max_attempts,
-                 retry_temperature, scenarios_dir, scale=(1, 5), criteria=None):
+                 retry_temperature, scenarios_dir, scale=(1, 5), criteria=None, rationale=True, rationale_tokens=None):
         super().__init__(output_schema)
         self.engine = build_engine(engine_cfg)
         self.teacher = engine_label(engine_cfg)
@@ -34,7 +34,9 @@ class Labeler(RowProcessor):
         self.scale = judging.RatingScale(int(scale[0]), int(scale[1]))
         self.criteria = ([judging.Criterion(name=str(c["name"]), description=str(c["description"])) for c in criteria]
                          if criteria else None)
-        self.sampling, self.score_by, self.prefill = sampling, score_by, prefill
+        # Without a rationale the score is chosen by log-probability and is the whole answer.
+        self.rationale, self.rationale_tokens = rationale, rationale_tokens
+        self.sampling, self.score_by, self.prefill = sampling, score_by if rationale else "choice", prefill
         self.calibrate, self._priors = calibrate, {}
         self.max_attempts, self.retry_temperature = max_attempts, retry_temperature
         self.scenarios_dir = scenarios_dir
@@ -59,10 +61,17 @@ class Labeler(RowProcessor):
             pending[i] = base
         if self.score_by == "choice":
             self._choose_scores(pending)
+        if not self.rationale:
+            for i in list(pending):
+                row = pending.pop(i)
+                dist = row.pop("_distribution")
+                out[i] = {**row, "attempts": 1, "evaluation": self._answer_start(row), "score": float(row["_score"]),
+                          "criterion_scores": [], "score_distribution": list(dist.values()),
+                          "expected_score": judging.expected_score(dist), REJECT: None}
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
                 break
-            sampling = self.sampling if attempt == 1 else replace_sampling(self.sampling, self.retry_temperature, attempt)
+            sampling = self._sampling("single", attempt)
             order = list(pending)
             messages = [self._messages(pending[i]) for i in order]
             for i, done in zip(order, self.engine.generate(messages, sampling)):
@@ -88,6 +97,12 @@ class Labeler(RowProcessor):
             row.pop("_distribution", None)
         out.update(pending)
         return [out[i] for i in range(len(rows))]
+
+    def _sampling(self, mode: str, attempt: int):
+        """The first attempt greedy as configured, retries sampled; stopped once the verdict is out and
+        the rationale has `rationale_tokens` tokens."""
+        sampling = self.sampling if attempt == 1 else replace_sampling(self.sampling, self.retry_temperature, attempt)
+        return judging.stop_at_verdict(sampling, mode, self.rationale_tokens)
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """What the record's tokens (every attempt's) cost at the engine's prices."""
@@ -154,10 +169,17 @@ class PairLabeler(Labeler):
             out[i] = {**base, "prompt": both[0], REJECT: None}
             pending.update({(i, 0): both[0], (i, 1): both[1]})
         texts, verdicts, errors, attempts = {}, {}, {}, {}
+        if not self.rationale:  # each order's verdict chosen by log-probability: the whole answer
+            options = judging.choice_options("pairwise")
+            for key, prompt in pending.items():
+                lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
+                texts[key], parsed, _ = judging.evaluation_from_choices(lp, "pairwise")
+                verdicts[key], attempts[key] = parsed.verdict, 1
+            pending = {}
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
                 break
-            sampling = self.sampling if attempt == 1 else replace_sampling(self.sampling, self.retry_temperature, attempt)
+            sampling = self._sampling("pairwise", attempt)
             keys = list(pending)
             for key, done in zip(keys, self.engine.generate([judging.build_messages(pending[k]) for k in keys], sampling)):
                 row = out[key[0]]
@@ -231,7 +253,8 @@ def run(ctx: StageContext) -> StageResult:
     source = ctx.input("respond")
     schema = output_schema("label", source.schema())
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
-                  max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir)
+                  max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir,
+                  rationale=c.rationale, rationale_tokens=c.rationale_tokens)
     rows_in, extra = source.num_rows(), {}  # counted once from the footers: it sizes the plan too
     run_rows(source.dataset(), Labeler, c.pool, ctx.store, schema, resume=ctx.resume, stats=label_stats,
              total=rows_in, score_by=c.score_by, prefill=c.prefill_score, **common)
