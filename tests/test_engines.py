@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from themis_ray import judging
 from themis_ray.config import EngineConfig, SamplingConfig
 from themis_ray.engines import build_engine
 from themis_ray.engines.openai_engine import OpenAIEngine
@@ -386,3 +387,27 @@ def test_no_rate_limit_never_waits():
     limit = RateLimit(None)
     asyncio.run(limit.acquire(10**9))
     assert limit.rate is None
+
+
+def test_hf_generate_stops_after_the_verdict_and_never_cuts_it(hf_engine):
+    """The engine stops a sequence once its answer matches the verdict pattern and has the minimum
+    length; the stopped text is the unstopped one cut there, and it still parses to the same verdict."""
+    copy = [{"role": "user", "content": "Copy this line exactly: The first answer is weaker, so [[B]] wins. "
+                                        "It is clearer."}]
+    plain = SamplingConfig(max_tokens=24)
+    (full,) = hf_engine.generate([copy], plain)
+    assert "[[B]]" in full.text  # the model copies the line: the premise of what follows
+    lengths = {}
+    for min_tokens in (0, 12, 40):
+        (stopped,) = hf_engine.generate([copy], judging.stop_at_verdict(plain, "pairwise", min_tokens))
+        assert full.text.startswith(stopped.text)
+        assert judging.parse_evaluation(stopped.text, "pairwise").verdict == "B"
+        lengths[min_tokens] = stopped.completion_tokens
+    after_verdict = full.text[full.text.index("[[B]]") + 5:]
+    assert lengths[0] < full.completion_tokens and len(after_verdict) > 0
+    assert lengths[0] < lengths[12] == min(12, full.completion_tokens) and lengths[40] == full.completion_tokens
+    # A verdict already in the answer's prefill counts: only the minimum length is left to write.
+    prefilled = [{"role": "user", "content": "Grade it."}, {"role": "assistant", "content": "[[4]]"}]
+    unrelated = [{"role": "user", "content": "Count from 1 to 50."}]
+    both = hf_engine.generate([prefilled, unrelated], judging.stop_at_verdict(SamplingConfig(max_tokens=16), "single", 3))
+    assert both[0].completion_tokens <= 3 and both[1].completion_tokens == 16  # each row stops on its own

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from omegaconf import OmegaConf
 
+from themis_ray import judging
 from themis_ray.config import EngineConfig, LabelledFileConfig, SamplingConfig, load
 from themis_ray.evaluate import benchmarks as B
 from themis_ray.evaluate.grading import JudgeGrader, graded_schema
@@ -74,6 +75,22 @@ def test_real_judge_grades_pointwise_and_pairwise_records():
         assert row["consistent"] == (row["verdict_ab"] == unswapped)
         assert row["verdict"] == (row["verdict_ab"] if row["consistent"] else "C")
     pa.Table.from_pylist([row], schema=judge.schema)
+
+
+def test_without_a_rationale_each_order_is_one_forward_pass_and_the_answer_is_the_choice(hf_engine):
+    points, point_schema, scale = file_records("pointwise", POINTWISE)
+    pairs, pair_schema, _ = file_records("pairwise", PAIRWISE)
+    judge = grader(point_schema, False, scale, rationale=False)
+    for row in judge.process(points.to_pylist()):
+        lp = hf_engine.choice_logprobs(judging.build_messages(row["prompt"], prefill=True), judging.choice_options())
+        _, _, dist = judging.evaluation_from_choices(lp)
+        assert row["predicted_distribution"] == pytest.approx(list(dist.values()), abs=1e-5)
+        assert row["judge_output"] == f"[[{int(row['predicted_score'])}]]" and row["judge_error"] is None
+        assert row["predicted_score"] == max(dist, key=dist.get)
+    judge.schema = graded_schema(pair_schema, pairwise=True)
+    (row,) = judge.process(pairs.to_pylist())
+    assert row["verdict_ab"] in "ABC" and row["verdict_ba"] in "ABC" and row["judge_output"] == f"[[{row['verdict_ab']}]]"
+    assert (row["verdict"], row["consistent"]) == judging.combine_pairwise(row["verdict_ab"], row["verdict_ba"])
 
 
 def test_a_judge_that_cannot_answer_is_measured_not_dropped():

@@ -7,6 +7,7 @@ import math
 import pytest
 import yaml
 
+from themis_ray import judging
 from themis_ray.judging import (
     SCORE_PREFILL,
     JudgeRequest,
@@ -381,3 +382,31 @@ def test_swap_pair_swaps_only_the_responses():
 
 def test_score_prefill_constant():
     assert SCORE_PREFILL == "[["
+
+
+def test_score_only_choice_by_hand():
+    import math
+
+    text, evaluation, dist = judging.evaluation_from_choices([math.log(0.1), math.log(0.2), math.log(0.7)], "pairwise")
+    assert (text, evaluation.verdict) == ("[[C]]", "C") and dist == pytest.approx({"A": 0.1, "B": 0.2, "C": 0.7})
+    scale = judging.RatingScale(1, 3)
+    assert judging.choice_options("single", scale) == ["1]]", "2]]", "3]]"]
+    text, evaluation, dist = judging.evaluation_from_choices([0.0, math.log(3.0), math.log(4.0)], "single", scale)
+    assert (text, evaluation.score) == ("[[3]]", 3.0) and dist == pytest.approx({1: 0.125, 2: 0.375, 3: 0.5})
+    assert judging.expected_score(dist) == pytest.approx(0.125 + 0.75 + 1.5)
+
+
+def test_stop_at_verdict_matches_only_a_whole_score_or_verdict():
+    import re
+
+    from themis_ray.config import SamplingConfig
+
+    base = SamplingConfig(max_tokens=64)
+    assert judging.stop_at_verdict(base, "single", None) is base
+    single = judging.stop_at_verdict(base, "single", 16)
+    assert (single.stop_min_tokens, single.max_tokens) == (16, 64)
+    pairwise = judging.stop_at_verdict(base, "pairwise", 0)
+    for text, pattern, stops in (("[[4", single.stop_pattern, False), ("[[4]", single.stop_pattern, False),
+                                 ("Good. [[4]]", single.stop_pattern, True), ("[[B", pairwise.stop_pattern, False),
+                                 ("so [[B]]", pairwise.stop_pattern, True), ("[[4]]", pairwise.stop_pattern, False)):
+        assert (re.search(pattern, text) is not None) == stops, text

@@ -68,6 +68,18 @@ def test_choice_mode_labels_every_judgeable_row_and_rejects_the_rest(labeler_fac
     assert bad.get("score") is None  # null once the schema writes it
 
 
+def test_without_a_rationale_the_chosen_score_is_the_whole_evaluation(labeler_factory):
+    with_text, score_only = labeler_factory(), labeler_factory(score_by="text", rationale=False)
+    expected = with_text.process(rows())
+    out = score_only.process(rows())
+    for row, reference in zip(out[:2], expected[:2]):
+        # The same choice as score_by=choice, and nothing generated after it.
+        assert row["evaluation"] == f"[[{int(row['score'])}]]" and row["completion_tokens"] == 0
+        assert row["score_distribution"] == pytest.approx(reference["score_distribution"], abs=1e-6)
+        assert row["score"] == reference["score"] and row[REJECT] is None
+    assert out[2][REJECT].startswith("bad record: response is empty")
+
+
 def test_calibration_divides_out_the_content_free_prior(labeler_factory):
     plain, calibrated = labeler_factory(), labeler_factory(calibrate=True)
     [p] = plain.process(rows()[:1])

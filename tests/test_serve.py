@@ -402,8 +402,10 @@ def test_serve_chat_completions_with_the_openai_client(server, openai_client):
     assert missing.value.body["code"] == "model_not_found"
     with pytest.raises(openai.UnprocessableEntityError, match="only n=1"):
         openai_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, n=3)
-    with pytest.raises(openai.BadRequestError, match="max_model_len"):
-        openai_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4096)
+    # The server's cap holds whatever the client asks for: past it the answer stops at the cap.
+    count_far = [{"role": "user", "content": "Count from 1 to 200, separated by commas."}]
+    capped = openai_client.chat.completions.create(model=MODEL, messages=count_far, max_tokens=4096, temperature=0)
+    assert capped.usage.completion_tokens == MAX_TOKENS and capped.choices[0].finish_reason == "length"
 
 
 @pytest.mark.integration
@@ -465,3 +467,53 @@ def test_serve_rejects_bad_requests_and_keeps_serving(server):
     r = server.post("/v1/judge", json={**SINGLE, "response": FORGED})
     assert r.status_code == 200, r.text
     assert server.get("/healthz").status_code == 200
+
+
+def _direct_choice_distribution(engine, prompt: str, options: list[str]) -> list[float]:
+    """P(option) after the prompt and the "[[" prefill, from one plain forward pass over prompt + option
+    for each option (no cache, no batching): the reference the score-only route must match."""
+    import math
+
+    import torch
+
+    ids = engine.prompt_ids(judging.build_messages(prompt, prefill=True))
+    totals = []
+    with torch.inference_mode():
+        for option in options:
+            tail = engine.text_ids(option)
+            logp = engine.model(input_ids=torch.tensor([ids + tail])).logits[0].float().log_softmax(-1)
+            totals.append(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(tail)))
+    weights = [math.exp(t - max(totals)) for t in totals]
+    return [w / sum(weights) for w in weights]
+
+
+@pytest.mark.integration
+def test_serve_score_only_equals_a_direct_forward_pass(server, hf_engine):
+    out = _judge(server, {**SINGLE, "rationale": False})
+    prompt = judging.render_prompt(JudgeBody.model_validate(SINGLE).to_request(SINGLE["scenario"]))
+    expected = _direct_choice_distribution(hf_engine, prompt, judging.choice_options("single"))
+    distribution = [out["score_distribution"][str(score)] for score in range(1, 6)]
+    assert distribution == pytest.approx(expected, abs=1e-4)
+    best = 1 + max(range(5), key=expected.__getitem__)
+    assert out["score"] == best and out["raw"] == f"[[{best}]]" and out["explanation"] == ""
+    assert out["expected_score"] == pytest.approx(sum((k + 1) * p for k, p in enumerate(expected)), abs=1e-4)
+    assert out["usage"] is None  # nothing generated
+
+    pair = _judge(server, {**PAIR, "rationale": False})
+    request = JudgeBody.model_validate(PAIR).to_request(PAIR["scenario"])
+    verdicts = []
+    for order in (request, judging.swap_pair(request)):
+        probs = _direct_choice_distribution(hf_engine, judging.render_prompt(order), judging.choice_options("pairwise"))
+        verdicts.append("ABC"[max(range(3), key=probs.__getitem__)])
+    assert [pair["verdicts"]["original_order"], pair["verdicts"]["swapped_order"]] == verdicts
+    assert (pair["verdict"], pair["consistent"]) == judging.combine_pairwise(*verdicts)
+
+
+@pytest.mark.integration
+def test_serve_judge_answers_are_capped_and_stop_after_the_verdict(server):
+    """The judge route's answers never pass serve.max_tokens; one stopped early still parses."""
+    for body in (SINGLE, PAIR):
+        out = _judge(server, body)
+        assert 0 < out["usage"]["completion_tokens"] <= (2 if body is PAIR else 1) * MAX_TOKENS
+        if out["error"] is None:
+            assert judging.parse_evaluation(out["raw"], out["mode"]).ok

@@ -11,12 +11,10 @@ schemathesis' schema-coverage phase is left out to keep the run to a few minutes
 answer must be below 500, and every 4xx must say what was wrong.
 
 Generation stays short through the server's own configuration: `serve.max_tokens` (`MAX_NEW_TOKENS`)
-caps every judge answer and is the default of a chat completion that names no `max_tokens`, and
+caps every answer on every route, whatever `max_tokens` a chat request names, and
 `serve.max_request_bytes` (`MAX_REQUEST_BYTES`) refuses larger bodies, so no prompt runs to thousands
-of tokens. A chat request that names a valid `max_tokens` above the cap (the server would honour it,
-up to the model's context) has it lowered to `MAX_NEW_TOKENS` by `steer`, so one example cannot
-generate for minutes; invalid values (zero, negative, not an integer, at or above `max_model_len`)
-are left as generated, so the validators still see them.
+of tokens and no example generates for minutes; invalid values (zero, negative, not an integer) are
+left as generated, so the validators still see them.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ from local_ray import free_ports, judge_server  # noqa: E402
 pytestmark = pytest.mark.integration  # a Ray Serve application on the real model
 
 MAX_NEW_TOKENS = 3  # serve.max_tokens of the fuzzed server; the point is the request's path, not the answer
-MAX_MODEL_LEN = 2048  # the embedded engine's (EngineConfig.max_model_len)
 MAX_REQUEST_BYTES = 4096  # serve.max_request_bytes: a larger body is a 413 before any parsing
 SCENARIOS = sorted(load_scenarios())
 EXAMPLES = 100  # per operation (four operations)
@@ -80,21 +77,12 @@ def _without_empty_examples(document):
     return document
 
 
-def _lower(body: dict, key: str) -> None:
-    value = body.get(key)
-    if type(value) is int and MAX_NEW_TOKENS < value < MAX_MODEL_LEN:
-        body[key] = MAX_NEW_TOKENS
-
-
 def steer(case) -> None:
     """Point most fuzzed bodies past the checks a random string never passes (a known model name, a
     known scenario), so that the fuzzing reaches the service and the engine, not only the validators."""
     body = case.body
     if not isinstance(body, dict):
         return
-    if case.path == "/v1/chat/completions":
-        _lower(body, "max_tokens")
-        _lower(body, "max_completion_tokens")
     pick = sum(map(ord, repr(sorted(body, key=str)))) + len(repr(body))
     if not pick % 4:
         return  # left as generated: the validators' share

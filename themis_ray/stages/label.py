@@ -65,7 +65,8 @@ class Labeler(RowProcessor):
             for i in list(pending):
                 row = pending.pop(i)
                 dist = row.pop("_distribution")
-                out[i] = {**row, "attempts": 1, "evaluation": self._answer_start(row), "score": float(row["_score"]),
+                out[i] = {**row, "attempts": 1, "completion_tokens": 0, "evaluation": self._answer_start(row),
+                          "score": float(row["_score"]),
                           "criterion_scores": [], "score_distribution": list(dist.values()),
                           "expected_score": judging.expected_score(dist), REJECT: None}
         for attempt in range(1, self.max_attempts + 1):
