@@ -33,6 +33,8 @@ import time
 
 import httpx
 
+import themis_ray  # noqa: F401  (first: it sets OpenMP's passive waiting before torch loads, as in the replica)
+
 sys.path.insert(0, os.path.dirname(__file__))
 from serve_throughput import _percentile  # noqa: E402
 

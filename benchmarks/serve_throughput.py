@@ -43,12 +43,21 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def _level(url: str, concurrency: int, requests: int, max_tokens: int, offset: int = 0) -> dict:
+def _request(route: str, i: int, max_tokens: int) -> tuple[str, dict]:
+    """One request of the benchmark: a chat completion, or a judge request (single mode) whose answer
+    the server caps at its own max_tokens."""
+    if route == "judge":
+        return "/v1/judge", {"instruction": f"Name a colour, number {i}.", "response": f"Colour {i}: blue.",
+                             "scenario": "open_qa"}
+    return "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": f"Name a colour, number {i}."}],
+                                    "max_tokens": max_tokens, "temperature": 0}
+
+
+def _level(url: str, concurrency: int, requests: int, max_tokens: int, offset: int = 0, route: str = "chat") -> dict:
     def ask(i: int) -> float:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Name a colour, number {offset + i}."}],
-                "max_tokens": max_tokens, "temperature": 0}
+        path, body = _request(route, offset + i, max_tokens)
         started = time.perf_counter()
-        r = client.post("/v1/chat/completions", json=body)
+        r = client.post(path, json=body)
         r.raise_for_status()
         return time.perf_counter() - started
 
@@ -79,6 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
+    parser.add_argument("--route", choices=("chat", "judge"), default="chat",
+                        help="POST /v1/chat/completions, or /v1/judge (single mode, answers capped at --max-tokens)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -100,16 +111,17 @@ def main() -> None:
         urls = {}
         for name, (route, batch) in settings.items():
             cfg = ServeConfig(engine=EngineConfig(model=MODEL, num_threads=1), api_keys_env="THEMIS_BENCH_NO_KEYS",
-                              max_batch_size=batch, batch_wait_timeout_s=args.batch_wait_timeout_s)
+                              max_batch_size=batch, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                              max_tokens=args.max_tokens)
             serve.run(build_app(cfg), name=route.strip("/"), route_prefix=route)
             urls[name] = f"http://127.0.0.1:{port}{route}"
-            _level(urls[name], 8, 16, args.max_tokens, offset=10_000)  # warm-up: the first generate calls are slower
+            _level(urls[name], 8, 16, args.max_tokens, offset=10_000, route=args.route)  # warm-up: the first generate calls are slower
         offset = 0
         for repeat in range(args.repeats):
             order = list(settings) if repeat % 2 == 0 else list(settings)[::-1]
             for name in order:
                 for c in levels:
-                    result = _level(urls[name], c, args.requests, args.max_tokens, offset)
+                    result = _level(urls[name], c, args.requests, args.max_tokens, offset, args.route)
                     offset += args.requests
                     runs[name][f"concurrency={c}"].append(result)
                     print(repeat, name, c, result, flush=True)
@@ -137,7 +149,7 @@ def main() -> None:
         "ratio": f"{a} / {b}, per repetition (the two measured back to back)",
         "runs": runs,
         "run": {
-            "endpoint": "POST /v1/chat/completions",
+            "endpoint": "POST /v1/judge" if args.route == "judge" else "POST /v1/chat/completions",
             "model": MODEL,
             "max_tokens": args.max_tokens,
             "requests_per_level": args.requests,
