@@ -133,3 +133,33 @@ def test_a_stage_that_wrote_nothing_reads_back_empty(tmp_path):
 def test_merge_stats_adds_numbers_and_merges_nested_counts():
     merged = merge_stats({"n": 1, "h": {"a": 1}}, {"n": 2.5, "h": {"a": 1, "b": 3}, "new": 4})
     assert merged == {"n": 3.5, "h": {"a": 2, "b": 3}, "new": 4}
+
+
+def test_a_folder_the_store_did_not_make_is_refused_and_left_as_it_was(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "answers.jsonl").write_text('{"prompt": "Q?"}\n')
+    store = StageStore.at(str(data))
+    with pytest.raises(FileExistsError, match=f"{data} is not empty \\(answers.jsonl\\) and is not a themis-ray"):
+        store.begin({"f": 1})
+    assert (data / "answers.jsonl").read_text() == '{"prompt": "Q?"}\n' and sorted(p.name for p in data.iterdir()) == [
+        "answers.jsonl"]
+    with pytest.raises(FileExistsError, match="is a file"):
+        StageStore.at(str(data / "answers.jsonl")).begin({"f": 1})
+    # An empty or new folder becomes the store's; a later run with another fingerprint may clear it.
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "new"):
+        fresh = StageStore.at(str(tmp_path / name))
+        assert fresh.begin({"f": 1}) is False
+        _write(fresh, _table(["a"], [None]))
+        fresh.commit(StageResult(rows_in=1), {"f": 1}, 0.0)
+        assert fresh.begin({"f": 2}) is False and fresh.written_files() == []
+
+
+def test_a_stage_folder_from_before_the_marker_is_still_the_stores(tmp_path):
+    store = StageStore(tmp_path, "label")
+    store.begin({"f": 1})
+    _write(store, _table(["a"], [None]))
+    store.commit(StageResult(rows_in=1), {"f": 1}, 0.0)
+    (tmp_path / "label" / "_stage.json").unlink()  # a folder written before the marker existed
+    assert store.begin({"f": 2}) is False and store.written_files() == []
