@@ -270,9 +270,9 @@ class StageStore:
         tally = self.tally()
         units_ok = result.units_ok if result.units_ok is not None else tally.rows_out
         if result.rows_in != units_ok + tally.rows_rejected:
+            what = "lost rows" if result.rows_in > units_ok + tally.rows_rejected else "has rows written twice"
             raise RuntimeError(
-                f"stage {self.stage!r} lost rows: {result.rows_in} in, {units_ok} out, "
-                f"{tally.rows_rejected} rejected"
+                f"stage {self.stage!r} {what}: {result.rows_in} in, {units_ok} out, {tally.rows_rejected} rejected"
             )
         manifest = {
             "stage": self.stage,
