@@ -282,11 +282,12 @@ def _check_apart(input_uri: str, output_uri: str) -> None:
     clearing its output (the input would be deleted), and a folder input would read the judge's own
     parts as input on the next run."""
     (in_fs, in_path), (out_fs, out_path) = fs.resolve(input_uri), fs.resolve(output_uri)
-    if in_fs.type_name != out_fs.type_name or (fs.is_uri(input_uri) and fs.is_uri(output_uri)
-                                               and input_uri.split("://")[0] != output_uri.split("://")[0]):
+    if in_fs.type_name != out_fs.type_name:
         return
-    if not fs.is_uri(input_uri):
+    if in_fs.type_name == "local":  # links and relative paths: the same folder by any name
         in_path, out_path = os.path.realpath(in_path), os.path.realpath(out_path)
+    elif input_uri.split("://")[0] != output_uri.split("://")[0]:
+        return
     if in_path == out_path or in_path.startswith(out_path.rstrip("/") + "/"):
         raise ValueError(f"output {output_uri} contains the input {input_uri}: the run would delete it; "
                          f"name an output folder outside the input")
