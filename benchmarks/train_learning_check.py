@@ -8,9 +8,10 @@ nothing with the training records but the rule: their questions and facts come f
 list, and every response template (answer, hedge, refusal, off-topic sentence) has its own phrasings
 for each set, worded without the training phrasings' cue words (sorry, cannot, think, maybe, talk
 about...), so no instruction, fact, template or filled response appears in both (`assert_disjoint`)
-and a rule keyed on the training templates' words does not carry over by itself. The train recipe (Ray Train, DeepSpeed ZeRO-3, 2 CPU workers) fine-tunes the
-embedded SmolLM2-135M-Instruct on the training records; the base model and the judge then answer
-greedily through the `hf` engine, and judging.parse_evaluation reads the score.
+and a rule keyed on the training templates' words does not carry over by itself. The train recipe
+(Ray Train, DeepSpeed ZeRO-3, 2 CPU workers) fine-tunes the embedded SmolLM2-135M-Instruct on the
+training records; the base model and the judge then answer greedily through the `hf` engine, and
+judging.parse_evaluation reads the score.
 
 Figures per set (held-out, and a sample of the training records), per judge: the share of outputs
 with a parsable `[[n]]`, MAE against the teacher (an unparsable output counts as the scale's

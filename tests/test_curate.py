@@ -331,7 +331,8 @@ def test_split_groups_rows_without_a_document_by_instruction_and_pairs_with_thei
 
 def test_large_scenarios_draw_their_split_per_document(monkeypatch):
     monkeypatch.setattr(planner, "EXACT_SPLIT_MAX_ROWS", 100)
-    out, _, figures = _local(_grouped(300, 2, 3, scenario="big"), CurateConfig(**{**OFF, "validation_fraction": 0.2}), 3)
+    out, _, figures = _local(_grouped(300, 2, 3, scenario="big"),
+                             CurateConfig(**{**OFF, "validation_fraction": 0.2}), 3)
     assert figures["split"] == {"exact": [], "drawn": ["big"]}
     assert not _shared(out, "doc_id")
     docs = Counter(r["doc_id"] for r in out.values() if r[SPLIT] == "validation")

@@ -3,8 +3,9 @@
 The records and the scoring are `benchmarks/train_learning_check.py`'s (a teacher rule the model can
 learn: answers score 5, hedged answers 4, refusals 1, off-topic replies 2). Held-out records share no
 instruction, fact, response template or the training templates' cue words with the training records
-(asserted), so the held-out figures measure generalisation; the training records are scored beside them to tell it apart from
-memorisation. Baselines: the base model and the best constant predictor on the training labels.
+(asserted), so the held-out figures measure generalisation; the training records are scored beside
+them to tell it apart from memorisation. Baselines: the base model and the best constant predictor on
+the training labels.
 
 Two sizes (benchmarks/RESULTS.md has both runs' figures):
 - the suite's check (default, about the old 12-step budget): 24 records, 12 optimizer steps at lr

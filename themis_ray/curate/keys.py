@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -129,8 +129,8 @@ def plan_rules(cfg, reduce: Reduce) -> tuple[Plan, dict]:
     manifest and the report), from as few passes as the configuration needs."""
     column = ifd_column(cfg)
     weights = score_weights(cfg) if cfg.rebalance else None  # a bad target fails before any pass
-    columns = [c for c in RULE_COLUMNS if c in ("id", "scenario", "score", "mode", "verdict", "doc_id", "instruction_id",
-                                                 column)]
+    columns = [c for c in RULE_COLUMNS
+               if c in ("id", "scenario", "score", "mode", "verdict", "doc_id", "instruction_id", column)]
     plan = Plan(column=column, seed=cfg.seed, drop_ifd_above_one=cfg.drop_ifd_above_one,
                 max_ifd_zscore=cfg.max_ifd_zscore, keep_top_percent=cfg.keep_top_percent,
                 swap_pairwise=cfg.swap_pairwise)
