@@ -5,11 +5,13 @@ Judge records are built so that the teacher's labelling rule is known and learna
 instructions with responses that answer (teacher score 5), hedge (4), refuse (1) or ignore the
 question (2), each with a short teacher evaluation opening with `[[n]]`. The held-out records share
 nothing with the training records but the rule: their questions and facts come from a separate
-list, and every response template (answer, hedge, refusal, off-topic sentence) has separate
-phrasings for the two sets, so no instruction, fact or filled template appears in both
-(`assert_disjoint`). The train recipe (Ray Train, DeepSpeed ZeRO-3, 2 CPU workers) fine-tunes the
-embedded SmolLM2-135M-Instruct on the training records; the base model and the judge then answer
-greedily through the `hf` engine, and judging.parse_evaluation reads the score.
+list, and every response template (answer, hedge, refusal, off-topic sentence) has its own phrasings
+for each set, worded without the training phrasings' cue words (sorry, cannot, think, maybe, talk
+about...), so no instruction, fact, template or filled response appears in both (`assert_disjoint`)
+and a rule keyed on the training templates' words does not carry over by itself. The train recipe
+(Ray Train, DeepSpeed ZeRO-3, 2 CPU workers) fine-tunes the embedded SmolLM2-135M-Instruct on the
+training records; the base model and the judge then answer greedily through the `hf` engine, and
+judging.parse_evaluation reads the score.
 
 Figures per set (held-out, and a sample of the training records), per judge: the share of outputs
 with a parsable `[[n]]`, MAE against the teacher (an unparsable output counts as the scale's
@@ -76,16 +78,27 @@ FACTS = [
     ("What is frozen water called?", "Ice"),
 ]
 TRAIN_FACTS = 48
-# Response templates per kind, shared by both sets; what fills them is not: answers and hedges name
-# their record's fact, off-topic replies a topic and refusals a reason from the set's own list.
+# Response templates per set and kind: the held-out phrasings share no template and none of the
+# training phrasings' cue words. What fills them is per set too: answers and hedges name their
+# record's fact, off-topic replies a topic and refusals a reason from the set's own list.
 TEMPLATES = {
-    "answer": ["{a}.", "It is {a}.", "The answer is {a}.", "{a}, of course.", "That would be {a}."],
-    "hedged": ["I think it is {a}, but I am not completely sure.", "Maybe {a}? I could be wrong.",
-               "Possibly {a}, though I would double-check.", "I believe {a}, but please verify it."],
-    "refusal": ["I'm sorry, I can't help with {r}.", "I cannot answer {r}.", "Sorry, I won't respond to {r}.",
-                "Unfortunately, I am unable to assist with {r}."],
-    "off_topic": ["Let's talk about {t} instead.", "I would rather tell you about {t}.",
-                  "By the way, {t} is my favourite subject.", "Have you ever thought about {t}?"],
+    "train": {
+        "answer": ["{a}.", "It is {a}.", "The answer is {a}.", "{a}, of course.", "That would be {a}."],
+        "hedged": ["I think it is {a}, but I am not completely sure.", "Maybe {a}? I could be wrong.",
+                   "Possibly {a}, though I would double-check.", "I believe {a}, but please verify it."],
+        "refusal": ["I'm sorry, I can't help with {r}.", "I cannot answer {r}.", "Sorry, I won't respond to {r}.",
+                    "Unfortunately, I am unable to assist with {r}."],
+        "off_topic": ["Let's talk about {t} instead.", "I would rather tell you about {t}.",
+                      "By the way, {t} is my favourite subject.", "Have you ever thought about {t}?"],
+    },
+    "heldout": {
+        "answer": ["Easy: {a}.", "{a} is correct.", "Definitely {a}."],
+        "hedged": ["{a}, if memory serves.", "Probably {a}, going from memory.", "{a}, I guess; do not quote me."],
+        "refusal": ["No, {r} is not something I will get into.", "I'd prefer to skip {r}.",
+                    "Please ask someone else about {r}."],
+        "off_topic": ["Fun fact: {t} is a great pastime.", "Here is something else entirely: {t}.",
+                      "Speaking of hobbies, {t} deserves more attention."],
+    },
 }
 FILLERS = {  # per set: refusal reasons (r) and off-topic subjects (t)
     "train": {"r": ["that", "this request", "questions like this", "such questions", "this one", "your question"],
@@ -115,16 +128,19 @@ def make_records(n: int, split: str, seed: int) -> list[dict]:
         question, answer = facts[order[i % len(facts)]]
         score, evaluation = KINDS[kind]
         fill = {"a": answer, "r": rng.choice(FILLERS[split]["r"]), "t": rng.choice(FILLERS[split]["t"])}
-        response = rng.choice(TEMPLATES[kind]).format(**fill)
+        template = rng.choice(TEMPLATES[split][kind])
+        response = template.format(**fill)
         request = judging.JudgeRequest(instruction=question, scenario="close_qa", response=response)
-        records.append({"id": f"{split}-{seed}-{i}", "instruction": question, "fact": answer, "response": response,
-                        "prompt": judging.render_prompt(request), "evaluation": evaluation, "score": score})
+        records.append({"id": f"{split}-{seed}-{i}", "instruction": question, "fact": answer, "template": template,
+                        "response": response, "prompt": judging.render_prompt(request), "evaluation": evaluation,
+                        "score": score})
     return records
 
 
 def assert_disjoint(train: list[dict], heldout: list[dict]) -> None:
-    """No instruction, fact or filled template (response) of a held-out record is in the training set."""
-    for key in ("instruction", "fact", "response", "prompt"):
+    """No instruction, fact, template or filled template (response) of a held-out record is in the
+    training set."""
+    for key in ("instruction", "fact", "template", "response", "prompt"):
         shared = {r[key] for r in train} & {r[key] for r in heldout}
         assert not shared, f"held-out records share {key}s with the training records: {sorted(shared)[:3]}"
 

@@ -56,18 +56,19 @@ def _config(argv: list[str]):
 
 
 def export_run(run_dir: str, stages: list[str], uri: str) -> list[str]:
-    """Copy `run_dir/<stage>/` to `uri/<stage>/` for each stage (replacing what was there); either end
-    may be a local path or a URI."""
+    """Copy `run_dir/<stage>/` to `uri/<stage>/` for each stage (replacing an earlier export there, and
+    refusing a folder that is not a stage's); either end may be a local path or a URI."""
     import pyarrow.fs as pafs
 
     from themis_ray import fs
-    from themis_ray.store import MANIFEST
+    from themis_ray.store import MANIFEST, StageStore
 
     copied = []
     for stage in stages:
         source, destination = fs.join(run_dir, stage), fs.join(uri, stage)
         if not fs.exists(fs.join(source, MANIFEST)):
             raise FileNotFoundError(f"stage {stage!r} has no finished output in {source}; nothing to export")
+        StageStore.at(destination).claim()  # someone else's folder of that name is not deleted
         fs.delete(destination)
         (source_fs, source_path), (destination_fs, destination_path) = fs.resolve(source), fs.resolve(destination)
         destination_fs.create_dir(destination_path, recursive=True)

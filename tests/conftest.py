@@ -51,7 +51,9 @@ def s3_server():
     """A real S3-compatible HTTP server on loopback (moto's server mode, as Ray's own tests use), with a
     bucket; pyarrow's S3 filesystem (and every Ray worker started after this) reaches it through the
     standard AWS variables. Yields the bucket's URI."""
-    boto3 = pytest.importorskip("boto3")
+    from requires import require
+
+    boto3 = require("boto3")
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -300,7 +300,7 @@ def serve_config() -> tuple[dict, dict]:
     return service, yaml.safe_load(service["spec"]["serveConfigV2"])
 
 
-def test_the_serve_config_is_valid_and_its_import_path_imports():
+def test_the_serve_config_is_valid_and_its_import_path_imports(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     _, config = serve_config()
@@ -317,14 +317,29 @@ def test_the_serve_config_is_valid_and_its_import_path_imports():
     pipeline = load(config_path)
     assert args["model"] == f"{pipeline.run_dir}/train/judge", "serve the judge the pipeline exports"
     # The same arguments build the application (with the embedded model standing in for the judge,
-    # which only exists once the pipeline has run).
-    application = builder({**args, "config": str(config_path), "model": "smollm2-135m-instruct"})
-    assert application is not None
+    # which only exists once the pipeline has run), and only with a key: it fails closed without one.
+    built = {**args, "config": str(config_path), "model": "smollm2-135m-instruct"}
+    monkeypatch.delenv(pipeline.serve.api_keys_env, raising=False)
+    with pytest.raises(ValueError, match="refusing to serve without auth"):
+        builder(built)
+    monkeypatch.setenv(pipeline.serve.api_keys_env, "k1")
+    assert builder(built) is not None
 
     from themis_ray.serve.app import JudgeAPI, JudgeModel
 
     names = {d["name"] for d in app.get("deployments", [])}
     assert names <= {JudgeAPI.name, JudgeModel.name}, f"unknown deployments {names}"
+
+
+def test_the_service_needs_its_key_secret_on_every_pod():
+    service, config = serve_config()
+    (app,) = config["applications"]
+    assert app["args"]["require_api_keys"] is True
+    api_keys_env = load(in_image(app["args"]["config"])).serve.api_keys_env
+    for group_name, group in groups(service["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e for e in ray_container(group).get("env", [])}
+        ref = env[api_keys_env]["valueFrom"]["secretKeyRef"]
+        assert ref["optional"] is False, f"{group_name}: a missing key Secret must stop the pod, not open the judge"
 
 
 def test_the_service_cluster_can_host_the_judge():

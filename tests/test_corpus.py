@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from requires import require
 from themis_ray.corpus import chunk_text, documents, load_chunks
 
 
@@ -172,7 +173,7 @@ def test_a_single_file_source(tmp_path):
 
 
 def test_local_hugging_face_dataset_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     para = "A saved dataset row about Python's data model and its special methods. " * 4
     single = tmp_path / "single"
     datasets.Dataset.from_dict({"body": [para, "", None, para + " Second."]}).save_to_disk(str(single))

@@ -280,6 +280,65 @@ def test_large_scenarios_draw_their_split(monkeypatch):
     assert abs(counts["big", "validation"] - 600) <= 4 * math.sqrt(3000 * 0.2 * 0.8)
 
 
+def _grouped(docs: int, instructions: int, responses: int, scenario: str = "a", start: int = 0, doc=True):
+    """Rows as the pipeline makes them: docs x instructions per doc x responses per instruction."""
+    rows = [(d, q, r) for d in range(docs) for q in range(instructions) for r in range(responses)]
+    return _table([(scenario, 0.5, 3)] * len(rows),
+                  doc_id=pa.array([f"{scenario}-d{d}" if doc else None for d, _, _ in rows], pa.string()),
+                  instruction_id=[f"{scenario}-d{d}-q{q}" for d, q, _ in rows]).set_column(
+        0, "id", pa.array([f"{scenario}{start + i}" for i in range(len(rows))]))
+
+
+def _shared(out, column) -> set:
+    """Values of `column` found in both splits."""
+    by_split = {"train": set(), "validation": set()}
+    for r in out.values():
+        by_split[r[SPLIT]].add(r[column])
+    return by_split["train"] & by_split["validation"]
+
+
+def test_split_keeps_each_source_document_on_one_side():
+    # 10 documents x 2 instructions x 2 responses: validation takes whole documents, about 25%.
+    out, _, _ = _local(_grouped(10, 2, 2), CurateConfig(**{**OFF, "validation_fraction": 0.25}), 3)
+    validation = [r for r in out.values() if r[SPLIT] == "validation"]
+    assert len(validation) == 8  # round(40 x 0.25) = 10, moved to the nearest document boundary
+    assert not _shared(out, "doc_id") and not _shared(out, "instruction_id")
+
+
+def test_split_falls_back_to_instructions_when_documents_are_too_few():
+    # One document of 8 instructions x 3 responses: it cannot stay whole, its instructions do.
+    out, _, _ = _local(_grouped(1, 8, 3), CurateConfig(**{**OFF, "validation_fraction": 0.25}), 2)
+    assert Counter(r[SPLIT] for r in out.values()) == {"train": 18, "validation": 6}
+    assert not _shared(out, "instruction_id") and _shared(out, "doc_id") == {"a-d0"}
+    # One instruction only: exact per record, both splits still present.
+    alone, _, _ = _local(_grouped(1, 1, 4), CurateConfig(**{**OFF, "validation_fraction": 0.25}), 2)
+    assert Counter(r[SPLIT] for r in alone.values()) == {"train": 3, "validation": 1}
+
+
+def test_split_groups_rows_without_a_document_by_instruction_and_pairs_with_their_document():
+    def with_mode(t, mode, verdict):
+        return t.append_column("mode", pa.array([mode] * t.num_rows, pa.string())).append_column(
+            "verdict", pa.array([verdict] * t.num_rows, pa.string()))
+
+    # Quizzing rows (no document), pointwise rows, and pairs of the same instructions as the latter.
+    table = pa.concat_tables([with_mode(_grouped(4, 3, 2, scenario="q", doc=False), None, None),
+                              with_mode(_grouped(4, 3, 2, start=100), None, None),
+                              with_mode(_grouped(4, 3, 1, start=200), "pairwise", "A")])
+    out, _, _ = _local(table, CurateConfig(**{**OFF, "validation_fraction": 0.3, "swap_pairwise": False}), 3)
+    assert not _shared(out, "instruction_id")
+    assert not _shared({i: r for i, r in out.items() if r["doc_id"] is not None}, "doc_id")
+
+
+def test_large_scenarios_draw_their_split_per_document(monkeypatch):
+    monkeypatch.setattr(planner, "EXACT_SPLIT_MAX_ROWS", 100)
+    out, _, figures = _local(_grouped(300, 2, 3, scenario="big"),
+                             CurateConfig(**{**OFF, "validation_fraction": 0.2}), 3)
+    assert figures["split"] == {"exact": [], "drawn": ["big"]}
+    assert not _shared(out, "doc_id")
+    docs = Counter(r["doc_id"] for r in out.values() if r[SPLIT] == "validation")
+    assert set(docs.values()) == {6} and abs(len(docs) - 60) <= 4 * math.sqrt(300 * 0.2 * 0.8)
+
+
 def test_empty_input():
     out, _, figures = _local(_table([]), CurateConfig(), 1)
     assert out == {} and figures["split"] == {"exact": [], "drawn": []}

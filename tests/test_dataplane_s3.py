@@ -77,3 +77,27 @@ def test_respond_label_ifd_curate_with_run_dir_in_a_bucket(s3_server, tmp_path, 
     assert set(curated["split"].to_pylist()) == {"train", "validation"}
     assert all(x > 0 for x in curated["ifd"].to_pylist())
     assert fs.exists(fs.join(run_dir, "curate", "report.md"))
+
+
+def test_the_jobs_runtime_env_carries_no_credentials_and_workers_still_reach_the_bucket(s3_server, monkeypatch):
+    import ray
+
+    from themis_ray.pipeline import init_ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not ray.is_initialized()
+    init_ray(OmegaConf.merge(OmegaConf.structured(PipelineConfig), {"ray": {"num_cpus": 1}}))
+    try:
+        # Ray's job table and dashboard show a runtime env to anyone who can list jobs.
+        env_vars = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        assert not [k for k in env_vars if k.startswith("AWS_")], env_vars
+        target = f"{s3_server}/credentials-check/hello.txt"
+
+        @ray.remote(num_cpus=0)
+        def write() -> str:  # a local Ray's worker inherits the driver's environment, credentials too
+            fs.write_text(target, "hello")
+            return fs.read_text(target)
+
+        assert ray.get(write.remote()) == "hello" and fs.read_text(target) == "hello"
+    finally:
+        ray.shutdown()

@@ -57,6 +57,7 @@ def test_export_copies_finished_stages_through_pyarrow_filesystems(tmp_path):
     destination = tmp_path / "bucket"
     (destination / "label").mkdir(parents=True)
     (destination / "label" / "stale.parquet").write_text("from an older run")
+    (destination / "label" / MANIFEST).write_text(json.dumps({"stage": "label"}))
 
     copied = job.export_run(str(tmp_path / "run"), ["label"], f"file://{destination}")
 
@@ -66,6 +67,12 @@ def test_export_copies_finished_stages_through_pyarrow_filesystems(tmp_path):
     assert pq.read_table(destination / "label" / "part-00000.parquet")["a"].to_pylist() == [1, 2]
     with pytest.raises(FileNotFoundError, match="no finished output"):
         job.export_run(str(tmp_path / "run"), ["ifd"], str(destination))
+    # A folder of the stage's name that no export made is refused, and left as it was.
+    (tmp_path / "elsewhere" / "label").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "label" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a themis-ray stage folder"):
+        job.export_run(str(tmp_path / "run"), ["label"], str(tmp_path / "elsewhere"))
+    assert [p.name for p in (tmp_path / "elsewhere" / "label").iterdir()] == ["notes.txt"]
 
 
 def runtime_env() -> dict:

@@ -157,3 +157,35 @@ def test_the_embedded_model_judges_a_handful_of_rows_through_the_hf_engine(tmp_p
         assert row["mode"] == "reference" and row["evaluation"].startswith("[[")  # graded against the gold answer
         assert 1 <= row["score"] <= 5 and abs(sum(row["score_distribution"]) - 1) < 1e-6
         assert row["prompt_tokens"] > 0 and row["judge"] == "hf:smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("output", ["data", "data/answers.jsonl", "data/judged", "."])
+def test_an_output_that_holds_or_lies_in_the_input_is_refused_and_the_input_survives(tmp_path, monkeypatch, output):
+    from themis_ray.judge_job import judge_dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    answers = tmp_path / "data" / "answers.jsonl"
+    answers.write_text("\n".join(dataset_lines()[:3]) + "\n")
+    before = answers.read_bytes()
+    for given in ("data/answers.jsonl", "data"):
+        cfg = load(ROOT / "configs/quickstart.yaml", [f"input={given}", f"output={output}",
+                                                       "judge.columns.instruction=prompt"])
+        if given == "data/answers.jsonl" and output == "data/judged":
+            continue  # a folder beside the input file: allowed (see below)
+        with pytest.raises(ValueError, match=f"output {output} (contains the input|is inside the input folder)"):
+            judge_dataset(cfg)
+    assert answers.read_bytes() == before and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["answers.jsonl"]
+
+
+def test_a_non_empty_output_folder_that_is_no_stage_is_refused_before_anything_runs(tmp_path):
+    from themis_ray.judge_job import judge_dataset
+
+    (tmp_path / "answers.jsonl").write_text("\n".join(dataset_lines()[:3]) + "\n")
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "q3.csv").write_text("keep me")
+    cfg = load(ROOT / "configs/quickstart.yaml", [f"input={tmp_path / 'answers.jsonl'}", f"output={reports}"])
+    with pytest.raises(FileExistsError, match=f"{reports} is not empty .* not a themis-ray stage folder"):
+        judge_dataset(cfg)
+    assert (reports / "q3.csv").read_text() == "keep me" and [p.name for p in reports.iterdir()] == ["q3.csv"]

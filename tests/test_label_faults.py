@@ -2,12 +2,14 @@
 
 Nothing is lost or duplicated whatever the endpoint does (429 with Retry-After, 500, hangs past the
 client's timeout, malformed bodies, unparsable judge text); a run whose driver died resumes without
-re-sending a record it had written; the API key reaches no file and no log.
+re-sending a record it had written or rejected; the API key reaches no file and no log.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,16 +126,65 @@ def test_faults_lose_and_duplicate_no_record(local_ray, tmp_path):
     assert manifest["prompt_tokens"] > 0 and manifest["completion_tokens"] > 0
 
 
-def test_an_interrupted_run_resumes_without_resending_written_records(local_ray, tmp_path):
-    n = 40
+DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from omegaconf import OmegaConf
+from stage_io import run_one
+from themis_ray.config import PipelineConfig
+run_one(OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.load(sys.argv[2])), "label")
+"""
+
+
+def _settled(store: StageStore, server: OpenAIServer, quiet_s: float = 3.0, limit_s: float = 60.0) -> None:
+    """Wait until nothing new reaches the server or the stage folder for `quiet_s`: the killed
+    driver's actors are gone (Ray ends them with their owner)."""
+    seen, since, deadline = None, time.time(), time.time() + limit_s
+    while time.time() < deadline:
+        now = (server.total_requests, tuple(store.written_files()), server.in_flight)
+        if now != seen:
+            seen, since = now, time.time()
+        elif time.time() - since >= quiet_s and server.in_flight == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the killed run's actors still write or ask after 60 s")
+
+
+def test_a_killed_run_resumes_without_resending_written_records_or_rejects(local_ray, tmp_path):
+    import ray
+
+    n = 60
     table = records(n)
-    # The endpoint goes down after 12 requests, and the driver dies before the stage ends.
-    with OpenAIServer(latency_s=0.02, fail_after=12) as down:
+    # The endpoint goes down after 12 requests (records then end as rejects), and the driver is killed
+    # with SIGKILL while the stage runs: once both kinds of part are on disk, before every row is.
+    with OpenAIServer(latency_s=0.3, fail_after=12) as down:
         cfg = make_cfg(down, tmp_path, batch_size=4, max_size=1, max_concurrency=4, max_retries=1)
-        _, _, store = run_label(cfg, table, commit=False)
-    parts = [pq.read_table(p) for p in store.written_files()]  # unfinished: its parts, no manifest yet
-    finished = {r["prompt"] for t in parts for r in t.to_pylist() if r.get(REJECT) is None}
-    assert 0 < len(finished) < n, f"the first run should finish some records, not all: {len(finished)}"
+        finished_stage(cfg.run_dir, "respond", table)
+        store = StageStore(cfg.run_dir, "label")
+        config = tmp_path / "label.yaml"
+        config.write_text(OmegaConf.to_yaml(cfg))
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        with open(tmp_path / "driver.log", "w") as log:
+            driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(Path(__file__).parent), str(config)],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 180
+        while driver.poll() is None and time.time() < deadline:
+            names = [p.rsplit("/", 2)[-2:] for p in store.written_files()]
+            if any(folder == "_rejects" for folder, _ in names) and any(folder == "label" for folder, _ in names):
+                break
+            time.sleep(0.1)
+        assert driver.poll() is None, "the first run ended before it could be killed:\n" + (
+            tmp_path / "driver.log").read_text()[-3000:]
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        _settled(store, down)
+    assert store.manifest() is None  # killed: never committed
+    parts = [pq.read_table(p) for p in store.written_files()]  # what the killed run left
+    written = [r for t in parts for r in t.to_pylist()]
+    finished = {r["prompt"] for r in written if r.get(REJECT) is None}
+    rejected = {r["response_id"]: r[REJECT] for r in written if r.get(REJECT) is not None}
+    assert finished and rejected and len(finished) + len(rejected) < n, (len(finished), len(rejected))
+    assert all(reason.startswith("engine error") for reason in rejected.values()), rejected
 
     # The same command again (same config, so the written parts are kept), the endpoint back up.
     with OpenAIServer(latency_s=0.02, port=int(down.base_url.rsplit(":", 1)[1].split("/")[0])) as up:
@@ -141,11 +192,15 @@ def test_an_interrupted_run_resumes_without_resending_written_records(local_ray,
         _, manifest, store = run_label(cfg, table)
     resent = {p for p in finished if up.requests[p]}
     assert not resent, f"{len(resent)} finished records were requested again"
-    written_ids = {r["response_id"] for t in parts for r in t.to_pylist()}
-    assert len(up.answered) == n - len(written_ids)  # every record not written before, and only those
-    assert set(up.answered.values()) <= {1}
-    assert manifest["rows_in"] == n == manifest["rows_out"] + manifest["rows_rejected"]
+    # A reject the killed run wrote is an answer too: kept with its reason, never asked again.
     kept, rejects = store.read(), store.read_rejects()
+    asked_again = [r["prompt"] for r in kept.to_pylist() + rejects.to_pylist()
+                   if r["response_id"] in rejected and up.requests[r["prompt"]]]
+    assert not asked_again, f"{len(asked_again)} rejected records were requested again"
+    assert dict(zip(rejects["response_id"].to_pylist(), rejects[REJECT].to_pylist())) == rejected
+    assert len(up.answered) == n - len(finished) - len(rejected)  # every record not written before, only those
+    assert set(up.answered.values()) == {1}
+    assert manifest["rows_in"] == n == manifest["rows_out"] + manifest["rows_rejected"]
     assert sorted(kept["response_id"].to_pylist() + rejects["response_id"].to_pylist()) == sorted(table["id"].to_pylist())
 
 

@@ -2,9 +2,10 @@
 
 The records and the scoring are `benchmarks/train_learning_check.py`'s (a teacher rule the model can
 learn: answers score 5, hedged answers 4, refusals 1, off-topic replies 2). Held-out records share no
-instruction, fact or filled response template with the training records (asserted), so the held-out
-figures measure generalisation; the training records are scored beside them to tell it apart from
-memorisation. Baselines: the base model and the best constant predictor on the training labels.
+instruction, fact, response template or the training templates' cue words with the training records
+(asserted), so the held-out figures measure generalisation; the training records are scored beside
+them to tell it apart from memorisation. Baselines: the base model and the best constant predictor on
+the training labels.
 
 Two sizes (benchmarks/RESULTS.md has both runs' figures):
 - the suite's check (default, about the old 12-step budget): 24 records, 12 optimizer steps at lr
@@ -12,8 +13,10 @@ Two sizes (benchmarks/RESULTS.md has both runs' figures):
   0%) but not yet the rule: it gives every record the same score, held-out and training alike, no
   better than the best constant. The test asserts exactly that much.
 - the generalisation check (`THEMIS_LEARNING_CHECK=full`): 48 records, 3 epochs, 36 steps at lr
-  3e-4, measured at held-out MAE 0.19 against 1.50 for the best constant and the base model. It
-  takes about 20 minutes on the 2-core development machine, five times the suite's budget.
+  3e-4. Its recorded held-out MAE 0.19 (against 1.50 for the best constant and the base model) was
+  measured when the held-out responses still used the training templates; on the present held-out
+  set it is to be measured again. It takes about 20 minutes on the 2-core development machine, five
+  times the suite's budget.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ def test_held_out_records_share_nothing_with_the_training_records():
     check.assert_disjoint(train, heldout)
     with pytest.raises(AssertionError, match="share instructions"):
         check.assert_disjoint(train, heldout + train[:1])
+    with pytest.raises(AssertionError, match="share templates"):
+        check.assert_disjoint(train, heldout + [{**heldout[0], "template": train[0]["template"]}])
+    # The training templates' cue words (per kind) appear in no held-out response.
+    cues = {"sorry", "can't", "cannot", "won't", "unable", "think", "sure", "maybe", "possibly", "believe",
+            "verify", "talk", "rather", "favourite", "thought", "answer is", "of course", "would be"}
+    leaked = {c for r in heldout for c in cues if c in r["response"].lower()}
+    assert not leaked, leaked
     assert {r["score"] for r in heldout} == {1, 2, 4, 5}  # every kind is held out too
     assert check.best_constant([5, 4, 1, 2]) == 3  # MAE 1.5: any of 2..4, the middle one
     assert check.best_constant([5, 5, 4, 1]) in (4, 5)

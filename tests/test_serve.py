@@ -133,6 +133,20 @@ def test_unit_api_keys_travel_as_digests_and_an_empty_setting_fails_closed():
         parse_keys(" , ", "K")
 
 
+def test_unit_a_service_that_requires_keys_refuses_to_start_without_them(monkeypatch):
+    from themis_ray.serve.app import app_builder
+
+    args = {"model": "smollm2-135m-instruct", "api_keys_env": "THEMIS_TEST_REQUIRED_KEYS", "require_api_keys": "true"}
+    monkeypatch.delenv("THEMIS_TEST_REQUIRED_KEYS", raising=False)
+    with pytest.raises(ValueError, match=r"\$THEMIS_TEST_REQUIRED_KEYS holds no API key: refusing to serve"):
+        app_builder(args)
+    monkeypatch.setenv("THEMIS_TEST_REQUIRED_KEYS", " , ")
+    with pytest.raises(ValueError, match="holds no API key"):
+        app_builder(args)
+    monkeypatch.setenv("THEMIS_TEST_REQUIRED_KEYS", "k1")
+    assert app_builder(args)._bound_deployment.init_args[1].api_key_digests == {hash_key("k1")}
+
+
 def test_unit_app_builder_reads_cli_style_args():
     from ray import serve
 

@@ -25,7 +25,9 @@ from collections import Counter
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
+from requires import require
+
+schemathesis = require("schemathesis")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402  (installed with schemathesis)
 
 from themis_ray.scenarios import load_scenarios  # noqa: E402

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from themis_ray.executor.plan import WriteThrough
+from themis_ray.executor.processor import RowProcessor
 from themis_ray.executor.sink import StageSink
 from themis_ray.schema import REJECT
 from themis_ray.store import ATTEMPT, MANIFEST, REJECTS, StageResult, StageStore, merge_stats
@@ -133,3 +135,69 @@ def test_a_stage_that_wrote_nothing_reads_back_empty(tmp_path):
 def test_merge_stats_adds_numbers_and_merges_nested_counts():
     merged = merge_stats({"n": 1, "h": {"a": 1}}, {"n": 2.5, "h": {"a": 1, "b": 3}, "new": 4})
     assert merged == {"n": 3.5, "h": {"a": 2, "b": 3}, "new": 4}
+
+
+def test_a_folder_the_store_did_not_make_is_refused_and_left_as_it_was(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "answers.jsonl").write_text('{"prompt": "Q?"}\n')
+    store = StageStore.at(str(data))
+    with pytest.raises(FileExistsError, match=f"{data} is not empty \\(answers.jsonl\\) and is not a themis-ray"):
+        store.begin({"f": 1})
+    assert (data / "answers.jsonl").read_text() == '{"prompt": "Q?"}\n' and sorted(p.name for p in data.iterdir()) == [
+        "answers.jsonl"]
+    with pytest.raises(FileExistsError, match="is a file"):
+        StageStore.at(str(data / "answers.jsonl")).begin({"f": 1})
+    # An empty or new folder becomes the store's; a later run with another fingerprint may clear it.
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "new"):
+        fresh = StageStore.at(str(tmp_path / name))
+        assert fresh.begin({"f": 1}) is False
+        _write(fresh, _table(["a"], [None]))
+        fresh.commit(StageResult(rows_in=1), {"f": 1}, 0.0)
+        assert fresh.begin({"f": 2}) is False and fresh.written_files() == []
+
+
+def test_a_stage_folder_from_before_the_marker_is_still_the_stores(tmp_path):
+    store = StageStore(tmp_path, "label")
+    store.begin({"f": 1})
+    _write(store, _table(["a"], [None]))
+    store.commit(StageResult(rows_in=1), {"f": 1}, 0.0)
+    (tmp_path / "label" / "_stage.json").unlink()  # a folder written before the marker existed
+    assert store.begin({"f": 2}) is False and store.written_files() == []
+
+
+class Flaky(RowProcessor):
+    """Accepts a row unless its id is in `reject` (a retried batch may judge a row otherwise)."""
+
+    stage = "label"
+    resume_key = ("id", "id")
+
+    def __init__(self, output_schema, reject=()):
+        super().__init__(output_schema)
+        self.reject = set(reject)
+
+    def process(self, rows):
+        return [{**r, "x": 1, REJECT: "engine error: x" if r["id"] in self.reject else None} for r in rows]
+
+
+def test_a_batch_written_twice_replaces_its_parts_and_the_stage_still_commits(tmp_path):
+    store = StageStore(tmp_path, "label")
+    store.begin({"f": 1})
+    sink = StageSink(store.uri, SCHEMA)
+    first, second = pa.table({"id": ["a", "b", "c"]}), pa.table({"id": ["d", "e"]})
+    WriteThrough(Flaky, sink, {"output_schema": SCHEMA, "reject": {"b"}})(first)
+    WriteThrough(Flaky, sink, {"output_schema": SCHEMA})(second)
+    # The actor that wrote `first` died before returning; Ray runs the same batch again on another
+    # actor, which judges row b otherwise this time.
+    WriteThrough(Flaky, sink, {"output_schema": SCHEMA, "reject": {"c"}})(first)
+    manifest = store.commit(StageResult(rows_in=5), {"f": 1}, 0.0)
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (4, 1)
+    assert sorted(store.read()["id"].to_pylist()) == ["a", "b", "d", "e"]
+    assert store.read_rejects()["id"].to_pylist() == ["c"]
+    # Written under random names (as before), the same batch twice could never commit again.
+    store.begin({"f": 2})
+    for _ in range(2):
+        _write(store, _table(["a", "b"], [None, None]))
+    with pytest.raises(RuntimeError, match="has rows written twice: 2 in, 4 out"):
+        store.commit(StageResult(rows_in=2), {"f": 2}, 0.0)

@@ -407,7 +407,10 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     engine: EngineConfig = field(default_factory=EngineConfig)
-    api_keys_env: str = "THEMIS_API_KEYS"  # comma-separated keys; unset means no auth
+    api_keys_env: str = "THEMIS_API_KEYS"  # comma-separated keys; unset means no auth (unless required)
+    # Refuse to start without at least one key: a deployment that must not serve openly fails closed
+    # when its key Secret is missing or empty.
+    require_api_keys: bool = False
     max_request_bytes: int = 65536
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.05

@@ -3,7 +3,8 @@
 Everything that reads or writes a run goes through here, so a `run_dir` on object storage works like a
 folder. Credentials and endpoints come from the environment as pyarrow reads them (for S3:
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` for an S3-compatible
-server); Ray workers on a local cluster inherit it, on a real cluster set it in the runtime env.
+server); Ray workers on a local cluster inherit it, on a real cluster each node has its own (a Secret
+in the pods' environment or a workload identity), never a job's runtime env.
 """
 
 from __future__ import annotations

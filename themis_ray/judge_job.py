@@ -19,6 +19,7 @@ for pairs (judged in both orders), `evaluation` (the text), `judge`, tokens and 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Optional
 
@@ -227,6 +228,7 @@ def judge_dataset(cfg) -> dict:
     if c.scenario is not None and c.scenario not in scenarios:
         raise ValueError(f"judge.scenario: unknown scenario {c.scenario!r}; known: {', '.join(scenarios)}")
     scale = _scale(c.scale)
+    _check_apart(cfg.input, cfg.output)
     files = record_files(cfg.input)
     store = StageStore.at(cfg.output)
     fp = {"config": digest({"judge": c, "scenarios_dir": cfg.scenarios_dir}), "input": cfg.input,
@@ -235,6 +237,7 @@ def judge_dataset(cfg) -> dict:
         manifest = store.manifest()
         print_summary(manifest, skipped=True)
         return manifest
+    store.claim()  # a folder that is not ours is refused before Ray starts
     init_ray(cfg)
     start = time.perf_counter()
     resume = store.begin(fp)
@@ -275,6 +278,25 @@ def judge_dataset(cfg) -> dict:
     return manifest
 
 
+def _check_apart(input_uri: str, output_uri: str) -> None:
+    """Refuse an output that is the input, holds it, or lies inside an input folder: a run starts by
+    clearing its output (the input would be deleted), and a folder input would read the judge's own
+    parts as input on the next run."""
+    (in_fs, in_path), (out_fs, out_path) = fs.resolve(input_uri), fs.resolve(output_uri)
+    if in_fs.type_name != out_fs.type_name:
+        return
+    if in_fs.type_name == "local":  # links and relative paths: the same folder by any name
+        in_path, out_path = os.path.realpath(in_path), os.path.realpath(out_path)
+    elif input_uri.split("://")[0] != output_uri.split("://")[0]:
+        return
+    if in_path == out_path or in_path.startswith(out_path.rstrip("/") + "/"):
+        raise ValueError(f"output {output_uri} contains the input {input_uri}: the run would delete it; "
+                         f"name an output folder outside the input")
+    if out_path.startswith(in_path.rstrip("/") + "/"):
+        raise ValueError(f"output {output_uri} is inside the input folder {input_uri}: a later run would read "
+                         f"the judged rows as input; name an output folder outside the input")
+
+
 def _scale(text: Optional[str]) -> judging.RatingScale:
     if not text:
         return judging.RatingScale(1, 5)
@@ -288,8 +310,6 @@ def _scale(text: Optional[str]) -> judging.RatingScale:
 def _plot_histogram(histogram: dict, scale: judging.RatingScale, folder: str) -> Optional[str]:
     if not histogram:
         return None
-    import os
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -107,8 +107,6 @@ def fingerprint(cfg, stage: Stage) -> dict:
             "version": __version__}
 
 
-STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
-
 
 def init_ray(cfg) -> None:
     import ray
@@ -119,11 +117,12 @@ def init_ray(cfg) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    # A running cluster (or `ray job submit`, which sets RAY_ADDRESS) has its own resources. The job's
-    # workers get the object-storage settings the driver has, so `s3://` paths resolve alike everywhere.
+    # A running cluster (or `ray job submit`, which sets RAY_ADDRESS) has its own resources. No
+    # credentials go into the job's runtime env (Ray's job table and dashboard show it to anyone who
+    # can list jobs): a local Ray's workers inherit this process's environment, a cluster's nodes
+    # have their own (a Secret in the pods' env, or a workload identity).
     kwargs = {"address": address} if address else {"num_cpus": cfg.ray.num_cpus}
-    storage_env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
-    ray.init(**kwargs, log_to_driver=True, runtime_env={"env_vars": storage_env} if storage_env else None)
+    ray.init(**kwargs, log_to_driver=True)
 
 
 def configure_ray_data() -> None:

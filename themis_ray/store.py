@@ -5,6 +5,10 @@ Object stores have no atomic rename, so a stage is done when its manifest exists
 lists the files that make up the stage: a reader trusts nothing else. The manifest is deleted first
 when a stage starts again and written last when it ends.
 
+A folder is the store's once it holds `_stage.json` (or, from older runs, a manifest or an attempt
+marker): `begin` refuses to clear a non-empty folder without one, so a mistyped output path never
+empties a folder of someone's data.
+
 `_attempt.json` holds the fingerprint of a run in progress: a run with the same fingerprint (after a
 crash or an interrupt) keeps what the workers already wrote and sends only the rows that are not yet
 written; any other run clears the folder. Row counts and the sums a stage reports (tokens, cost,
@@ -25,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from themis_ray import fs
 
 MANIFEST = "_manifest.json"
 ATTEMPT = "_attempt.json"
+MARKER = "_stage.json"  # written when the store first takes a folder, kept across runs
 REJECTS = "_rejects"
 WORK = "_work"  # a stage's intermediate data (kept for a resume, never read by another stage)
 STATS_KEY = b"themis.stats"  # footer key of a part's summable statistics (JSON)
@@ -166,6 +172,7 @@ class StageStore:
     def begin(self, fingerprint: dict, force: bool = False) -> bool:
         """Make the folder ready for a run; True when it resumes an interrupted run of the same
         fingerprint (whose written parts are kept), False when it starts afresh."""
+        self.claim()
         fs.delete(self.file(MANIFEST))  # from now on the stage is not done
         self._tally = None
         resume = not force and fs.read_json(self.file(ATTEMPT)) == fingerprint
@@ -173,9 +180,26 @@ class StageStore:
             self._drop_unreadable()
             return True
         for name in fs.children(self.uri):
-            fs.delete(self.file(name))
+            if name != MARKER:
+                fs.delete(self.file(name))
         fs.write_json(self.file(ATTEMPT), fingerprint)
         return False
+
+    def claim(self) -> None:
+        """Mark the folder as this store's, or refuse it: a file, or a non-empty folder the store did not
+        make (begin would delete everything in it)."""
+        filesystem, path = fs.resolve(self.uri)
+        if filesystem.get_file_info(path).type == pafs.FileType.File:
+            raise FileExistsError(f"{self.uri} is a file, not a folder for a stage's output")
+        names = set(fs.children(self.uri))
+        if names and not names & {MARKER, MANIFEST, ATTEMPT}:
+            shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+            raise FileExistsError(
+                f"{self.uri} is not empty ({shown}) and is not a themis-ray stage folder (no {MARKER} or "
+                f"{MANIFEST}): refusing to write there, since a run first deletes what the folder holds; "
+                f"name a new or empty folder")
+        if MARKER not in names:
+            fs.write_json(self.file(MARKER), {"stage": self.stage})
 
     def _drop_unreadable(self) -> None:
         """A part cut short by a crash (no footer) is deleted: its rows are simply not written yet."""
@@ -246,9 +270,9 @@ class StageStore:
         tally = self.tally()
         units_ok = result.units_ok if result.units_ok is not None else tally.rows_out
         if result.rows_in != units_ok + tally.rows_rejected:
+            what = "lost rows" if result.rows_in > units_ok + tally.rows_rejected else "has rows written twice"
             raise RuntimeError(
-                f"stage {self.stage!r} lost rows: {result.rows_in} in, {units_ok} out, "
-                f"{tally.rows_rejected} rejected"
+                f"stage {self.stage!r} {what}: {result.rows_in} in, {units_ok} out, {tally.rows_rejected} rejected"
             )
         manifest = {
             "stage": self.stage,

@@ -7,20 +7,23 @@
 - `desc_keys(values, ids)`: strings whose ascending order is the values' descending order, ties broken
   by id (NaN last). The first 16 characters encode the value, the rest is the id, so a cut is one key:
   a row is above it when its key is smaller.
-- `split_keys(ids, seed)`: the split's digest as 16 hex characters, then the id: the order in which a
-  scenario's rows go to validation when the split is exact.
+- `split_keys(ids, docs, instructions, seed)`: the split's draws of the row's source document, its
+  instruction and itself, 16 hex characters each, then the id: the order in which a scenario's rows go
+  to validation when the split is exact. Rows of one document sort together, and within it the rows
+  of one instruction, so a cut between groups puts each group wholly on one side.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 _SIGN = np.uint64(1 << 63)
 _NAN_KEY = (1 << 64) - 1  # last in the descending order
 VALUE_CHARS = 16  # hex characters of a key that encode the value
+SPLIT_LEVELS = ("document", "instruction", "record")  # the groups a split key sorts by, coarsest first
 
 
 def id_hashes(ids: Sequence[str]) -> np.ndarray:
@@ -62,14 +65,20 @@ def row_seed(row_id: str, seed: int, purpose: str) -> int:
     return int(draws(id_hashes([row_id]), seed, purpose)[0])
 
 
-def split_keys(ids: Sequence[str], seed: int, hashes: Optional[np.ndarray] = None) -> list[str]:
-    """The split draw as 16 hex characters, then the id: sorted, the order rows go to validation."""
-    d = draws(id_hashes(ids) if hashes is None else hashes, seed, "split")
-    return [f"{int(k):016x}{i}" for k, i in zip(d.tolist(), ids)]
+def split_keys(ids: Sequence[str], docs: Sequence[str], instructions: Sequence[str], seed: int) -> list[str]:
+    """The split draws of each row's document, instruction and id (16 hex characters each), then the
+    id: sorted, the order rows go to validation."""
+    levels = [draws(id_hashes(values), seed, "split").tolist() for values in (docs, instructions, ids)]
+    return ["".join(f"{int(k):016x}" for k in ks) + i for *ks, i in zip(*levels, ids)]
 
 
 def id_of_split_key(key: str) -> str:
-    return key[VALUE_CHARS:]
+    return key[VALUE_CHARS * len(SPLIT_LEVELS):]
+
+
+def split_level_prefix(key: str, level: str) -> str:
+    """The part of a split key that names the row's group at `level` (and the groups above it)."""
+    return key[:VALUE_CHARS * (SPLIT_LEVELS.index(level) + 1)]
 
 
 def _ordered_bits(values: np.ndarray) -> np.ndarray:

@@ -11,9 +11,11 @@ The driver never holds rows: every pass is `reduce(fn, columns, **kwargs)`, the 
    cut is one key, so exactly ceil(k% of the rows still in) are kept, ties broken by id.
 3. Score and verdict counts per scenario: the rebalancing caps, and keep fractions cap / count.
 4. Rows per scenario after rebalancing: the scenario mix's caps and fractions; with the split keys of
-   every scenario of at most `EXACT_SPLIT_MAX_ROWS` rows, whose validation share is then exact
-   (round(n x validation_fraction), both splits present whenever two records are kept). Larger
-   scenarios draw: a row goes to validation when its split digest is below the fraction.
+   every scenario of at most `EXACT_SPLIT_MAX_ROWS` rows, whose validation share is then
+   round(n x validation_fraction) moved to the nearest boundary between source documents, or else
+   between instructions, that lies within half of it (`split_cut`), both splits present whenever two
+   records are kept. Larger scenarios draw per source document: its rows go to validation when its
+   split digest is below the fraction.
 5. With dropped-criteria augmentation, the regressions' normal equations over the kept train records;
    after the write, one more pass audits augmentation (copies not made, and why) and measures the
    regressions' validation MAE.
@@ -60,7 +62,7 @@ ID_WIDTH = 8  # then characters of the id, for ties
 
 # reduce(fn, columns=None, **fn_kwargs) -> the merged figures of fn(block, **fn_kwargs) over every block
 Reduce = Callable[..., dict]
-RULE_COLUMNS = ("id", "scenario", "ifd", "ifd_ppl", "score", "mode", "verdict")
+RULE_COLUMNS = ("id", "scenario", "ifd", "ifd_ppl", "score", "mode", "verdict", "doc_id", "instruction_id")
 
 
 def zstats(moments: dict) -> dict[str, tuple[float, float, int]]:
@@ -127,7 +129,8 @@ def plan_rules(cfg, reduce: Reduce) -> tuple[Plan, dict]:
     manifest and the report), from as few passes as the configuration needs."""
     column = ifd_column(cfg)
     weights = score_weights(cfg) if cfg.rebalance else None  # a bad target fails before any pass
-    columns = [c for c in RULE_COLUMNS if c in ("id", "scenario", "score", "mode", "verdict", column)]
+    columns = [c for c in RULE_COLUMNS
+               if c in ("id", "scenario", "score", "mode", "verdict", "doc_id", "instruction_id", column)]
     plan = Plan(column=column, seed=cfg.seed, drop_ifd_above_one=cfg.drop_ifd_above_one,
                 max_ifd_zscore=cfg.max_ifd_zscore, keep_top_percent=cfg.keep_top_percent,
                 swap_pairwise=cfg.swap_pairwise)
@@ -209,7 +212,24 @@ def _exact_split(small: list[str], collected: dict, plan: Plan, fraction: float,
         elif sum(n_val.values()) == total:
             donor = next(s for s in sorted(kept) if n_val[s] > 0)
             n_val[donor] -= 1
-    return {s: (kept[s][n_val[s] - 1] if n_val[s] else "") for s in small}
+    cuts = {s: split_cut(kept[s], n_val[s]) for s in small}
+    return {s: (kept[s][cuts[s] - 1] if cuts[s] else "") for s in small}
+
+
+def split_cut(found: list[str], target: int) -> int:
+    """How many of a scenario's rows (sorted split keys) go to validation: `target` moved to the
+    nearest boundary between source documents within half of it (at least one row), else between
+    instructions, else exact. A cut never empties a split that `target` leaves non-empty."""
+    n = len(found)
+    if target <= 0 or target >= n:
+        return target
+    slack = max(1, target // 2)
+    for level in keys.SPLIT_LEVELS[:-1]:
+        groups = [keys.split_level_prefix(k, level) for k in found]
+        bounds = [i for i in range(1, n) if groups[i - 1] != groups[i] and abs(i - target) <= slack]
+        if bounds:
+            return min(bounds, key=lambda i: (abs(i - target), i))
+    return target
 
 
 # ------------------------------------------------------------------------------------ augmentation

@@ -222,8 +222,9 @@ def write_report(folder: str, cfg, column: str, figures: dict, stats: dict, step
     split_text = ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))
     split = figures.get("split", {})
     lines += ["", f"Written: {sum(splits.values())} records ({split_text}), "
-              f"of which {sum(manifest.get('augmented', {}).values())} augmented copies. Split exactly per "
-              f"scenario: {', '.join(split.get('exact', [])) or 'none'}; drawn per record: "
+              f"of which {sum(manifest.get('augmented', {}).values())} augmented copies. Split by whole source "
+              f"documents (else instructions), sized exactly per scenario: "
+              f"{', '.join(split.get('exact', [])) or 'none'}; drawn per source document: "
               f"{', '.join(split.get('drawn', [])) or 'none'}.", "",
               "## IFD per scenario", "", "![IFD per scenario](ifd_by_scenario.png)", ""]
     zcuts = zscore_cuts(figures, cfg.max_ifd_zscore)

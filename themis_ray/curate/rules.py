@@ -12,7 +12,9 @@ The rules run in this order; the first rule that drops a row names it in `curate
 | rebalance_verdict | pairwise verdict balancing | pairwise rows of a (scenario, verdict class), the same way |
 | scenario_mix | scenario mix | rows of a scenario kept with probability cap / count toward `scenario_weights` |
 
-Then every row still in gets a split: train or validation, stratified by scenario.
+Then every row still in gets a split: train or validation, stratified by scenario and drawn per source
+document (then per instruction), so a validation record shares its document and instruction with no
+training record wherever the data allows (`split_groups`).
 
 A `Plan` carries what the rules need: the per-scenario IFD statistics, the top-k cut, the keep
 fractions and the split's thresholds. The driver fills it pass by pass from map-side aggregations
@@ -159,6 +161,17 @@ def pairwise_mask(batch: pa.Table) -> np.ndarray:
     return np.array([m == "pairwise" for m in strings(batch, "mode")], dtype=bool)
 
 
+def split_groups(batch: pa.Table) -> tuple[list[str], list[str]]:
+    """Per row, its source document and its instruction, the groups the split keeps together: a row
+    without a document (quizzing, a pair without one) is a group of its instruction, a row without an
+    instruction id one of its own id."""
+    ids = [str(i) for i in batch["id"].to_pylist()]
+    instructions = [f"instruction:{i}" if i is not None else f"record:{r}"
+                    for i, r in zip(strings(batch, "instruction_id"), ids)]
+    docs = [f"doc:{d}" if d is not None else g for d, g in zip(strings(batch, "doc_id"), instructions)]
+    return docs, instructions
+
+
 def decide(batch: pa.Table, plan: Plan) -> Decision:
     """The rules in order over one block, each applied when its figures are in the plan."""
     n = batch.num_rows
@@ -218,12 +231,17 @@ def decide(batch: pa.Table, plan: Plan) -> Decision:
              lambda i: f"scenario mix: {scenario[i]} above its weight")
     split = np.full(n, None, dtype=object)
     if plan.validation_fraction is not None and live.any():
-        draw = keys.unit_of(hashes, plan.seed, "split")
-        for i in np.flatnonzero(live):
+        docs, instructions = split_groups(batch)
+        rows = np.flatnonzero(live)
+        # Exact scenarios compare the row's key with the cut; the others draw per document.
+        split_key = keys.split_keys([ids[i] for i in rows], [docs[i] for i in rows], [instructions[i] for i in rows],
+                                    plan.seed)
+        draw = keys.unit([docs[i] for i in rows], plan.seed, "split")
+        for k, i in enumerate(rows):
             s = scenario[i]
-            if s in plan.exact_split:  # the same draw, as a key with the id to break ties
-                validation = keys.split_keys([ids[i]], plan.seed, hashes[i:i + 1])[0] <= plan.exact_split[s]
+            if s in plan.exact_split:
+                validation = split_key[k] <= plan.exact_split[s]
             else:
-                validation = draw[i] < plan.validation_fraction
+                validation = draw[k] < plan.validation_fraction
             split[i] = "validation" if validation else "train"
     return Decision(rule=rule, reason=reason, split=split)

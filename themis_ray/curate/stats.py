@@ -33,6 +33,7 @@ from themis_ray.curate.rules import (
     decide,
     floats,
     pairwise_mask,
+    split_groups,
     strings,
     verdict_class,
 )
@@ -88,7 +89,8 @@ def count_pass(batch: pa.Table, plan: Plan, moments: bool = False, scores: bool 
         wanted = set(collect_split)
         rows = [i for i in np.flatnonzero(live) if scenario[i] in wanted]
         ids = [str(batch["id"][i].as_py()) for i in rows]
-        split_keys = keys.split_keys(ids, plan.seed)
+        docs, instructions = split_groups(batch)
+        split_keys = keys.split_keys(ids, [docs[i] for i in rows], [instructions[i] for i in rows], plan.seed)
         out["split_keys"] = {}
         for i, key in zip(rows, split_keys):
             out["split_keys"].setdefault(scenario[i], {})[key] = 1

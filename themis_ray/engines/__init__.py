@@ -6,14 +6,20 @@ never pickled.
 
 A conversation whose last message is from the assistant is a prefill: the engine continues that
 message rather than starting a new one.
+
+A message's content is text, never control: the engines that tokenize themselves break every special
+token of the tokenizer that appears in it (`plain_conversation`), so a `<|im_start|>` inside a
+message cannot open a turn of its own. Only the chat template writes control tokens.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Optional
 
 Message = dict[str, str]
@@ -77,6 +83,32 @@ class Engine(ABC):
         pass
 
 
+BREAK = "\u200b"  # a zero-width space: a special token's text with it inside is plain text
+
+
+@lru_cache(maxsize=8)
+def _special_pattern(tokens: tuple[str, ...]) -> Optional[re.Pattern]:
+    tokens = tuple(t for t in tokens if len(t) > 1)
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))) if tokens else None
+
+
+def plain_text(tokenizer, text: str) -> str:
+    """`text` with every special token of `tokenizer` broken by a zero-width space after its first
+    character: it still reads the same, and tokenizes as text instead of as the control token."""
+    special = set(tokenizer.all_special_tokens)
+    special.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    pattern = _special_pattern(tuple(sorted(special)))
+    if pattern is None or not text:
+        return text
+    return pattern.sub(lambda m: m.group(0)[0] + BREAK + m.group(0)[1:], text)
+
+
+def plain_conversation(tokenizer, conversation: Conversation) -> Conversation:
+    """The conversation with `plain_text` content: only the chat template writes control tokens."""
+    return [{**m, "content": plain_text(tokenizer, m["content"])} if isinstance(m.get("content"), str) else m
+            for m in conversation]
+
+
 def chat_prompt_ids(tokenizer, conversation: Optional[Conversation]) -> list[int]:
     """Token ids of a chat-templated conversation, ready for the assistant to write next.
 
@@ -88,7 +120,7 @@ def chat_prompt_ids(tokenizer, conversation: Optional[Conversation]) -> list[int
         return [start if start is not None else tokenizer.eos_token_id]
     prefill = conversation[-1]["role"] == "assistant"
     text = tokenizer.apply_chat_template(
-        conversation,
+        plain_conversation(tokenizer, conversation),
         tokenize=False,
         add_generation_prompt=not prefill,
         continue_final_message=prefill,

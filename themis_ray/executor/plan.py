@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from themis_ray import fs
 from themis_ray.engines import batch_generation_route, batches_in_flight, gpus_per_engine, preflight
 from themis_ray.executor.processor import GenerationProcessor, RowProcessor
-from themis_ray.executor.sink import Stats, StageSink
+from themis_ray.executor.sink import Stats, StageSink, part_name
 from themis_ray.store import StageStore, merge_stats
 
 # Reads, writes and light maps take a sliver of a CPU each, so they never hold the CPUs the actor
@@ -100,13 +100,16 @@ class WriteThrough:
 
     def __init__(self, processor: type[RowProcessor], sink: StageSink, kwargs: dict):
         self.processor, self.sink = processor(**kwargs), sink
+        self.key = processor.resume_key[0] if processor.resume_key else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _write_batch(self.processor(batch), self.sink)
+        # Named by its input rows' keys: a batch Ray runs again after an actor died replaces its parts.
+        name = part_name(batch[self.key]) if self.key in batch.column_names else None
+        return _write_batch(self.processor(batch), self.sink, name)
 
 
-def _write_batch(batch: pa.Table, sink: StageSink) -> pa.Table:
-    counts = sink.write([batch], None)
+def _write_batch(batch: pa.Table, sink: StageSink, name: Optional[str] = None) -> pa.Table:
+    counts = sink.write([batch], None, name)
     return pa.table({"rows": [counts["rows"]], "rejected": [counts["rejected"]]}, schema=COUNTS)
 
 

@@ -6,10 +6,15 @@ stage's filesystem. The statistics of each part (row counts are in every Parquet
 summable figures such as tokens, cost or histograms through `stats`) go into the part's footer, so the
 driver tallies a stage from footers and never reads its rows. On a local filesystem a part is written
 under a temporary name and renamed, on object storage an upload appears whole or not at all.
+
+A part's name is random, or given by the caller as a digest of the rows' keys (`part_name`): a batch
+that runs again (its actor died after writing it, and Ray ran it elsewhere) then replaces its own
+parts instead of adding a second copy of its rows, which would break rows in = out + rejected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import uuid
@@ -55,6 +60,12 @@ class _Part:
             self.filesystem.move(self.writing, self.path)
 
 
+def part_name(keys: pa.ChunkedArray | pa.Array) -> str:
+    """A part's name from the keys of the rows it holds: the same rows, the same name."""
+    values = keys.cast(pa.string()).fill_null("").to_pylist()
+    return hashlib.sha256("\x1f".join(values).encode()).hexdigest()[:32]
+
+
 def _split_rejects(table: pa.Table) -> list[tuple[bool, pa.Table]]:
     """[(rejected, rows)] for the kinds present; a batch of one kind (the usual case) is not copied."""
     flags = table[REJECT]
@@ -75,8 +86,10 @@ class StageSink(Datasink):
     def get_name(self) -> str:
         return "WriteStage"
 
-    def write(self, blocks: Iterable, ctx) -> dict:
-        name = f"part-{self.tag}{uuid.uuid4().hex}.parquet"
+    def write(self, blocks: Iterable, ctx, name: Optional[str] = None) -> dict:
+        """Write the blocks as one part per kind; `name` (see `part_name`) replaces the parts a
+        previous run of the same rows wrote, of either kind."""
+        fixed, name = name is not None, f"part-{self.tag}{name or uuid.uuid4().hex}.parquet"
         parts: dict[bool, _Part] = {}
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
@@ -93,6 +106,9 @@ class StageSink(Datasink):
                 parts[rejected].write(rows if rejected else rows.drop_columns([REJECT]), stats)
         for part in parts.values():
             part.close()
+        for rejected in {False, True} - set(parts) if fixed else ():
+            # That run split its rows otherwise (a row accepted then, rejected now): its part goes.
+            fs.delete(fs.join(self.stage_uri, REJECTS, name) if rejected else fs.join(self.stage_uri, name))
         return {"rows": parts[False].rows if False in parts else 0,
                 "rejected": parts[True].rows if True in parts else 0}
 

@@ -18,7 +18,7 @@ import pickle
 
 import pyarrow as pa
 
-from themis_ray.engines import Completion, gpus_per_engine
+from themis_ray.engines import Completion, gpus_per_engine, plain_conversation
 from themis_ray.engines.vllm_engine import plain, sampling_params
 from themis_ray.schema import to_table
 
@@ -61,10 +61,20 @@ def processor_config(engine_cfg, pool):
     )
 
 
-def preprocess(row: dict, helper) -> dict:
-    """One input row -> its chat messages and sampling parameters, with the row itself kept aside."""
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def preprocess(row: dict, helper, model_path: str) -> dict:
+    """One input row -> its chat messages and sampling parameters, with the row itself kept aside.
+    ray.data.llm templates and tokenizes the messages itself, so their text is made plain here, as
+    the engines do (`plain_conversation`)."""
     (conversation,) = helper.conversations([row])
-    return {ROW: pickle.dumps(row), "messages": conversation, "sampling_params": sampling_params(helper.sampling)}
+    return {ROW: pickle.dumps(row), "messages": plain_conversation(_tokenizer(model_path), conversation),
+            "sampling_params": sampling_params(helper.sampling)}
 
 
 # What parse_batch reads of ray.data.llm's output row.
@@ -96,10 +106,12 @@ def map_generation(ds, processor, pool, engine_cfg, schema: pa.Schema, kwargs: d
     """`ds` through ray.data.llm's vLLM processor and the processor's parsing; a lazy Dataset."""
     from ray.data.llm import build_processor
 
+    from themis_ray.assets import resolve_model
+
     helper = processor(output_schema=schema, with_engine=False, **kwargs)  # prompts and parsing, no model
     llm = build_processor(
         processor_config(engine_cfg, pool),
-        preprocess=functools.partial(preprocess, helper=helper),
+        preprocess=functools.partial(preprocess, helper=helper, model_path=resolve_model(engine_cfg.model)),
         postprocess=postprocess,
         preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
         postprocess_map_kwargs={"num_cpus": LIGHT_CPUS},

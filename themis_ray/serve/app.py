@@ -158,7 +158,7 @@ def build_app(cfg: Any, model: Optional[str] = None, scenarios_dir: Optional[str
     """The judge application for `serve.run`; `model` (a judge folder) overrides cfg.engine.model.
 
     API keys are read here, from the variable named by cfg.api_keys_env, and only their SHA-256
-    digests are passed on to the replicas.
+    digests are passed on to the replicas; with cfg.require_api_keys, no key is an error.
     """
     cfg = _serve_config(cfg)
     engine = copy.deepcopy(cfg.engine)
@@ -182,6 +182,9 @@ def build_app(cfg: Any, model: Optional[str] = None, scenarios_dir: Optional[str
         api_key_digests=parse_keys(os.environ.get(cfg.api_keys_env), cfg.api_keys_env),
         scenarios_dir=scenarios_dir,
     )
+    if cfg.require_api_keys and not settings.api_key_digests:
+        raise ValueError(f"serve.require_api_keys is set but ${cfg.api_keys_env} holds no API key: "
+                         f"refusing to serve without auth (is its Secret missing?)")
     model_deployment = JudgeModel.options(
         **model_deployment_options(cfg)
     ).bind(engine, cfg.max_batch_size, cfg.batch_wait_timeout_s, scenarios_dir)

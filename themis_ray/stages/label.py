@@ -208,17 +208,19 @@ class PairLabeler(Labeler):
         return [out[i] for i in range(len(rows))]
 
 
-PAIR_SCHEMA = pa.schema([("id", pa.string()), ("instruction_id", pa.string()), ("instruction", pa.string()),
-                         ("scenario", pa.string()), ("reference", pa.string()), ("response_a", pa.string()),
-                         ("response_b", pa.string()), ("responder", pa.string()), (REJECT, pa.string())])
+# doc_id: the instruction's source document, which curation's split keeps on one side.
+PAIR_SCHEMA = pa.schema([("id", pa.string()), ("instruction_id", pa.string()), ("doc_id", pa.string()),
+                         ("instruction", pa.string()), ("scenario", pa.string()), ("reference", pa.string()),
+                         ("response_a", pa.string()), ("response_b", pa.string()), ("responder", pa.string()),
+                         (REJECT, pa.string())])
 
 
 def make_pairs(group: pa.Table, max_per_instruction: int) -> pa.Table:
     """The responses to one instruction -> pairs of consecutive ones (ordered by responder, then id)."""
     rows = sorted(group.to_pylist(), key=lambda r: (str(r.get("responder") or ""), r["id"]))
     pairs = [{"id": stable_id(a["id"], b["id"], "pair"), "instruction_id": a["instruction_id"],
-              "instruction": a["instruction"], "scenario": a["scenario"], "reference": a.get("reference"),
-              "response_a": a["response"], "response_b": b["response"],
+              "doc_id": a.get("doc_id"), "instruction": a["instruction"], "scenario": a["scenario"],
+              "reference": a.get("reference"), "response_a": a["response"], "response_b": b["response"],
               "responder": f"{a.get('responder')} vs {b.get('responder')}", REJECT: None}
              for a, b in list(zip(rows, rows[1:]))[:max(0, max_per_instruction)]]
     return pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA)
@@ -293,8 +295,9 @@ def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int, resp
     if ctx.resume and pairs.manifest() is not None:
         return pairs
     pairs.begin({"pairs": max_per_instruction}, force=True)
-    grouped = map_groups(source.dataset(columns=["id", "instruction_id", "instruction", "scenario", "reference",
-                                                  "response", "responder"]),
+    columns = ["id", "instruction_id", "instruction", "scenario", "reference", "response", "responder"]
+    columns += ["doc_id"] if "doc_id" in source.schema().names else []
+    grouped = map_groups(source.dataset(columns=columns),
                          "instruction_id", make_pairs, rows=responses, max_per_instruction=max_per_instruction)
     write(grouped, pairs, PAIR_SCHEMA)
     pairs.commit(StageResult(rows_in=pairs.tally().rows_out), {"pairs": max_per_instruction}, 0.0)

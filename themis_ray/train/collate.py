@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from themis_ray.engines import plain_conversation
+
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 SFT, SIM = 0, 1  # token kinds: cross-entropy only, or cross-entropy blended with embedding similarity
 # Format text trained as SFT: score and verdict markers, and short "Name:" labels opening a line
@@ -54,8 +56,9 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 def encode(record: dict, tokenizer: Any) -> Example:
     """Tokenize one record with the chat template; mask everything but the answer."""
-    user = [{"role": "user", "content": record["prompt"]}]
-    chat = user + [{"role": "assistant", "content": record["evaluation"]}]
+    # Trained on the text the engines serve: a special token inside the prompt or answer is plain text.
+    user = plain_conversation(tokenizer, [{"role": "user", "content": record["prompt"]}])
+    chat = user + plain_conversation(tokenizer, [{"role": "assistant", "content": record["evaluation"]}])
     prompt_ids = _ids(tokenizer, tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False))
     full_text = tokenizer.apply_chat_template(chat, tokenize=False)
     full_ids = _ids(tokenizer, full_text)
