@@ -444,8 +444,8 @@ def mtbench_benchmark(cfg, work, resume: bool = False) -> Benchmark:
     import ray
 
     from themis_ray.executor import run_rows
+    from themis_ray.responders import responder_step
     from themis_ray.schema import output_schema
-    from themis_ray.responders import Responder
     from themis_ray.store import StageResult
 
     mc = cfg.evaluate.mtbench
@@ -457,9 +457,8 @@ def mtbench_benchmark(cfg, work, resume: bool = False) -> Benchmark:
     if not (resume and work.manifest() is not None):
         resume = work.begin({"mtbench": names})  # True when a crashed run left answers to keep
         for k, r in enumerate(mc.responders):
-            run_rows(ray.data.from_arrow(questions), Responder, cfg.evaluate.pool, work, schema, resume=resume,
-                     total=questions.num_rows, tag=f"r{k}-", where={"responder": r.name}, responder=r,
-                     section="evaluate.mtbench")
+            run_rows(ray.data.from_arrow(questions), responder_step(r, cfg.evaluate.pool, "evaluate.mtbench"), work,
+                     schema, resume=resume, total=questions.num_rows, tag=f"r{k}-")
         work.commit(StageResult(rows_in=questions.num_rows * len(names)), {"mtbench": names}, 0.0)
     answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
     fields = [f for f in schema if f.name != REJECT]

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from themis_ray import judging
 from themis_ray.engines import build_engine
-from themis_ray.executor import RowProcessor, run_rows
+from themis_ray.executor import RowProcessor, Step, StepEngine, run_rows
 from themis_ray.schema import REJECT
 
 POINTWISE_COLUMNS = [
@@ -130,7 +130,9 @@ def grade(benchmark, judge, evaluate_cfg, store, tag: str, resume: bool = False)
     """`judge` (a judges.Judge) grades every record of `benchmark` on `evaluate.pool`; the workers write
     the graded rows into `store` as parts named by `tag`."""
     schema = graded_schema(benchmark.schema, benchmark.pairwise)
-    run_rows(benchmark.records, JudgeGrader, evaluate_cfg.pool, store, schema, resume=resume, tag=tag,
-             total=benchmark.num_records, where={"benchmark": benchmark.name, "judge": judge.name},
-             stats=graded_stats, judge=judge.name, engine_cfg=judge.engine, sampling=evaluate_cfg.sampling,
-             prefill=judge.prefill, scale=tuple(benchmark.scale))
+    step = Step(name=f"evaluate[{benchmark.name}, {judge.name}]", processor=JudgeGrader, pool=evaluate_cfg.pool,
+                args={"judge": judge.name, "engine_cfg": judge.engine, "sampling": evaluate_cfg.sampling,
+                      "prefill": judge.prefill, "scale": tuple(benchmark.scale)},
+                engine=StepEngine(judge.engine, "evaluate.engine"),
+                partition={"benchmark": benchmark.name, "judge": judge.name}, stats=graded_stats)
+    run_rows(benchmark.records, step, store, schema, resume=resume, tag=tag, total=benchmark.num_records)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,11 +23,9 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink
 
 from themis_ray import fs
+from themis_ray.executor.step import Stats
 from themis_ray.schema import REJECT
 from themis_ray.store import REJECTS, STATS_KEY, merge_stats
-
-# stats(table, rejected) -> summable figures of those rows ({name: number or nested dict of numbers})
-Stats = Callable[[pa.Table, bool], dict]
 
 
 class _Part:

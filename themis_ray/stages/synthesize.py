@@ -25,7 +25,8 @@ from themis_ray import fs, prompts
 from themis_ray.corpus import load_chunks
 from themis_ray.dedup import bucket_duplicates, bucket_keys, diversity_by, strongest
 from themis_ray.engines import build_engine, engine_label
-from themis_ray.executor import LIGHT_CPUS, RowProcessor, StageContext, map_groups, map_tasks, run_rows, write
+from themis_ray.executor import (LIGHT_CPUS, RowProcessor, StageContext, Step, StepEngine, map_groups, map_tasks,
+                                 run_rows, write)
 from themis_ray.scenarios import get_scenario
 from themis_ray.schema import REJECT, output_schema, stable_id, to_table
 from themis_ray.store import StageResult, StageStore
@@ -254,9 +255,12 @@ def run(ctx: StageContext) -> StageResult:
     if not (ctx.resume and generated.manifest() is not None):
         resume = generated.begin({"generated": len(tasks)})
         if tasks:
-            run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), Synthesizer, s.pool,
-                     generated, schema, resume=resume, total=len(tasks), stats=synthesis_stats, engine_cfg=s.engine,
-                     sampling=s.sampling, max_instruction_chars=s.max_instruction_chars)
+            step = Step(name="synthesize", processor=Synthesizer, pool=s.pool, stats=synthesis_stats,
+                        engine=StepEngine(s.engine, "synthesize.engine"),
+                        args={"engine_cfg": s.engine, "sampling": s.sampling,
+                              "max_instruction_chars": s.max_instruction_chars})
+            run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), step, generated, schema, resume=resume,
+                     total=len(tasks))
         done = generated.tally()
         generated.commit(StageResult(rows_in=len(tasks), units_ok=done.stats.get("tasks_ok", 0)),
                          {"generated": len(tasks)}, 0.0)
