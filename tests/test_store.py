@@ -8,6 +8,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from themis_ray.executor.sink import StageSink
@@ -26,9 +27,9 @@ def x_stats(table: pa.Table, rejected: bool) -> dict:
     return {"x_sum": pc.sum(table["x"]).as_py() or 0, "by": {"rejected" if rejected else "kept": table.num_rows}}
 
 
-def _write(store: StageStore, *tables: pa.Table, tag: str = "") -> dict:
+def _write(store: StageStore, *tables: pa.Table, partition: dict | None = None) -> dict:
     """What one write task does with its blocks (StageSink.write), run here."""
-    return StageSink(store.uri, SCHEMA, tag=tag, stats=x_stats).write(list(tables), None)
+    return StageSink(store.uri, SCHEMA, partition=partition, stats=x_stats).write(list(tables), None)
 
 
 def test_a_write_task_splits_rows_and_rejects_and_the_commit_lists_its_parts(tmp_path):
@@ -52,6 +53,30 @@ def test_a_write_task_splits_rows_and_rejects_and_the_commit_lists_its_parts(tmp
     _write(store, _table(["e"], [None]))
     # x is 0, 1 in each table: kept rows a, c, e add 0; rejects b, d add 1 each.
     assert StageStore(tmp_path, "label").tally().stats == {"x_sum": 2, "by": {"kept": 3, "rejected": 2}}
+
+
+def test_parts_are_selected_by_the_partition_their_footers_record(tmp_path):
+    store = StageStore(tmp_path, "evaluate")
+    store.begin({"f": 1})
+    _write(store, _table(["a", "b"], [None, "bad"]), partition={"benchmark": "val", "judge": "mine"})
+    _write(store, _table(["c"], [None]), partition={"benchmark": "val", "judge": "base"})
+    _write(store, _table(["d"], ["no prompt"]), partition={"benchmark": "val"})
+    _write(store, _table(["e"], [None]))
+    mine = {"benchmark": "val", "judge": "mine"}
+
+    def ids(paths):
+        return sorted(i for p in paths for i in pq.read_table(p, filesystem=store.fs)["id"].to_pylist())
+
+    assert ids(store.written_files(partition=mine)) == ["a", "b"]
+    assert ids(store.written_files(rejects=False, partition=mine)) == ["a"]
+    assert ids(store.written_files(partition={"benchmark": "val"})) == ["d"]  # exactly that partition
+    assert ids(store.written_files()) == ["a", "b", "c", "d", "e"]  # no partition: every part
+    assert store.rows_written(mine) == 2 and store.rows_written({"judge": "mine"}) == 0
+    # File names carry no partition: it is data in the footer, beside the statistics.
+    names = [p.rsplit("/", 1)[-1] for p in store.written_files()]
+    assert all(n.startswith("part-") and "val" not in n and "mine" not in n for n in names)
+    store.commit(StageResult(rows_in=5), {"f": 1}, 0.0)
+    assert ids(store.files(partition={"benchmark": "val", "judge": "base"})) == ["c"]
 
 
 def test_a_reader_trusts_only_the_manifest(tmp_path):

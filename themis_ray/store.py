@@ -8,7 +8,8 @@ when a stage starts again and written last when it ends.
 `_attempt.json` holds the fingerprint of a run in progress: a run with the same fingerprint (after a
 crash or an interrupt) keeps what the workers already wrote and sends only the rows that are not yet
 written; any other run clears the folder. Row counts and the sums a stage reports (tokens, cost,
-histograms) come from the parts' footers, where each write task puts the statistics of its file.
+histograms) come from the parts' footers, where each write task puts the statistics of its file, and
+the partition its rows belong to: a stage selects its parts by partition, never by file name.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,7 @@ ATTEMPT = "_attempt.json"
 REJECTS = "_rejects"
 WORK = "_work"  # a stage's intermediate data (kept for a resume, never read by another stage)
 STATS_KEY = b"themis.stats"  # footer key of a part's summable statistics (JSON)
+PARTITION_KEY = b"themis.partition"  # footer key of the partition a part's rows belong to ({column: value}, JSON)
 FOOTERS_AT_ONCE = 256  # footers read in parallel (and held) at a time while tallying
 
 
@@ -67,6 +69,17 @@ def merge_stats(a: dict, b: dict) -> dict:
         else:
             out[key] = (out.get(key) or 0) + value
     return out
+
+
+def partition_of(partition: Optional[Mapping[str, Any]]) -> Optional[dict]:
+    """A partition as footers hold it: {column: value} as strings; None for none."""
+    return {str(k): str(v) for k, v in partition.items()} if partition else None
+
+
+def footer_partition(meta: pq.FileMetaData) -> Optional[dict]:
+    """The partition a part's footer records, or None."""
+    blob = (meta.metadata or {}).get(PARTITION_KEY)
+    return json.loads(blob) if blob else None
 
 
 class StageStore:
@@ -124,9 +137,10 @@ class StageStore:
             raise FileNotFoundError(f"stage {self.stage!r} has no finished output in {self.uri}; run it first")
         return [posixpath.join(self.path, name) for name in m.get(key, [])]
 
-    def files(self) -> list[str]:
-        """The stage's accepted parts, as the manifest lists them (paths within `self.fs`)."""
-        return self._listed("files")
+    def files(self, partition: Optional[Mapping[str, Any]] = None) -> list[str]:
+        """The stage's accepted parts, as the manifest lists them (paths within `self.fs`); with
+        `partition`, those whose footer records exactly that partition."""
+        return self._in_partition(self._listed("files"), partition)
 
     def reject_files(self) -> list[str]:
         return self._listed("rejects")
@@ -202,16 +216,21 @@ class StageStore:
             self.fs.delete_file(path)
         self._tally = None
 
-    def written_files(self, rejects: bool = True) -> list[str]:
-        """Parts the workers have written so far (paths within `self.fs`), rejects included."""
+    def written_files(self, rejects: bool = True, partition: Optional[Mapping[str, Any]] = None) -> list[str]:
+        """Parts the workers have written so far (paths within `self.fs`), rejects included; with
+        `partition`, those whose footer records exactly that partition."""
         files = fs.list_files(self.uri, ".parquet")
-        return files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else [])
+        return self._in_partition(files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else []), partition)
 
-    def rows_written(self, prefix: str) -> int:
-        """Rows in the parts written so far whose names start with `prefix` (accepted and rejected),
-        from their footers."""
-        named = [path for path in self.written_files() if posixpath.basename(path).startswith(prefix)]
-        return sum(meta.num_rows for meta in self._footers(named))
+    def rows_written(self, partition: Mapping[str, Any]) -> int:
+        """Rows in the parts of `partition` written so far (accepted and rejected), from their footers."""
+        return sum(meta.num_rows for meta in self._footers(self.written_files(partition=partition)))
+
+    def _in_partition(self, paths: list[str], partition: Optional[Mapping[str, Any]]) -> list[str]:
+        if not partition:
+            return paths
+        wanted = partition_of(partition)
+        return [path for path, meta in zip(paths, self._footers(paths)) if footer_partition(meta) == wanted]
 
     def _footers(self, paths: list[str]):
         """The parts' Parquet footers in order, read in parallel, `FOOTERS_AT_ONCE` held at a time."""

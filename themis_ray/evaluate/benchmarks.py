@@ -456,9 +456,9 @@ def mtbench_benchmark(cfg, work, resume: bool = False) -> Benchmark:
     schema = output_schema("respond", questions.schema)
     if not (resume and work.manifest() is not None):
         resume = work.begin({"mtbench": names})  # True when a crashed run left answers to keep
-        for k, r in enumerate(mc.responders):
+        for r in mc.responders:
             run_rows(ray.data.from_arrow(questions), responder_step(r, cfg.evaluate.pool, "evaluate.mtbench"), work,
-                     schema, resume=resume, total=questions.num_rows, tag=f"r{k}-")
+                     schema, resume=resume, total=questions.num_rows)
         work.commit(StageResult(rows_in=questions.num_rows * len(names)), {"mtbench": names}, 0.0)
     answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
     fields = [f for f in schema if f.name != REJECT]

@@ -14,7 +14,7 @@ This package is the only place that calls `map_batches`.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -159,36 +159,35 @@ def partials(ds, fn: Callable[..., dict], **fn_kwargs) -> dict:
     return merged
 
 
-def write(ds, store: StageStore, schema: pa.Schema, tag: str = "", stats: Optional[Stats] = None) -> tuple[int, int]:
-    """Workers write `ds` into the stage folder, rejects apart; returns (rows written, rows rejected)."""
-    sink = StageSink(store.uri, schema, tag=tag, stats=stats)
+def write(ds, store: StageStore, schema: pa.Schema, partition: Optional[Mapping[str, str]] = None,
+          stats: Optional[Stats] = None) -> tuple[int, int]:
+    """Workers write `ds` into the stage folder, rejects apart, its parts recording `partition`;
+    returns (rows written, rows rejected)."""
+    sink = StageSink(store.uri, schema, partition=partition, stats=stats)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
     return sink.rows_out, sink.rows_rejected
 
 
-def drop_written(ds, store: StageStore, in_key: str, out_key: str, where: Optional[dict] = None):
+def drop_written(ds, store: StageStore, in_key: str, out_key: str, partition: Optional[Mapping[str, str]] = None):
     """`ds` less the rows whose `in_key` is already written as `out_key` (accepted or rejected) in the
     stage folder. The written keys are loaded by a Ray task into the object store as one sorted array
-    that every filter task shares, never by the driver; `where` ({column: value}) narrows the written
-    rows considered (one responder's answers, say)."""
-    files = store.written_files()
+    that every filter task shares, never by the driver; `partition` narrows the parts considered to
+    those of one partition (one responder's answers, say)."""
+    files = store.written_files(partition=partition)
     if not files:
         return ds
-    keys = _written_keys.remote(store.uri, files, out_key, where or {})
+    keys = _written_keys.remote(store.uri, files, out_key)
     return map_tasks(ds, _drop_keys, keys=keys, column=in_key)
 
 
 @ray.remote(num_cpus=LIGHT_CPUS)
-def _written_keys(stage_uri: str, files: list[str], column: str, where: dict) -> np.ndarray:
+def _written_keys(stage_uri: str, files: list[str], column: str) -> np.ndarray:
     filesystem, _ = fs.resolve(stage_uri)
     found = []
     for path in files:
-        if not {column, *where} <= set(pq.read_schema(path, filesystem=filesystem).names):
+        if column not in pq.read_schema(path, filesystem=filesystem).names:
             continue  # a part of other rows (a benchmark's rejects, say): none of its rows is one of ours
-        table = pq.read_table(path, filesystem=filesystem, columns=[column, *where])
-        for name, value in where.items():
-            table = table.filter(pc.equal(table[name], value))
-        found.append(table[column].combine_chunks())
+        found.append(pq.read_table(path, filesystem=filesystem, columns=[column])[column].combine_chunks())
     values = pa.concat_arrays([a.cast(pa.string()) for a in found]).drop_null() if found else pa.array([], pa.string())
     return np.unique(np.asarray(values.to_pylist(), dtype=str))
 
@@ -203,7 +202,7 @@ def _drop_keys(batch: pa.Table, keys, column: str) -> pa.Table:
     return batch.filter(pa.array(keys[at] != wanted))
 
 
-def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume: bool = False, tag: str = "",
+def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume: bool = False,
              before: Optional[Callable] = None, total: Optional[int] = None) -> tuple[int, int]:
     """One row-wise plan: `source` (a Dataset) -> unwritten rows -> `before` (more steps, e.g. another
     pool) -> the step's processor on its pool, each actor writing its batches' parts as it finishes
@@ -212,11 +211,10 @@ def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume
     and the time left. Returns the rows this plan wrote (accepted, rejected), counted from one small row
     per batch. `total` also sizes the plan's blocks (`rows_per_block`)."""
     if resume and step.processor.resume_key:
-        source = drop_written(source, store, *step.processor.resume_key,
-                              where=dict(step.partition) if step.partition else None)
+        source = drop_written(source, store, *step.processor.resume_key, partition=step.partition)
     if before is not None:
         source = before(source)
-    sink = StageSink(store.uri, schema, tag=tag, stats=step.stats)
+    sink = StageSink(store.uri, schema, partition=step.partition, stats=step.stats)
     written = rejected = 0
     counts = map_processor(source, step, schema, sink=sink, input_rows=total)
     with tqdm(total=total, unit="rows", desc=step.name, disable=total is None) as bar:

@@ -4,7 +4,8 @@ Each write task splits its blocks on `reject_reason` and writes one part per kin
 (without the reject column) and `<stage>/_rejects/part-*.parquet`, straight from the worker to the
 stage's filesystem. The statistics of each part (row counts are in every Parquet footer; a stage adds
 summable figures such as tokens, cost or histograms through `stats`) go into the part's footer, so the
-driver tallies a stage from footers and never reads its rows. On a local filesystem a part is written
+driver tallies a stage from footers and never reads its rows; so does the partition its rows belong to
+(one responder's answers, one judge's grades of one benchmark), which the store selects parts by. On a local filesystem a part is written
 under a temporary name and renamed, on object storage an upload appears whole or not at all.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,20 +26,20 @@ from ray.data.datasource.datasink import Datasink
 from themis_ray import fs
 from themis_ray.executor.step import Stats
 from themis_ray.schema import REJECT
-from themis_ray.store import REJECTS, STATS_KEY, merge_stats
+from themis_ray.store import PARTITION_KEY, REJECTS, STATS_KEY, merge_stats, partition_of
 
 
 class _Part:
     """One Parquet part being written by a write task."""
 
-    def __init__(self, folder: str, name: str, schema: pa.Schema):
+    def __init__(self, folder: str, name: str, schema: pa.Schema, partition: Optional[dict]):
         self.filesystem, folder_path = fs.resolve(folder)
         self.filesystem.create_dir(folder_path, recursive=True)
         self.path = posixpath.join(folder_path, name)
         self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
         self.writing = self.path + ".partial" if self.local else self.path
         self.writer = pq.ParquetWriter(self.writing, schema, filesystem=self.filesystem)
-        self.rows, self.stats = 0, {}
+        self.rows, self.stats, self.partition = 0, {}, partition
 
     def write(self, table: pa.Table, stats: dict) -> None:
         self.writer.write_table(table)
@@ -48,6 +49,8 @@ class _Part:
     def close(self) -> None:
         if self.stats:
             self.writer.add_key_value_metadata({STATS_KEY.decode(): json.dumps(self.stats)})
+        if self.partition:
+            self.writer.add_key_value_metadata({PARTITION_KEY.decode(): json.dumps(self.partition, sort_keys=True)})
         self.writer.close()
         if self.local:
             self.filesystem.move(self.writing, self.path)
@@ -65,8 +68,10 @@ def _split_rejects(table: pa.Table) -> list[tuple[bool, pa.Table]]:
 
 
 class StageSink(Datasink):
-    def __init__(self, stage_uri: str, schema: pa.Schema, tag: str = "", stats: Optional[Stats] = None):
-        self.stage_uri, self.schema, self.tag, self.stats = stage_uri, schema, tag, stats
+    def __init__(self, stage_uri: str, schema: pa.Schema, partition: Optional[Mapping[str, str]] = None,
+                 stats: Optional[Stats] = None):
+        self.stage_uri, self.schema, self.stats = stage_uri, schema, stats
+        self.partition = partition_of(partition)
         self.accepted_schema = schema.remove(schema.get_field_index(REJECT))
         self.rows_out = self.rows_rejected = 0
 
@@ -74,7 +79,7 @@ class StageSink(Datasink):
         return "WriteStage"
 
     def write(self, blocks: Iterable, ctx) -> dict:
-        name = f"part-{self.tag}{uuid.uuid4().hex}.parquet"
+        name = f"part-{uuid.uuid4().hex}.parquet"
         parts: dict[bool, _Part] = {}
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
@@ -86,7 +91,8 @@ class StageSink(Datasink):
             for rejected, rows in _split_rejects(table):
                 if rejected not in parts:
                     folder = fs.join(self.stage_uri, REJECTS) if rejected else self.stage_uri
-                    parts[rejected] = _Part(folder, name, self.schema if rejected else self.accepted_schema)
+                    parts[rejected] = _Part(folder, name, self.schema if rejected else self.accepted_schema,
+                                            self.partition)
                 stats = self.stats(rows, rejected) if self.stats else {}
                 parts[rejected].write(rows if rejected else rows.drop_columns([REJECT]), stats)
         for part in parts.values():

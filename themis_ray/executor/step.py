@@ -32,8 +32,8 @@ class Step:
     args: Mapping[str, Any]  # the processor's constructor arguments (besides output_schema), nothing else
     pool: Any  # a PoolConfig
     engine: Optional[StepEngine] = None  # None: the processor builds no engine
-    # {column: value} the step's rows share: its parts record it in their footers, and a resumed step
-    # skips only the rows written in its own partition.
+    # {column: value} the step's rows share: its parts record it in their footers (`StageStore.files`
+    # selects by it), and a resumed step skips only the rows written in its own partition.
     partition: Optional[Mapping[str, str]] = None
     stats: Optional[Stats] = None
 

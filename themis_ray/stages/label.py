@@ -245,7 +245,7 @@ def run(ctx: StageContext) -> StageResult:
         if n_pairs:
             pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool, engine=engine,
                             stats=label_stats, args={**common, "score_by": "text", "prefill": False})
-            run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, tag="pairwise-", total=n_pairs)
+            run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, total=n_pairs)
         rows_in += n_pairs
         extra = {"pairwise_pairs": n_pairs}
     written = ctx.store.tally().stats
