@@ -158,3 +158,30 @@ def test_a_stage_that_wrote_nothing_reads_back_empty(tmp_path):
 def test_merge_stats_adds_numbers_and_merges_nested_counts():
     merged = merge_stats({"n": 1, "h": {"a": 1}}, {"n": 2.5, "h": {"a": 1, "b": 3}, "new": 4})
     assert merged == {"n": 3.5, "h": {"a": 2, "b": 3}, "new": 4}
+
+
+def test_a_checkpoint_is_filled_once_and_a_resumed_stage_skips_it(tmp_path):
+    store = StageStore(tmp_path, "synthesize")
+    store.begin({"f": 1})
+    with store.checkpoint("generated", {"tasks": 3}, resume=False) as point:
+        assert not point.done and not point.resume
+        _write(point.store, _table(["a", "b", "c"], [None, None, "engine error: x"]))
+        point.rows_in = 3
+    assert point.store.manifest()["rows_out"] == 2 and point.store.uri.endswith("synthesize/_work/generated")
+    with store.checkpoint("generated", {"tasks": 3}, resume=True) as again:
+        assert again.done  # nothing to fill: the finished sub-store is read as it is
+    assert again.store.read()["id"].to_pylist() in (["a", "b"], ["b", "a"])
+    with store.checkpoint("generated", {"tasks": 4}, resume=True) as changed:
+        assert not changed.done and changed.store.written_files() == []  # another key starts afresh
+
+
+def test_a_checkpoint_that_lost_rows_is_not_committed(tmp_path):
+    store = StageStore(tmp_path, "label")
+    store.begin({"f": 1})
+    with pytest.raises(RuntimeError, match="lost rows: 5 in, 1 out, 0 rejected"):
+        with store.checkpoint("pairs", {"pairs": 1}, resume=False, resumable=False) as point:
+            _write(point.store, _table(["a"], [None]))
+            point.rows_in = 5
+    # An interrupted fill that cannot resume is started afresh, its parts gone.
+    with store.checkpoint("pairs", {"pairs": 1}, resume=True, resumable=False) as point:
+        assert not point.done and not point.resume and point.store.written_files() == []

@@ -50,6 +50,18 @@ class StageResult:
 
 
 @dataclass
+class Checkpoint:
+    """Intermediate data of a stage under `_work/<name>`, filled once per key and kept for a resume."""
+
+    store: "StageStore"
+    done: bool  # an earlier run of this stage finished it with the same key: nothing to fill
+    resume: bool  # an interrupted fill with the same key left parts to keep
+    # What the filling block knows: the commit checks rows in = units ok + rejected against the tally.
+    rows_in: Optional[int] = None  # None: the rows the tally counts (nothing to check)
+    units_ok: Optional[int] = None
+
+
+@dataclass
 class Tally:
     """What the workers wrote: the parts, their row counts and their summed statistics."""
 
@@ -122,6 +134,20 @@ class StageStore:
         with tempfile.TemporaryDirectory(prefix="themis-out-") as folder:
             yield folder
             fs.upload_dir(folder, self.file(*parts))
+
+    @contextmanager
+    def checkpoint(self, name: str, key: dict, resume: bool, resumable: bool = True) -> Iterator[Checkpoint]:
+        """A sub-store `_work/<name>` of this stage: begun on entry unless a resumed stage (`resume`)
+        finished it with the same `key` (`done`), committed from its tally when the block ends. A
+        `resumable` fill keeps what an interrupted fill of the same key wrote; any other starts afresh."""
+        work = StageStore(self.uri, posixpath.join(WORK, name))
+        done = resume and work.is_done(key)
+        point = Checkpoint(work, done=done, resume=False if done else work.begin(key, force=not resumable))
+        yield point
+        if not point.done:
+            tally = work.tally()
+            rows_in = point.rows_in if point.rows_in is not None else tally.rows_out + tally.rows_rejected
+            work.commit(StageResult(rows_in=rows_in, units_ok=point.units_ok), key, 0.0)
 
     # -- reading ---------------------------------------------------------------------------------
     def manifest(self) -> Optional[dict]:

@@ -39,7 +39,7 @@ TEXT_COLUMNS = {"prompt", "prompt_ba", "judge_output", "judge_output_ba", "instr
 def run(ctx: StageContext) -> StageResult:
     cfg, c, store = ctx.cfg, ctx.cfg.evaluate, ctx.store
     judges = resolve_judges(cfg)  # fails on a bad judge before any model loads
-    benchmarks = load_benchmarks(cfg, ctx.inputs.get("curate"), StageStore(store.uri, "_work/mtbench"), ctx.resume)
+    benchmarks = load_benchmarks(cfg, ctx.inputs.get("curate"), store, ctx.resume)
 
     # The benchmarks' rejects are cheap to find again: a resumed run drops the interrupted run's and
     # writes them after grading. They must not be there while a resumed grade looks for what its judge

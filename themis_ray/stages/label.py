@@ -268,13 +268,11 @@ def run(ctx: StageContext) -> StageResult:
 def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int, responses: int) -> StageStore:
     """The pairs to judge, grouped from the responses by instruction and written under `_work/` once
     (a resumed run reuses them), as a finished store whose rows the pairwise plan reads."""
-    pairs = StageStore(ctx.store.uri, "_work/pairs")
-    if ctx.resume and pairs.manifest() is not None:
-        return pairs
-    pairs.begin({"pairs": max_per_instruction}, force=True)
-    grouped = map_groups(source.dataset(columns=["id", "instruction_id", "instruction", "scenario", "reference",
-                                                  "response", "responder"]),
-                         "instruction_id", make_pairs, rows=responses, max_per_instruction=max_per_instruction)
-    write(grouped, pairs, PAIR_SCHEMA)
-    pairs.commit(StageResult(rows_in=pairs.tally().rows_out), {"pairs": max_per_instruction}, 0.0)
-    return pairs
+    # One write of every pair: an interrupted one is started afresh (resumable=False).
+    with ctx.store.checkpoint("pairs", {"pairs": max_per_instruction}, ctx.resume, resumable=False) as pairs:
+        if not pairs.done:
+            columns = ["id", "instruction_id", "instruction", "scenario", "reference", "response", "responder"]
+            grouped = map_groups(source.dataset(columns=columns), "instruction_id", make_pairs, rows=responses,
+                                 max_per_instruction=max_per_instruction)
+            write(grouped, pairs.store, PAIR_SCHEMA)
+    return pairs.store
