@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from themis_ray import config
+from themis_ray.stages.registry import selected
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,8 @@ def test_defaults_load():
     assert cfg.synthesize.sampling.temperature == 0.7
     assert cfg.curate.max_ifd_zscore == 3.0
     assert cfg.scenarios_dir is None
-    assert cfg.stages[0] == "synthesize" and cfg.stages[-1] == "evaluate"
+    assert cfg.stages == []  # every stage, in the registry's order
+    assert selected(cfg)[0] == "synthesize" and selected(cfg)[-1] == "evaluate"
 
 
 def test_overrides_set_values_with_their_types():

@@ -438,18 +438,7 @@ class JudgeConfig:
 @dataclass
 class PipelineConfig:
     run_dir: str = "runs/quickstart"
-    stages: list[str] = field(
-        default_factory=lambda: [
-            "synthesize",
-            "classify",
-            "respond",
-            "label",
-            "ifd",
-            "curate",
-            "train",
-            "evaluate",
-        ]
-    )
+    stages: list[str] = field(default_factory=list)  # empty: every stage, in the order themis_ray.stages.registry runs them
     ray: RayConfig = field(default_factory=RayConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
