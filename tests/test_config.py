@@ -133,3 +133,10 @@ def test_a_mistyped_enum_value_fails_at_load_naming_the_key(override, key):
         config.load(ROOT / "configs" / "quickstart.yaml", [override])
     message = str(err.value)
     assert key in message and override.split("=")[1] in message
+
+
+def test_the_judge_job_classifier_has_no_route_by_to_ignore():
+    # themis-ray judge keeps a row's own scenario and classifies only rows without one.
+    assert config.load(overrides=["classify.route_by=classifier"]).classify.route_by == "classifier"
+    with pytest.raises(Exception, match=r"route_by"):
+        config.load(overrides=["judge.classify.route_by=classifier"])

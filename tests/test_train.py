@@ -97,7 +97,7 @@ def test_too_long_records_are_rejected_not_truncated(tokenizer):
     limit = len(encode(short, tokenizer).input_ids) + 5
     examples, rejects = encode_records([short, long], tokenizer, max_length=limit)
     assert [e.id for e in examples] == ["r1"]
-    assert rejects == [{"id": "r2", "reason": f"too long: {n_long} tokens > max_length {limit}"}]
+    assert rejects == [{"id": "r2", "tokens": n_long, "reason": f"too long: {n_long} tokens > max_length {limit}"}]
 
 
 def test_collate_pads_with_masked_labels(tokenizer):

@@ -130,12 +130,18 @@ class SynthesizeConfig:
 
 
 @dataclass
-class ClassifyConfig:
+class ScenarioClassifierConfig:
+    """What picks an instruction's scenario (`themis-ray judge` for rows without one)."""
+
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    route_by: Literal["synthesis", "classifier"] = "synthesis"  # synthesis: keep the scenario asked for; classifier: use the prediction
     method: Literal["zero_shot", "trained"] = "zero_shot"  # zero_shot: `engine` picks by log-probability | trained: `model` below
     model: Optional[str] = None  # trained: the classifier folder; None: <run_dir>/classifier
+
+
+@dataclass
+class ClassifyConfig(ScenarioClassifierConfig):
+    route_by: Literal["synthesis", "classifier"] = "synthesis"  # synthesis: keep the scenario asked for; classifier: use the prediction
 
 
 @dataclass
@@ -422,7 +428,8 @@ class JudgeConfig:
     # the row has two responses, else reference where its scenario's reference helps, else single.
     mode: Optional[Literal["single", "reference", "pairwise"]] = None
     scenario: Optional[str] = None  # the scenario of rows without one; None: the classifier below picks it
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # for rows without a scenario
+    # For rows without a scenario (no route_by: a row's own scenario is always kept).
+    classify: ScenarioClassifierConfig = field(default_factory=ScenarioClassifierConfig)
     # Our field -> the input's column, for fields named differently there, e.g. {instruction: prompt,
     # response: completion}. Fields: id, instruction, response, reference, response_a, response_b,
     # scenario, mode.

@@ -115,12 +115,6 @@ class StageStore:
         """A path (or URI) inside the stage folder."""
         return fs.join(self.uri, *parts)
 
-    def local_path(self, *parts: str) -> str:
-        """A local path inside the stage folder; fails for a stage on object storage."""
-        if fs.is_uri(self.uri):
-            raise ValueError(f"{self.uri} is not on a local filesystem")
-        return self.file(*parts)
-
     @contextmanager
     def local_folder(self, *parts: str) -> Iterator[str]:
         """A local folder whose files end up at `parts` inside the stage folder: the folder itself on a
