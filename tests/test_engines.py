@@ -42,6 +42,7 @@ def test_hf_dtype_is_checked_before_anything_loads():
         build_engine(EngineConfig(dtype="int8", model="/nonexistent"))
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_bfloat16_on_cpu_scores_close_to_float32(hf_engine):
     import torch
 
@@ -62,6 +63,7 @@ def test_hf_bfloat16_on_cpu_scores_close_to_float32(hf_engine):
 USER = [{"role": "user", "content": "List three primary colours, one per line."}]
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_too_long_prompt_is_a_per_item_error(hf_engine):
     long = [{"role": "user", "content": "word " * 2100}]
     sampling = SamplingConfig(max_tokens=6)
@@ -75,6 +77,7 @@ def test_hf_generate_too_long_prompt_is_a_per_item_error(hf_engine):
         assert out[k].prompt_tokens == len(hf_engine.prompt_ids([USER, None, [{"role": "user", "content": "Say hi."}]][k]))
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_batched_equals_one_at_a_time(hf_engine):
     convs = [
         [{"role": "user", "content": "Say hi."}],
@@ -89,6 +92,7 @@ def test_hf_generate_batched_equals_one_at_a_time(hf_engine):
         assert got.text == alone.text and got.completion_tokens == alone.completion_tokens
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_logprobs_match_a_plain_forward(hf_engine):
     convs = [USER, [{"role": "user", "content": "Hi"}]]  # different lengths: the second is left-padded
     out = hf_engine.generate(convs, SamplingConfig(max_tokens=3, logprobs=5))
@@ -109,6 +113,7 @@ def test_hf_generate_logprobs_match_a_plain_forward(hf_engine):
             assert done.top_logprobs[0][token] == pytest.approx(value, abs=1e-4)
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_prefill_continues_the_message(hf_engine):
     sampling = SamplingConfig(max_tokens=12, logprobs=1)
     plain = hf_engine.generate([USER], sampling)[0]

@@ -45,6 +45,7 @@ def grader(schema, pairwise, scale, **kwargs):
     return JudgeGrader(graded_schema(schema, pairwise), **{**args, **kwargs})
 
 
+@pytest.mark.integration  # loads the real model
 def test_real_judge_grades_pointwise_and_pairwise_records():
     points, point_schema, scale = file_records("pointwise", POINTWISE)
     pairs, pair_schema, _ = file_records("pairwise", PAIRWISE)
@@ -76,6 +77,7 @@ def test_real_judge_grades_pointwise_and_pairwise_records():
     pa.Table.from_pylist([row], schema=judge.schema)
 
 
+@pytest.mark.integration  # loads the real model
 def test_a_judge_that_cannot_answer_is_measured_not_dropped():
     points, schema, scale = file_records("pointwise", POINTWISE[:1])
     judge = grader(schema, False, scale, engine_cfg=EngineConfig(max_model_len=64))  # the prompt does not fit

@@ -160,6 +160,7 @@ def test_packed_batch_restarts_positions_and_keeps_labels(tokenizer):
     assert batch["real_tokens"] == n0 + n1 + n2
 
 
+@pytest.mark.integration  # loads the real model
 def test_packed_records_do_not_see_each_other(tokenizer, model_dir):
     """Each record's logits and loss in a packed sequence equal those of the record run alone."""
     import torch
@@ -190,6 +191,7 @@ def test_packed_records_do_not_see_each_other(tokenizer, model_dir):
 # --- the multi-objective loss -------------------------------------------------------------------
 
 
+@pytest.mark.integration  # loads the real model
 def test_sim_weight_zero_is_exactly_the_plain_sft_loss(tokenizer, model_dir):
     import torch
 
@@ -214,6 +216,7 @@ def test_sim_weight_zero_is_exactly_the_plain_sft_loss(tokenizer, model_dir):
         assert math.isclose(half.item(), (loss.item() + full.item()) / 2, rel_tol=1e-5)
 
 
+@pytest.mark.integration  # loads the real model
 def test_sim_loss_gradient_reaches_the_logits(tokenizer, model_dir):
     import torch
 
