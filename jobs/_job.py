@@ -88,8 +88,10 @@ def main(command: str, argv: list[str]) -> int:
     rc = cli_main([command, *argv])
     if rc or not export:
         return rc
+    from themis_ray.stages.registry import selected
+
     cfg = _config(argv)
-    stages = list(cfg.stages) if command == "pipeline" else [command]
+    stages = selected(cfg) if command == "pipeline" else [command]
     for path in export_run(cfg.run_dir, stages, export):
         print(f"exported {path}", flush=True)
     return 0

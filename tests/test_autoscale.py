@@ -137,7 +137,7 @@ def records(n: int) -> pa.Table:
 def test_labeling_scales_workers_up_then_down_and_labels_every_record_once(autoscaling_cluster):
     import ray
 
-    from themis_ray.executor import map_processor
+    from themis_ray.executor import Step, StepEngine, map_processor
     from themis_ray.stages.label import Labeler
 
     head = autoscaling_cluster
@@ -149,10 +149,11 @@ def test_labeling_scales_workers_up_then_down_and_labels_every_record_once(autos
         with OpenAIServer(latency_s=1.0) as server:
             engine = EngineConfig(kind="openai", base_url=server.base_url, model="teacher",
                                   max_concurrency=4, timeout_s=30, max_retries=3)
-            rows = map_processor(ray.data.from_arrow(table), Labeler, pool, output_schema("label", table.schema),
-                                 engine_cfg=engine, sampling=SamplingConfig(max_tokens=64), score_by="text",
-                                 calibrate=False, prefill=False, max_attempts=1, retry_temperature=0.7,
-                                 scenarios_dir=None).take_all()
+            step = Step(name="label", processor=Labeler, pool=pool, engine=StepEngine(engine, "label.engine"),
+                        args={"engine_cfg": engine, "sampling": SamplingConfig(max_tokens=64), "score_by": "text",
+                              "calibrate": False, "prefill": False, "max_attempts": 1, "retry_temperature": 0.7,
+                              "scenarios_dir": None})
+            rows = map_processor(ray.data.from_arrow(table), step, output_schema("label", table.schema)).take_all()
         scaled_down = counter.wait_for(1, 120)
     finally:
         counter.stop()

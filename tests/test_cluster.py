@@ -20,7 +20,7 @@ import ray
 import yaml
 
 from themis_ray.config import load
-from themis_ray.pipeline import STAGES
+from themis_ray.stages.registry import STAGES, selected
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -242,7 +242,7 @@ def test_rayjob_entrypoints_exist_and_their_configs_load(name):
     # The run directory is on the volume that every pod mounts.
     for group_name, group in groups(spec):
         assert any(cfg.run_dir.startswith(m + "/") for m in mounts(group)), (name, group_name, cfg.run_dir)
-    stages = list(cfg.stages) if command == "pipeline" else [command]
+    stages = selected(cfg) if command == "pipeline" else [command]
     for stage in stages:
         _check_stage_fits(name, spec, cfg, stage)
 

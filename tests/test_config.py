@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from themis_ray import config
+from themis_ray.stages.registry import selected
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,8 @@ def test_defaults_load():
     assert cfg.synthesize.sampling.temperature == 0.7
     assert cfg.curate.max_ifd_zscore == 3.0
     assert cfg.scenarios_dir is None
-    assert cfg.stages[0] == "synthesize" and cfg.stages[-1] == "evaluate"
+    assert cfg.stages == []  # every stage, in the registry's order
+    assert selected(cfg)[0] == "synthesize" and selected(cfg)[-1] == "evaluate"
 
 
 def test_overrides_set_values_with_their_types():
@@ -131,3 +133,10 @@ def test_a_mistyped_enum_value_fails_at_load_naming_the_key(override, key):
         config.load(ROOT / "configs" / "quickstart.yaml", [override])
     message = str(err.value)
     assert key in message and override.split("=")[1] in message
+
+
+def test_the_judge_job_classifier_has_no_route_by_to_ignore():
+    # themis-ray judge keeps a row's own scenario and classifies only rows without one.
+    assert config.load(overrides=["classify.route_by=classifier"]).classify.route_by == "classifier"
+    with pytest.raises(Exception, match=r"route_by"):
+        config.load(overrides=["judge.classify.route_by=classifier"])

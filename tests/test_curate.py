@@ -456,6 +456,7 @@ def _labelled_rows(n_per_scenario: int = 12, pairs: str = "AAAABBCC") -> pa.Tabl
     return pa.Table.from_pylist(rows)
 
 
+@pytest.mark.integration  # runs the stage on a local Ray
 def test_curate_stage_commits_counts_report_and_copies(ray_module, tmp_path):
     import sys
     from pathlib import Path
@@ -549,6 +550,7 @@ def _within(observed: int, cap: int, n: int) -> bool:
     return abs(observed - cap) <= 4 * math.sqrt(n * p * (1 - p)) + 1
 
 
+@pytest.mark.integration  # runs the stage on a local Ray
 def test_curate_stage_at_scale_is_exact_where_exact_near_the_caps_where_sampled_and_resumes(
         ray_module, tmp_path, monkeypatch):
     from themis_ray import fs

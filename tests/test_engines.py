@@ -43,6 +43,7 @@ def test_hf_dtype_is_checked_before_anything_loads():
         build_engine(EngineConfig(dtype="int8", model="/nonexistent"))
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_bfloat16_on_cpu_scores_close_to_float32(hf_engine):
     import torch
 
@@ -63,6 +64,7 @@ def test_hf_bfloat16_on_cpu_scores_close_to_float32(hf_engine):
 USER = [{"role": "user", "content": "List three primary colours, one per line."}]
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_too_long_prompt_is_a_per_item_error(hf_engine):
     long = [{"role": "user", "content": "word " * 2100}]
     sampling = SamplingConfig(max_tokens=6)
@@ -76,6 +78,7 @@ def test_hf_generate_too_long_prompt_is_a_per_item_error(hf_engine):
         assert out[k].prompt_tokens == len(hf_engine.prompt_ids([USER, None, [{"role": "user", "content": "Say hi."}]][k]))
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_batched_equals_one_at_a_time(hf_engine):
     convs = [
         [{"role": "user", "content": "Say hi."}],
@@ -90,6 +93,7 @@ def test_hf_generate_batched_equals_one_at_a_time(hf_engine):
         assert got.text == alone.text and got.completion_tokens == alone.completion_tokens
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_logprobs_match_a_plain_forward(hf_engine):
     convs = [USER, [{"role": "user", "content": "Hi"}]]  # different lengths: the second is left-padded
     out = hf_engine.generate(convs, SamplingConfig(max_tokens=3, logprobs=5))
@@ -110,6 +114,7 @@ def test_hf_generate_logprobs_match_a_plain_forward(hf_engine):
             assert done.top_logprobs[0][token] == pytest.approx(value, abs=1e-4)
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_prefill_continues_the_message(hf_engine):
     sampling = SamplingConfig(max_tokens=12, logprobs=1)
     plain = hf_engine.generate([USER], sampling)[0]
@@ -389,6 +394,7 @@ def test_no_rate_limit_never_waits():
     assert limit.rate is None
 
 
+@pytest.mark.integration  # loads the real model
 def test_hf_generate_stops_after_the_verdict_and_never_cuts_it(hf_engine):
     """The engine stops a sequence once its answer matches the verdict pattern and has the minimum
     length; the stopped text is the unstopped one cut there, and it still parses to the same verdict."""

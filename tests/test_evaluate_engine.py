@@ -46,6 +46,7 @@ def grader(schema, pairwise, scale, **kwargs):
     return JudgeGrader(graded_schema(schema, pairwise), **{**args, **kwargs})
 
 
+@pytest.mark.integration  # loads the real model
 def test_real_judge_grades_pointwise_and_pairwise_records():
     points, point_schema, scale = file_records("pointwise", POINTWISE)
     pairs, pair_schema, _ = file_records("pairwise", PAIRWISE)
@@ -77,6 +78,7 @@ def test_real_judge_grades_pointwise_and_pairwise_records():
     pa.Table.from_pylist([row], schema=judge.schema)
 
 
+@pytest.mark.integration  # loads the real model
 def test_without_a_rationale_each_order_is_one_forward_pass_and_the_answer_is_the_choice(hf_engine):
     points, point_schema, scale = file_records("pointwise", POINTWISE)
     pairs, pair_schema, _ = file_records("pairwise", PAIRWISE)
@@ -93,6 +95,7 @@ def test_without_a_rationale_each_order_is_one_forward_pass_and_the_answer_is_th
     assert (row["verdict"], row["consistent"]) == judging.combine_pairwise(row["verdict_ab"], row["verdict_ba"])
 
 
+@pytest.mark.integration  # loads the real model
 def test_a_judge_that_cannot_answer_is_measured_not_dropped():
     points, schema, scale = file_records("pointwise", POINTWISE[:1])
     judge = grader(schema, False, scale, engine_cfg=EngineConfig(max_model_len=64))  # the prompt does not fit

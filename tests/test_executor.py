@@ -76,11 +76,14 @@ def test_drop_written_sends_only_rows_not_yet_written(ray_module, tmp_path):
     # A crashed run wrote r00001 (accepted) and r00003 (rejected) under the output key `source_id`.
     done = pa.table({"id": ["out1", "out3"], "source_id": ["r00001", "r00003"], "responder": ["a", "a"],
                      REJECT: [None, "engine error"]})
-    StageSink(store.uri, done.schema).write([done], None)
+    StageSink(store.uri, done.schema, partition={"responder": "a"}).write([done], None)
     left = drop_written(ray_module.data.from_arrow(_rows(6)), store, "id", "source_id")
     assert sorted(r["id"] for r in left.take_all()) == ["r00000", "r00002", "r00004", "r00005"]
-    # Narrowed to another responder's rows, nothing is written yet.
-    everything = drop_written(ray_module.data.from_arrow(_rows(6)), store, "id", "source_id", where={"responder": "b"})
+    mine = drop_written(ray_module.data.from_arrow(_rows(6)), store, "id", "source_id", partition={"responder": "a"})
+    assert sorted(r["id"] for r in mine.take_all()) == ["r00000", "r00002", "r00004", "r00005"]
+    # Narrowed to another responder's partition, nothing is written yet.
+    everything = drop_written(ray_module.data.from_arrow(_rows(6)), store, "id", "source_id",
+                              partition={"responder": "b"})
     assert everything.count() == 6
 
 

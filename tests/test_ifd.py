@@ -71,12 +71,14 @@ RECORDS = [
 ]
 
 
+@pytest.mark.integration  # loads the real model
 def test_prompt_ids_none_is_a_single_begin_token(hf_engine):
     tok = hf_engine.tokenizer
     expected = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     assert hf_engine.prompt_ids(None) == [expected]
 
 
+@pytest.mark.integration  # loads the real model
 @pytest.mark.parametrize("micro_batch_size,share_prefix", [(8, True), (2, False)])
 def test_token_logprobs_equal_one_at_a_time_reference(hf_engine, micro_batch_size, share_prefix):
     prompts = [p for p, _ in RECORDS]
@@ -95,6 +97,7 @@ def test_token_logprobs_equal_one_at_a_time_reference(hf_engine, micro_batch_siz
         assert all(lp <= 0 for lp in scores.logprobs)
 
 
+@pytest.mark.integration  # loads the real model
 def test_token_logprobs_per_item_errors(hf_engine):
     long_prompt = [{"role": "user", "content": "word " * 2100}]
     got = hf_engine.token_logprobs([RECORDS[0][0], RECORDS[0][0], long_prompt], ["", RECORDS[0][1], "[[3]]"])
@@ -104,6 +107,7 @@ def test_token_logprobs_per_item_errors(hf_engine):
     assert got[2].logprobs is None and "max_model_len" in got[2].error
 
 
+@pytest.mark.integration  # loads the real model
 def test_choice_logprobs_equals_base_implementation(hf_engine):
     prompt = [{"role": "user", "content": "Which scenario is this instruction in? Translate 'cat' into German."}]
     options = ["translation", "close_qa", "creative_writing", "math"]
@@ -116,6 +120,7 @@ def test_choice_logprobs_equals_base_implementation(hf_engine):
         assert total == pytest.approx(sum(_reference_logprobs(hf_engine, prompt, option)), abs=1e-4)
 
 
+@pytest.mark.integration  # loads the real model
 def test_choice_logprobs_after_a_prefill_equals_base_implementation(hf_engine):
     # the label stage's score_by=choice: options "1]]".."5]]" after an assistant message "[["
     prompt = [{"role": "user", "content": "Grade the response 'Paris' to 'Capital of France?' from 1 to 5."},
@@ -160,6 +165,7 @@ def _scorer(hf_engine, monkeypatch, **kwargs):
     return ifd_stage.IFDScorer(schema, engine_cfg=None, **kwargs)
 
 
+@pytest.mark.integration  # loads the real model
 @pytest.mark.parametrize("share_prefix,micro_batch_size,max_padding", [(True, 1, 0.1), (True, 4, 1.0), (False, 4, 1.0)])
 def test_stage_ifd_equals_per_record_reference(hf_engine, monkeypatch, share_prefix, micro_batch_size, max_padding):
     lengths = [len(hf_engine.prompt_ids(judging.build_messages(r["prompt"]))) + len(hf_engine.text_ids(r["evaluation"]))
@@ -197,6 +203,7 @@ def test_micro_batches_respect_size_and_padding_budget():
     assert SharedPrefixScorer(None, micro_batch_size=1).micro_batches([5, 5, 5]) == [[0], [1], [2]]
 
 
+@pytest.mark.integration  # loads the real model
 def test_stage_rejects_what_cannot_be_scored_with_the_reason(hf_engine, monkeypatch):
     scorer = _scorer(hf_engine, monkeypatch)
     too_long = {**STAGE_RECORDS[0], "id": "long", "evaluation": "[[3]] " + "very " * 2100}

@@ -27,7 +27,7 @@ from openai_server import start_process  # noqa: E402
 
 from themis_ray import fs  # noqa: E402
 from themis_ray.config import load  # noqa: E402
-from themis_ray.judge_job import input_schema, prepare, schemas  # noqa: E402
+from themis_ray.judge_job import input_schema, prepare, router_step, schemas  # noqa: E402
 from themis_ray.schema import REJECT  # noqa: E402
 from themis_ray.store import StageStore  # noqa: E402
 
@@ -67,6 +67,24 @@ def test_rows_are_mapped_and_bad_ones_name_file_row_and_column():
     assert rows[1][REJECT] == "d.jsonl:2: invalid JSON: Expecting value"
     assert rows[2][REJECT] == "d.jsonl:3: column 'completion' (response) is empty"
     assert rows[3][REJECT] is None and rows[3]["mode"] == "pairwise" and rows[3]["response_b"] == "y"
+
+
+def test_the_scenario_router_declares_its_engine_so_it_is_preflighted_and_given_gpus():
+    import importlib.util
+
+    from themis_ray.executor import StepEngine
+    from themis_ray.executor.plan import actor_gpus, preflight_step
+
+    cfg = load(None, ["judge.classify.method=zero_shot", "judge.classify.engine.kind=vllm",
+                      "judge.classify.engine.tensor_parallel_size=2", "judge.classify.pool.num_gpus=0"])
+    step = router_step(cfg)
+    assert step.engine == StepEngine(cfg.judge.classify.engine, "judge.classify.engine")
+    assert actor_gpus(step) == 2  # each router actor holds the GPUs its vllm engine runs on
+    if importlib.util.find_spec("vllm") is None:  # the driver stops before any actor waits
+        with pytest.raises(RuntimeError, match=r"judge\.classify\.engine\.kind is 'vllm' but vLLM is not installed"):
+            preflight_step(step)
+    trained = router_step(load(None, ["judge.classify.method=trained"]))
+    assert trained.engine is None and actor_gpus(trained) == 0  # a trained classifier builds no engine
 
 
 # ------------------------------------------------------------------------ the openai engine on S3

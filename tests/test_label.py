@@ -51,6 +51,7 @@ def labeler_factory():
     return make
 
 
+@pytest.mark.integration  # loads the real model
 def test_choice_mode_labels_every_judgeable_row_and_rejects_the_rest(labeler_factory):
     labeler = labeler_factory()
     out = labeler.process(rows())
@@ -68,6 +69,7 @@ def test_choice_mode_labels_every_judgeable_row_and_rejects_the_rest(labeler_fac
     assert bad.get("score") is None  # null once the schema writes it
 
 
+@pytest.mark.integration  # loads the real model
 def test_without_a_rationale_the_chosen_score_is_the_whole_evaluation(labeler_factory):
     with_text, score_only = labeler_factory(), labeler_factory(score_by="text", rationale=False)
     expected = with_text.process(rows())
@@ -80,6 +82,7 @@ def test_without_a_rationale_the_chosen_score_is_the_whole_evaluation(labeler_fa
     assert out[2][REJECT].startswith("bad record: response is empty")
 
 
+@pytest.mark.integration  # loads the real model
 def test_calibration_divides_out_the_content_free_prior(labeler_factory):
     plain, calibrated = labeler_factory(), labeler_factory(calibrate=True)
     [p] = plain.process(rows()[:1])
@@ -91,6 +94,7 @@ def test_calibration_divides_out_the_content_free_prior(labeler_factory):
     assert c["score_distribution"] != pytest.approx(p["score_distribution"], abs=1e-3)
 
 
+@pytest.mark.integration  # loads the real model
 def test_text_mode_keeps_unparsable_answers_as_rejects_with_the_raw_text(labeler_factory):
     # Eight tokens without a prefill: the base model does not open with [[n]] here.
     labeler = labeler_factory(score_by="text", max_attempts=2)

@@ -316,13 +316,23 @@ def test_per_group():
 # ------------------------------------------------------------------------------------- reporting
 
 
-def test_write_plots_makes_pngs(tmp_path):
-    paths = write_plots(tmp_path / "plots", [1, 2, 3.4, None, 7, 5], [1, 2, 3, 4, 5, None], name="org/judge")
-    assert len(paths) == 2
-    for p in paths:
-        assert p.exists() and p.parent == tmp_path / "plots" and "/" not in p.name
-        data = p.read_bytes()
-        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # the IHDR chunk
+
+
+def test_write_plots_draws_a_confusion_matrix_and_a_histogram_sized_by_the_scale(tmp_path):
+    pred, gold = [1, 2, 3.4, None, 7, 5], [1, 2, 3, 4, 5, None]
+    confusion, scores = write_plots(tmp_path / "plots", pred, gold, name="org/judge")
+    # One pair of files per judge, named after it with what a file name cannot hold replaced.
+    assert (confusion.name, scores.name) == ("org_judge_confusion.png", "org_judge_scores.png")
+    assert confusion.parent == scores.parent == tmp_path / "plots"
+    five = _png_size(confusion.read_bytes()), _png_size(scores.read_bytes())
+    wide_confusion, wide_scores = write_plots(tmp_path / "ten", pred, gold, scale=(1, 10), name="org/judge")
+    ten = _png_size(wide_confusion.read_bytes()), _png_size(wide_scores.read_bytes())
+    # A column per score (and one for unparsed answers): ten scores draw wider, taller matrices and
+    # a wider histogram than five.
+    assert ten[0][0] > five[0][0] and ten[0][1] > five[0][1] and ten[1][0] > five[1][0]
 
 
 def test_format_table():

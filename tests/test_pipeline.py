@@ -154,7 +154,7 @@ def test_label_stage_through_our_server_as_an_openai_teacher(finished_run):
     """The teacher can be any OpenAI-compatible endpoint: here, this project's own Serve app."""
     import ray
 
-    from themis_ray.executor import map_processor
+    from themis_ray.executor import Step, StepEngine, map_processor
     from themis_ray.schema import output_schema
     from themis_ray.stages.label import Labeler
 
@@ -164,9 +164,10 @@ def test_label_stage_through_our_server_as_an_openai_teacher(finished_run):
     engine = OmegaConf.merge(cfg.label.engine, {"kind": "openai", "base_url": f"{url}/v1", "model": "judge",
                                                  "max_concurrency": 4, "timeout_s": 120})
     pool = OmegaConf.merge(cfg.label.pool, {"num_cpus": 0})  # I/O-bound: it must not hold a CPU
-    rows = map_processor(ray.data.from_arrow(responses), Labeler, pool, output_schema("label", responses.schema),
-                         engine_cfg=engine, sampling=cfg.label.sampling, score_by="text", calibrate=False,
-                         prefill=True, max_attempts=2, retry_temperature=0.7, scenarios_dir=None).take_all()
+    step = Step(name="label", processor=Labeler, pool=pool, engine=StepEngine(engine, "label.engine"),
+                args={"engine_cfg": engine, "sampling": cfg.label.sampling, "score_by": "text", "calibrate": False,
+                      "prefill": True, "max_attempts": 2, "retry_temperature": 0.7, "scenarios_dir": None})
+    rows = map_processor(ray.data.from_arrow(responses), step, output_schema("label", responses.schema)).take_all()
     assert len(rows) == 3
     for row in rows:
         assert row["teacher"] == "openai:judge"

@@ -8,11 +8,13 @@ import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
-from themis_ray.executor.plan import WriteThrough
+from themis_ray.executor.plan import ProcessorActor
 from themis_ray.executor.processor import RowProcessor
 from themis_ray.executor.sink import StageSink
+from themis_ray.executor.step import Step
 from themis_ray.schema import REJECT
 from themis_ray.store import ATTEMPT, MANIFEST, REJECTS, StageResult, StageStore, merge_stats
 
@@ -28,9 +30,9 @@ def x_stats(table: pa.Table, rejected: bool) -> dict:
     return {"x_sum": pc.sum(table["x"]).as_py() or 0, "by": {"rejected" if rejected else "kept": table.num_rows}}
 
 
-def _write(store: StageStore, *tables: pa.Table, tag: str = "") -> dict:
+def _write(store: StageStore, *tables: pa.Table, partition: dict | None = None) -> dict:
     """What one write task does with its blocks (StageSink.write), run here."""
-    return StageSink(store.uri, SCHEMA, tag=tag, stats=x_stats).write(list(tables), None)
+    return StageSink(store.uri, SCHEMA, partition=partition, stats=x_stats).write(list(tables), None)
 
 
 def test_a_write_task_splits_rows_and_rejects_and_the_commit_lists_its_parts(tmp_path):
@@ -54,6 +56,30 @@ def test_a_write_task_splits_rows_and_rejects_and_the_commit_lists_its_parts(tmp
     _write(store, _table(["e"], [None]))
     # x is 0, 1 in each table: kept rows a, c, e add 0; rejects b, d add 1 each.
     assert StageStore(tmp_path, "label").tally().stats == {"x_sum": 2, "by": {"kept": 3, "rejected": 2}}
+
+
+def test_parts_are_selected_by_the_partition_their_footers_record(tmp_path):
+    store = StageStore(tmp_path, "evaluate")
+    store.begin({"f": 1})
+    _write(store, _table(["a", "b"], [None, "bad"]), partition={"benchmark": "val", "judge": "mine"})
+    _write(store, _table(["c"], [None]), partition={"benchmark": "val", "judge": "base"})
+    _write(store, _table(["d"], ["no prompt"]), partition={"benchmark": "val"})
+    _write(store, _table(["e"], [None]))
+    mine = {"benchmark": "val", "judge": "mine"}
+
+    def ids(paths):
+        return sorted(i for p in paths for i in pq.read_table(p, filesystem=store.fs)["id"].to_pylist())
+
+    assert ids(store.written_files(partition=mine)) == ["a", "b"]
+    assert ids(store.written_files(rejects=False, partition=mine)) == ["a"]
+    assert ids(store.written_files(partition={"benchmark": "val"})) == ["d"]  # exactly that partition
+    assert ids(store.written_files()) == ["a", "b", "c", "d", "e"]  # no partition: every part
+    assert store.rows_written(mine) == 2 and store.rows_written({"judge": "mine"}) == 0
+    # File names carry no partition: it is data in the footer, beside the statistics.
+    names = [p.rsplit("/", 1)[-1] for p in store.written_files()]
+    assert all(n.startswith("part-") and "val" not in n and "mine" not in n for n in names)
+    store.commit(StageResult(rows_in=5), {"f": 1}, 0.0)
+    assert ids(store.files(partition={"benchmark": "val", "judge": "base"})) == ["c"]
 
 
 def test_a_reader_trusts_only_the_manifest(tmp_path):
@@ -186,11 +212,14 @@ def test_a_batch_written_twice_replaces_its_parts_and_the_stage_still_commits(tm
     store.begin({"f": 1})
     sink = StageSink(store.uri, SCHEMA)
     first, second = pa.table({"id": ["a", "b", "c"]}), pa.table({"id": ["d", "e"]})
-    WriteThrough(Flaky, sink, {"output_schema": SCHEMA, "reject": {"b"}})(first)
-    WriteThrough(Flaky, sink, {"output_schema": SCHEMA})(second)
+    def actor(reject=()):
+        return ProcessorActor(Step(name="label", processor=Flaky, args={"reject": reject}, pool=None), SCHEMA, sink)
+
+    actor(reject={"b"})(first)
+    actor()(second)
     # The actor that wrote `first` died before returning; Ray runs the same batch again on another
     # actor, which judges row b otherwise this time.
-    WriteThrough(Flaky, sink, {"output_schema": SCHEMA, "reject": {"c"}})(first)
+    actor(reject={"c"})(first)
     manifest = store.commit(StageResult(rows_in=5), {"f": 1}, 0.0)
     assert (manifest["rows_out"], manifest["rows_rejected"]) == (4, 1)
     assert sorted(store.read()["id"].to_pylist()) == ["a", "b", "d", "e"]
@@ -201,3 +230,30 @@ def test_a_batch_written_twice_replaces_its_parts_and_the_stage_still_commits(tm
         _write(store, _table(["a", "b"], [None, None]))
     with pytest.raises(RuntimeError, match="has rows written twice: 2 in, 4 out"):
         store.commit(StageResult(rows_in=2), {"f": 2}, 0.0)
+
+
+def test_a_checkpoint_is_filled_once_and_a_resumed_stage_skips_it(tmp_path):
+    store = StageStore(tmp_path, "synthesize")
+    store.begin({"f": 1})
+    with store.checkpoint("generated", {"tasks": 3}, resume=False) as point:
+        assert not point.done and not point.resume
+        _write(point.store, _table(["a", "b", "c"], [None, None, "engine error: x"]))
+        point.rows_in = 3
+    assert point.store.manifest()["rows_out"] == 2 and point.store.uri.endswith("synthesize/_work/generated")
+    with store.checkpoint("generated", {"tasks": 3}, resume=True) as again:
+        assert again.done  # nothing to fill: the finished sub-store is read as it is
+    assert again.store.read()["id"].to_pylist() in (["a", "b"], ["b", "a"])
+    with store.checkpoint("generated", {"tasks": 4}, resume=True) as changed:
+        assert not changed.done and changed.store.written_files() == []  # another key starts afresh
+
+
+def test_a_checkpoint_that_lost_rows_is_not_committed(tmp_path):
+    store = StageStore(tmp_path, "label")
+    store.begin({"f": 1})
+    with pytest.raises(RuntimeError, match="lost rows: 5 in, 1 out, 0 rejected"):
+        with store.checkpoint("pairs", {"pairs": 1}, resume=False, resumable=False) as point:
+            _write(point.store, _table(["a"], [None]))
+            point.rows_in = 5
+    # An interrupted fill that cannot resume is started afresh, its parts gone.
+    with store.checkpoint("pairs", {"pairs": 1}, resume=True, resumable=False) as point:
+        assert not point.done and not point.resume and point.store.written_files() == []

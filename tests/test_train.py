@@ -97,7 +97,7 @@ def test_too_long_records_are_rejected_not_truncated(tokenizer):
     limit = len(encode(short, tokenizer).input_ids) + 5
     examples, rejects = encode_records([short, long], tokenizer, max_length=limit)
     assert [e.id for e in examples] == ["r1"]
-    assert rejects == [{"id": "r2", "reason": f"too long: {n_long} tokens > max_length {limit}"}]
+    assert rejects == [{"id": "r2", "tokens": n_long, "reason": f"too long: {n_long} tokens > max_length {limit}"}]
 
 
 def test_collate_pads_with_masked_labels(tokenizer):
@@ -160,6 +160,7 @@ def test_packed_batch_restarts_positions_and_keeps_labels(tokenizer):
     assert batch["real_tokens"] == n0 + n1 + n2
 
 
+@pytest.mark.integration  # loads the real model
 def test_packed_records_do_not_see_each_other(tokenizer, model_dir):
     """Each record's logits and loss in a packed sequence equal those of the record run alone."""
     import torch
@@ -190,6 +191,7 @@ def test_packed_records_do_not_see_each_other(tokenizer, model_dir):
 # --- the multi-objective loss -------------------------------------------------------------------
 
 
+@pytest.mark.integration  # loads the real model
 def test_sim_weight_zero_is_exactly_the_plain_sft_loss(tokenizer, model_dir):
     import torch
 
@@ -214,6 +216,7 @@ def test_sim_weight_zero_is_exactly_the_plain_sft_loss(tokenizer, model_dir):
         assert math.isclose(half.item(), (loss.item() + full.item()) / 2, rel_tol=1e-5)
 
 
+@pytest.mark.integration  # loads the real model
 def test_sim_loss_gradient_reaches_the_logits(tokenizer, model_dir):
     import torch
 

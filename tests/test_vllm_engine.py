@@ -143,8 +143,8 @@ def test_respond_through_ray_data_llm_keeps_every_row(tmp_path, monkeypatch):
     import ray
 
     from themis_ray.executor import map_processor
+    from themis_ray.responders import responder_step
     from themis_ray.schema import output_schema
-    from themis_ray.responders import Responder
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=CPUS, include_dashboard=False)
@@ -156,9 +156,9 @@ def test_respond_through_ray_data_llm_keeps_every_row(tmp_path, monkeypatch):
         responder = ResponderConfig(name="v", engine=vllm_config(max_model_len=512),
                                     sampling=SamplingConfig(max_tokens=16))
         # Half a CPU for the engine actor: on 2 CPUs the repartition and templating steps need the rest.
-        out = map_processor(ray.data.from_arrow(pa.Table.from_pylist(rows, schema=schema)), Responder,
-                            PoolConfig(batch_size=2, num_cpus=0.5), output_schema("respond", schema),
-                            responder=responder).take_all()
+        out = map_processor(ray.data.from_arrow(pa.Table.from_pylist(rows, schema=schema)),
+                            responder_step(responder, PoolConfig(batch_size=2, num_cpus=0.5)),
+                            output_schema("respond", schema)).take_all()
         by_id = {r["instruction_id"]: r for r in out}
         assert sorted(by_id) == ["a", "b", "c"] and len(out) == 3  # rows in = rows out, rejects included
         for i in ("a", "c"):

@@ -83,8 +83,8 @@ def test_vllm_stage_on_a_gpu_less_local_ray_fails_at_once(monkeypatch):
     import ray
 
     from themis_ray.executor import map_processor
+    from themis_ray.responders import responder_step
     from themis_ray.schema import output_schema
-    from themis_ray.responders import Responder
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("THEMIS_WAIT_FOR_GPUS", raising=False)
@@ -100,8 +100,8 @@ def test_vllm_stage_on_a_gpu_less_local_ray_fails_at_once(monkeypatch):
         # Installed or not, the stage stops on the driver with the reason, naming the responder's engine.
         reason = VLLM_INSTALL if not HAS_VLLM else "the Ray cluster has 0 GPU"
         with pytest.raises(RuntimeError, match=r"respond\.responders\[big\]\.engine\.kind is 'vllm'") as err:
-            map_processor(ray.data.from_arrow(table), Responder, PoolConfig(),
-                          output_schema("respond", RESPOND_INPUT), responder=responder).take_all()
+            map_processor(ray.data.from_arrow(table), responder_step(responder, PoolConfig()),
+                          output_schema("respond", RESPOND_INPUT)).take_all()
         assert reason in str(err.value)
     finally:
         ray.shutdown()

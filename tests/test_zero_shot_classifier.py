@@ -13,6 +13,7 @@ def test_softmax_by_hand():
     assert softmax([1000.0, 0.0])[0] == pytest.approx(1.0)  # no overflow
 
 
+@pytest.mark.integration  # loads the real model
 def test_every_answer_is_a_known_scenario_with_a_confidence(hf_engine):
     results = classify(hf_engine, ["Translate 'good night' into German.", "Write a haiku about rain."])
     names = set(load_scenarios())
@@ -21,6 +22,7 @@ def test_every_answer_is_a_known_scenario_with_a_confidence(hf_engine):
         assert 0 < confidence <= 1
 
 
+@pytest.mark.integration  # loads the real model
 def test_calibration_subtracts_the_content_free_prior(hf_engine):
     instruction = "What is 12 times 12?"
     names, raw = _scenario_logprobs(hf_engine, instruction, None)

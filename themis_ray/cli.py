@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from themis_ray.pipeline import STAGES
+from themis_ray.stages.registry import STAGES
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -136,12 +136,18 @@ class SynthesizeConfig:
 
 
 @dataclass
-class ClassifyConfig:
+class ScenarioClassifierConfig:
+    """What picks an instruction's scenario (`themis-ray judge` for rows without one)."""
+
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    route_by: Literal["synthesis", "classifier"] = "synthesis"  # synthesis: keep the scenario asked for; classifier: use the prediction
     method: Literal["zero_shot", "trained"] = "zero_shot"  # zero_shot: `engine` picks by log-probability | trained: `model` below
     model: Optional[str] = None  # trained: the classifier folder; None: <run_dir>/classifier
+
+
+@dataclass
+class ClassifyConfig(ScenarioClassifierConfig):
+    route_by: Literal["synthesis", "classifier"] = "synthesis"  # synthesis: keep the scenario asked for; classifier: use the prediction
 
 
 @dataclass
@@ -442,7 +448,8 @@ class JudgeConfig:
     # the row has two responses, else reference where its scenario's reference helps, else single.
     mode: Optional[Literal["single", "reference", "pairwise"]] = None
     scenario: Optional[str] = None  # the scenario of rows without one; None: the classifier below picks it
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # for rows without a scenario
+    # For rows without a scenario (no route_by: a row's own scenario is always kept).
+    classify: ScenarioClassifierConfig = field(default_factory=ScenarioClassifierConfig)
     # Our field -> the input's column, for fields named differently there, e.g. {instruction: prompt,
     # response: completion}. Fields: id, instruction, response, reference, response_a, response_b,
     # scenario, mode.
@@ -460,18 +467,7 @@ class JudgeConfig:
 @dataclass
 class PipelineConfig:
     run_dir: str = "runs/quickstart"
-    stages: list[str] = field(
-        default_factory=lambda: [
-            "synthesize",
-            "classify",
-            "respond",
-            "label",
-            "ifd",
-            "curate",
-            "train",
-            "evaluate",
-        ]
-    )
+    stages: list[str] = field(default_factory=list)  # empty: every stage, in the order themis_ray.stages.registry runs them
     ray: RayConfig = field(default_factory=RayConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)

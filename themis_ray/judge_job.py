@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from themis_ray import fs, judging
-from themis_ray.classifier import ScenarioPredictor
+from themis_ray.classifier import ScenarioPredictor, predictor_engine
 from themis_ray.config import digest
 from themis_ray.engines import engine_label
-from themis_ray.executor import RowProcessor, map_processor, map_tasks, partials, run_rows
+from themis_ray.executor import RowProcessor, Step, StepEngine, map_processor, map_tasks, partials, run_rows
 from themis_ray.records import read_records, record_files
 from themis_ray.scenarios import load_scenarios
 from themis_ray.schema import REJECT, STAGE_COLUMNS, output_schema, stable_id
@@ -196,6 +196,27 @@ def _problem(row: dict, columns: dict, scenarios: list[str]) -> Optional[str]:
 # ------------------------------------------------------------------------------------ the job
 
 
+def router_step(cfg) -> Step:
+    """The scenario router on `judge.classify.pool`, its engine declared so that the executor checks
+    it on the driver and gives its actors their GPUs."""
+    c = cfg.judge.classify
+    return Step(name="judge.classify", processor=ScenarioRouter, pool=c.pool,
+                args={"classify_cfg": c, "scenarios_dir": cfg.scenarios_dir},
+                engine=predictor_engine(c, "judge.classify.engine"))
+
+
+def judge_step(cfg, scale: judging.RatingScale) -> Step:
+    """The judge on `judge.pool`: the label stage's judging, each row in its own mode."""
+    c = cfg.judge
+    criteria = [{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None
+    return Step(name="judge", processor=DatasetJudge, pool=c.pool, engine=StepEngine(c.engine, "judge.engine"),
+                stats=judge_stats,
+                args={"engine_cfg": c.engine, "sampling": c.sampling, "score_by": "text", "calibrate": False,
+                      "prefill": c.prefill_score, "max_attempts": c.max_attempts, "retry_temperature": 0.7,
+                      "scenarios_dir": cfg.scenarios_dir, "scale": (scale.low, scale.high), "criteria": criteria,
+                      "rationale": c.rationale, "rationale_tokens": c.rationale_tokens})
+
+
 def judge_stats(table: pa.Table, rejected: bool) -> dict:
     """Per part: tokens and cost (rejects too: their attempts were paid for), scores, pairs, failures."""
     stats: dict = {key: pc.sum(table[key]).as_py() or 0 for key in ("prompt_tokens", "completion_tokens", "cost_usd")}
@@ -250,15 +271,9 @@ def judge_dataset(cfg) -> dict:
     def route(ds):  # scenarios for the rows without one, only when some may lack it
         if c.scenario is not None:
             return ds
-        return map_processor(ds, ScenarioRouter, c.classify.pool, prepared, classify_cfg=c.classify,
-                             scenarios_dir=cfg.scenarios_dir)
+        return map_processor(ds, router_step(cfg), prepared)
 
-    run_rows(rows, DatasetJudge, c.pool, store, schema, resume=resume, stats=judge_stats, before=route,
-             total=seen.get("rows", 0), engine_cfg=c.engine, sampling=c.sampling, score_by="text", calibrate=False,
-             prefill=c.prefill_score, max_attempts=c.max_attempts, retry_temperature=0.7,
-             rationale=c.rationale, rationale_tokens=c.rationale_tokens,
-             scenarios_dir=cfg.scenarios_dir, scale=(scale.low, scale.high),
-             criteria=[{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None)
+    run_rows(rows, judge_step(cfg, scale), store, schema, resume=resume, before=route, total=seen.get("rows", 0))
     written = store.tally()
     stats = written.stats
     judged = written.rows_out + stats.get("unparsable", 0)

@@ -1,4 +1,5 @@
-"""The stage graph and its runner: each stage reads its inputs' outputs, writes its own, or is skipped.
+"""The stage runner: each stage (`themis_ray.stages.registry`) reads its inputs' outputs, writes its
+own, or is skipped.
 
 A stage is skipped when its manifest's fingerprint (its config section, its inputs' manifest digests,
 the prompt and scenario files, the package version) matches; `force` re-runs it.
@@ -7,13 +8,11 @@ the prompt and scenario files, the package version) matches; `force` re-runs it.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import posixpath
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pyarrow.fs as pafs
 
@@ -21,49 +20,8 @@ from omegaconf import OmegaConf
 
 from themis_ray import __version__, fs, prompts, scenarios
 from themis_ray.config import digest
+from themis_ray.stages.registry import STAGES, Stage, selected
 from themis_ray.store import StageStore
-
-
-def _trained_classifier(cfg) -> list[str]:
-    """classify reads the trained classifier's folder when it routes with it: retraining re-runs it."""
-    if cfg.classify.method != "trained":
-        return []
-    return [cfg.classify.model or fs.join(cfg.run_dir, "classifier")]
-
-
-def _labelled_file(cfg) -> list[str]:
-    return [cfg.evaluate.file.path] if "file" in cfg.evaluate.benchmarks and cfg.evaluate.file.path else []
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    runner: str  # "module:function" of its run(ctx)
-    inputs: tuple[str, ...]
-    config_keys: tuple[str, ...]  # the config sections whose change invalidates the stage
-    # Files or folders (beyond input stages) whose content the stage reads: a change re-runs it.
-    reads: Optional[Callable] = None
-
-    def run(self, ctx):
-        module, function = self.runner.split(":")
-        return getattr(importlib.import_module(module), function)(ctx)
-
-
-STAGES = {
-    s.name: s
-    for s in (
-        Stage("synthesize", "themis_ray.stages.synthesize:run", (), ("corpus", "synthesize", "scenarios_dir")),
-        Stage("classify", "themis_ray.stages.classify:run", ("synthesize",), ("classify", "scenarios_dir"),
-              reads=_trained_classifier),
-        Stage("respond", "themis_ray.stages.respond:run", ("classify",), ("respond",)),
-        Stage("label", "themis_ray.stages.label:run", ("respond",), ("label", "scenarios_dir")),
-        Stage("ifd", "themis_ray.stages.ifd:run", ("label",), ("ifd",)),
-        Stage("curate", "themis_ray.stages.curate:run", ("ifd",), ("curate",)),
-        Stage("train", "themis_ray.stages.train:run", ("curate",), ("train",)),
-        Stage("evaluate", "themis_ray.stages.evaluate:run", ("curate", "train"), ("evaluate", "train.model"),
-              reads=_labelled_file),
-    )
-}
 
 
 def content_digest(path: str) -> Optional[str]:
@@ -195,12 +153,13 @@ def preflight_engines(cfg, stages) -> None:
 
 
 def run_pipeline(cfg, force: bool = False) -> dict[str, dict]:
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    names = selected(cfg)
+    unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise KeyError(f"unknown stages {unknown}; stages: {', '.join(STAGES)}")
-    preflight_engines(cfg, cfg.stages)  # a vllm teacher fails now, not after an hour of synthesis
+    preflight_engines(cfg, names)  # a vllm teacher fails now, not after an hour of synthesis
     start = time.perf_counter()
-    manifests = {name: run_stage(cfg, name, force=force) for name in cfg.stages}
+    manifests = {name: run_stage(cfg, name, force=force) for name in names}
     from themis_ray.console import print_pipeline_summary
 
     print_pipeline_summary(cfg, manifests, time.perf_counter() - start)

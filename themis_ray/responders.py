@@ -6,7 +6,7 @@ The respond stage runs one per configured responder; MT-Bench (evaluate) runs it
 
 from __future__ import annotations
 
-from themis_ray.executor import GenerationProcessor
+from themis_ray.executor import GenerationProcessor, Step, StepEngine
 from themis_ray.schema import REJECT, stable_id
 
 
@@ -14,13 +14,8 @@ class Responder(GenerationProcessor):
     stage = "respond"
     resume_key = ("id", "instruction_id")  # per responder: the run narrows the written rows to its own
 
-    @classmethod
-    def engine_config(cls, kwargs: dict):
-        responder = kwargs["responder"]
-        return responder.engine, f"{kwargs.get('section', cls.stage)}.responders[{responder.name}].engine"
-
     def __init__(self, output_schema, responder, section: str = "respond", with_engine: bool = True):
-        super().__init__(output_schema, responder.engine, with_engine, responder=responder, section=section)
+        super().__init__(output_schema, responder.engine, with_engine, engine_key(responder, section))
         self.responder = responder
         self.sampling = responder.sampling
 
@@ -38,3 +33,16 @@ class Responder(GenerationProcessor):
             else:
                 out.append({**base, "response": done.text.strip(), REJECT: None})
         return out
+
+
+def engine_key(responder, section: str) -> str:
+    """The config key of a responder's engine, as errors name it."""
+    return f"{section}.responders[{responder.name}].engine"
+
+
+def responder_step(responder, pool, section: str = "respond") -> Step:
+    """One responder answering on `pool`, its answers a partition of their own."""
+    return Step(name=f"{section}[{responder.name}]", processor=Responder,
+                args={"responder": responder, "section": section}, pool=pool,
+                engine=StepEngine(responder.engine, engine_key(responder, section)),
+                partition={"responder": responder.name})

@@ -12,7 +12,8 @@ empties a folder of someone's data.
 `_attempt.json` holds the fingerprint of a run in progress: a run with the same fingerprint (after a
 crash or an interrupt) keeps what the workers already wrote and sends only the rows that are not yet
 written; any other run clears the folder. Row counts and the sums a stage reports (tokens, cost,
-histograms) come from the parts' footers, where each write task puts the statistics of its file.
+histograms) come from the parts' footers, where each write task puts the statistics of its file, and
+the partition its rows belong to: a stage selects its parts by partition, never by file name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -40,6 +41,7 @@ MARKER = "_stage.json"  # written when the store first takes a folder, kept acro
 REJECTS = "_rejects"
 WORK = "_work"  # a stage's intermediate data (kept for a resume, never read by another stage)
 STATS_KEY = b"themis.stats"  # footer key of a part's summable statistics (JSON)
+PARTITION_KEY = b"themis.partition"  # footer key of the partition a part's rows belong to ({column: value}, JSON)
 FOOTERS_AT_ONCE = 256  # footers read in parallel (and held) at a time while tallying
 
 
@@ -51,6 +53,18 @@ class StageResult:
     # For fan-out stages (one input unit -> several rows): how many input units succeeded.
     units_ok: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpoint:
+    """Intermediate data of a stage under `_work/<name>`, filled once per key and kept for a resume."""
+
+    store: "StageStore"
+    done: bool  # an earlier run of this stage finished it with the same key: nothing to fill
+    resume: bool  # an interrupted fill with the same key left parts to keep
+    # What the filling block knows: the commit checks rows in = units ok + rejected against the tally.
+    rows_in: Optional[int] = None  # None: the rows the tally counts (nothing to check)
+    units_ok: Optional[int] = None
 
 
 @dataclass
@@ -75,6 +89,17 @@ def merge_stats(a: dict, b: dict) -> dict:
     return out
 
 
+def partition_of(partition: Optional[Mapping[str, Any]]) -> Optional[dict]:
+    """A partition as footers hold it: {column: value} as strings; None for none."""
+    return {str(k): str(v) for k, v in partition.items()} if partition else None
+
+
+def footer_partition(meta: pq.FileMetaData) -> Optional[dict]:
+    """The partition a part's footer records, or None."""
+    blob = (meta.metadata or {}).get(PARTITION_KEY)
+    return json.loads(blob) if blob else None
+
+
 class StageStore:
     def __init__(self, run_dir: str, stage: str):
         self._open(fs.join(str(run_dir), stage), stage)
@@ -96,12 +121,6 @@ class StageStore:
         """A path (or URI) inside the stage folder."""
         return fs.join(self.uri, *parts)
 
-    def local_path(self, *parts: str) -> str:
-        """A local path inside the stage folder; fails for a stage on object storage."""
-        if fs.is_uri(self.uri):
-            raise ValueError(f"{self.uri} is not on a local filesystem")
-        return self.file(*parts)
-
     @contextmanager
     def local_folder(self, *parts: str) -> Iterator[str]:
         """A local folder whose files end up at `parts` inside the stage folder: the folder itself on a
@@ -115,6 +134,20 @@ class StageStore:
         with tempfile.TemporaryDirectory(prefix="themis-out-") as folder:
             yield folder
             fs.upload_dir(folder, self.file(*parts))
+
+    @contextmanager
+    def checkpoint(self, name: str, key: dict, resume: bool, resumable: bool = True) -> Iterator[Checkpoint]:
+        """A sub-store `_work/<name>` of this stage: begun on entry unless a resumed stage (`resume`)
+        finished it with the same `key` (`done`), committed from its tally when the block ends. A
+        `resumable` fill keeps what an interrupted fill of the same key wrote; any other starts afresh."""
+        work = StageStore(self.uri, posixpath.join(WORK, name))
+        done = resume and work.is_done(key)
+        point = Checkpoint(work, done=done, resume=False if done else work.begin(key, force=not resumable))
+        yield point
+        if not point.done:
+            tally = work.tally()
+            rows_in = point.rows_in if point.rows_in is not None else tally.rows_out + tally.rows_rejected
+            work.commit(StageResult(rows_in=rows_in, units_ok=point.units_ok), key, 0.0)
 
     # -- reading ---------------------------------------------------------------------------------
     def manifest(self) -> Optional[dict]:
@@ -130,9 +163,10 @@ class StageStore:
             raise FileNotFoundError(f"stage {self.stage!r} has no finished output in {self.uri}; run it first")
         return [posixpath.join(self.path, name) for name in m.get(key, [])]
 
-    def files(self) -> list[str]:
-        """The stage's accepted parts, as the manifest lists them (paths within `self.fs`)."""
-        return self._listed("files")
+    def files(self, partition: Optional[Mapping[str, Any]] = None) -> list[str]:
+        """The stage's accepted parts, as the manifest lists them (paths within `self.fs`); with
+        `partition`, those whose footer records exactly that partition."""
+        return self._in_partition(self._listed("files"), partition)
 
     def reject_files(self) -> list[str]:
         return self._listed("rejects")
@@ -226,16 +260,21 @@ class StageStore:
             self.fs.delete_file(path)
         self._tally = None
 
-    def written_files(self, rejects: bool = True) -> list[str]:
-        """Parts the workers have written so far (paths within `self.fs`), rejects included."""
+    def written_files(self, rejects: bool = True, partition: Optional[Mapping[str, Any]] = None) -> list[str]:
+        """Parts the workers have written so far (paths within `self.fs`), rejects included; with
+        `partition`, those whose footer records exactly that partition."""
         files = fs.list_files(self.uri, ".parquet")
-        return files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else [])
+        return self._in_partition(files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else []), partition)
 
-    def rows_written(self, prefix: str) -> int:
-        """Rows in the parts written so far whose names start with `prefix` (accepted and rejected),
-        from their footers."""
-        named = [path for path in self.written_files() if posixpath.basename(path).startswith(prefix)]
-        return sum(meta.num_rows for meta in self._footers(named))
+    def rows_written(self, partition: Mapping[str, Any]) -> int:
+        """Rows in the parts of `partition` written so far (accepted and rejected), from their footers."""
+        return sum(meta.num_rows for meta in self._footers(self.written_files(partition=partition)))
+
+    def _in_partition(self, paths: list[str], partition: Optional[Mapping[str, Any]]) -> list[str]:
+        if not partition:
+            return paths
+        wanted = partition_of(partition)
+        return [path for path, meta in zip(paths, self._footers(paths)) if footer_partition(meta) == wanted]
 
     def _footers(self, paths: list[str]):
         """The parts' Parquet footers in order, read in parallel, `FOOTERS_AT_ONCE` held at a time."""

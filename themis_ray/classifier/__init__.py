@@ -9,6 +9,14 @@ Used by the classify stage, the judge server and `themis-ray judge` for rows wit
 """
 
 
+def predictor_engine(classify_cfg, key: str):
+    """The engine a `ScenarioPredictor` for this `classify` section builds, named by `key` in errors,
+    as an executor step declares it; None for a trained classifier (it builds no engine)."""
+    from themis_ray.executor.step import StepEngine
+
+    return None if classify_cfg.method == "trained" else StepEngine(classify_cfg.engine, key)
+
+
 class ScenarioPredictor:
     """One instruction -> (scenario, confidence), by a trained classifier folder (`model_dir`) or
     zero-shot with the engine of `engine_cfg`; built once per actor."""

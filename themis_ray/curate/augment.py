@@ -322,13 +322,16 @@ def clean_paraphrase(text: str, original: str) -> tuple[Optional[str], Optional[
     return line, None, None
 
 
+ENGINE_KEY = "curate.augment.engine"
+
+
 class CriterionParaphraser(GenerationProcessor):
     """Criteria -> paraphrases: one generate call per batch, on the augment pool's engine."""
 
     stage = "curate"
 
     def __init__(self, output_schema, engine_cfg, sampling, with_engine: bool = True):
-        super().__init__(output_schema, engine_cfg, with_engine=with_engine)
+        super().__init__(output_schema, engine_cfg, with_engine, ENGINE_KEY)
         self.sampling = sampling
 
     def conversations(self, rows: list[dict]) -> list:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from themis_ray import judging
 from themis_ray.engines import Completion, build_engine
-from themis_ray.executor import RowProcessor, run_rows
+from themis_ray.executor import RowProcessor, Step, StepEngine, run_rows
 from themis_ray.schema import REJECT
 
 POINTWISE_COLUMNS = [
@@ -149,17 +149,19 @@ def graded_stats(table: pa.Table, rejected: bool) -> dict:
     return {"graded": graded}
 
 
-def part_tag(benchmark_index: int, judge_index: int) -> str:
-    """The name prefix of one benchmark's parts graded by one judge (indexes: names may be any text)."""
-    return f"b{benchmark_index}j{judge_index}-"
+def graded_partition(benchmark, judge) -> dict:
+    """The partition of one benchmark's records graded by one judge."""
+    return {"benchmark": benchmark.name, "judge": judge.name}
 
 
-def grade(benchmark, judge, evaluate_cfg, store, tag: str, resume: bool = False) -> None:
+def grade(benchmark, judge, evaluate_cfg, store, resume: bool = False) -> None:
     """`judge` (a judges.Judge) grades every record of `benchmark` on `evaluate.pool`; the workers write
-    the graded rows into `store` as parts named by `tag`."""
+    the graded rows into `store` as parts of their own partition (`graded_partition`)."""
     schema = graded_schema(benchmark.schema, benchmark.pairwise)
-    run_rows(benchmark.records, JudgeGrader, evaluate_cfg.pool, store, schema, resume=resume, tag=tag,
-             total=benchmark.num_records, where={"benchmark": benchmark.name, "judge": judge.name},
-             stats=graded_stats, judge=judge.name, engine_cfg=judge.engine, sampling=evaluate_cfg.sampling,
-             prefill=judge.prefill, scale=tuple(benchmark.scale), rationale=evaluate_cfg.rationale,
-             rationale_tokens=evaluate_cfg.rationale_tokens)
+    step = Step(name=f"evaluate[{benchmark.name}, {judge.name}]", processor=JudgeGrader, pool=evaluate_cfg.pool,
+                args={"judge": judge.name, "engine_cfg": judge.engine, "sampling": evaluate_cfg.sampling,
+                      "prefill": judge.prefill, "scale": tuple(benchmark.scale),
+                      "rationale": evaluate_cfg.rationale, "rationale_tokens": evaluate_cfg.rationale_tokens},
+                engine=StepEngine(judge.engine, "evaluate.engine"),
+                partition=graded_partition(benchmark, judge), stats=graded_stats)
+    run_rows(benchmark.records, step, store, schema, resume=resume, total=benchmark.num_records)

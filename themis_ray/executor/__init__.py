@@ -1,7 +1,8 @@
 """The executor: turns a stage's processors into Ray Data plans that run storage -> workers -> storage.
 
-A stage declares processors (`RowProcessor`: per-actor setup + `process(rows)`), and this package
-runs them: `map_processor` on an autoscaling actor pool, `run_rows` as read -> map -> write with
+A stage declares processors (`RowProcessor`: per-actor setup + `process(rows)`) and hands each one
+over as a typed `Step` (arguments, pool, declared engine, partition, statistics); this package runs
+them: `map_processor` on an autoscaling actor pool, `run_rows` as read -> map -> write with
 resume, `StageSink` for the workers' writes, `partials` and `map_tasks` for global statistics.
 """
 
@@ -18,6 +19,7 @@ from themis_ray.executor.plan import (
 )
 from themis_ray.executor.processor import GenerationProcessor, RowProcessor
 from themis_ray.executor.sink import StageSink
+from themis_ray.executor.step import Step, StepEngine
 
 __all__ = [
     "LIGHT_CPUS",
@@ -25,6 +27,8 @@ __all__ = [
     "RowProcessor",
     "StageContext",
     "StageSink",
+    "Step",
+    "StepEngine",
     "drop_written",
     "map_groups",
     "map_processor",

@@ -1,7 +1,8 @@
 """Stages as Ray Data plans: storage -> workers -> storage, with the driver only planning and counting.
 
-- `map_processor`: a stage's processor as `map_batches` on an autoscaling actor pool (the engine is
-  built once per actor), or through ray.data.llm when the engine asks for it.
+- `map_processor`: a stage's `Step` (processor, arguments, pool, declared engine) as `map_batches` on
+  an autoscaling actor pool (the engine is built once per actor), or through ray.data.llm when the
+  engine asks for it.
 - `run_rows`: read -> skip what an interrupted run already wrote -> map -> write, one plan.
 - `map_tasks`, `map_groups`, `partials`: light maps, groups brought together by a shuffle, and
   map-side aggregations (each block reduced to a few numbers, merged on the driver) for the stages
@@ -13,7 +14,7 @@ This package is the only place that calls `map_batches`.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 
 from themis_ray import fs
 from themis_ray.engines import batch_generation_route, batches_in_flight, gpus_per_engine, preflight
-from themis_ray.executor.processor import GenerationProcessor, RowProcessor
-from themis_ray.executor.sink import Stats, StageSink, part_name
+from themis_ray.executor.processor import GenerationProcessor
+from themis_ray.executor.sink import StageSink, part_name
+from themis_ray.executor.step import Stats, Step
 from themis_ray.store import StageStore, merge_stats
 
 # Reads, writes and light maps take a sliver of a CPU each, so they never hold the CPUs the actor
@@ -49,34 +51,42 @@ def rows_per_block(batch_size: int, input_rows: Optional[int], tasks_at_once: in
     return batch_size * max(1, min(BATCHES_PER_BLOCK, batches))
 
 
-def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, sink: Optional[StageSink] = None,
-                  input_rows: Optional[int] = None, **kwargs):
-    """`ds` through `processor` on an actor pool sized by `pool` (a PoolConfig); a lazy Dataset.
+def actor_gpus(step: Step) -> int:
+    """GPUs each of the step's actors holds: the pool's, or more when its declared engine needs them."""
+    engine = step.engine_config
+    return max(step.pool.num_gpus, gpus_per_engine(engine) if engine is not None else 0)
+
+
+def preflight_step(step: Step) -> None:
+    """The step's declared engine checked on the driver (installed, enough GPUs in the cluster)."""
+    if step.engine is not None:
+        preflight(step.engine.config, step.engine.key)
+
+
+def map_processor(ds, step: Step, schema: pa.Schema, sink: Optional[StageSink] = None,
+                  input_rows: Optional[int] = None):
+    """`ds` through the step's processor on an actor pool sized by `step.pool`; a lazy Dataset.
 
     With `sink`, each actor writes its output batch as parts before the call returns (and the dataset
     holds one row of counts per batch): an answer is on storage the moment its batch is done, never
-    waiting in a queue where a crash would lose it. A vllm engine is checked on the driver first
-    (installed, enough GPUs in the cluster), each actor gets the GPUs it needs, and a
-    `GenerationProcessor` runs through ray.data.llm instead. With a remote engine each actor runs
-    several batches at once on threads, so a batch waiting on one slow request does not hold the
+    waiting in a queue where a crash would lose it. The step's declared engine is checked on the driver
+    first (a vllm engine: installed, enough GPUs in the cluster), each actor gets the GPUs it needs, and
+    a `GenerationProcessor` on vllm runs through ray.data.llm instead. With a remote engine each actor
+    runs several batches at once on threads, so a batch waiting on one slow request does not hold the
     endpoint's other slots idle (the engine caps the requests in flight).
     """
-    engine_cfg, where = processor.engine_config(kwargs)
-    if engine_cfg is not None:
-        preflight(engine_cfg, where)  # before any actor waits for a GPU that is not there
+    pool, engine_cfg = step.pool, step.engine_config
+    preflight_step(step)  # before any actor waits for a GPU that is not there
     calls = batches_in_flight(engine_cfg) if engine_cfg is not None else 1
     # Blocks of whole batches sized by the input's rows (`input_rows`, when the caller knows them), so
     # the pool spreads the work however the input was cut into files.
     ds = ds.repartition(target_num_rows_per_block=rows_per_block(pool.batch_size, input_rows, pool.max_size * calls))
-    if engine_cfg is not None and batch_generation_route(engine_cfg) and issubclass(processor, GenerationProcessor):
+    if engine_cfg is not None and batch_generation_route(engine_cfg) and issubclass(step.processor, GenerationProcessor):
         from themis_ray.executor.vllm_batch import map_generation
 
-        out = map_generation(ds, processor, pool, engine_cfg, schema, kwargs)
+        out = map_generation(ds, step, schema)
         return map_tasks(out, _write_batch, sink=sink) if sink is not None else out
-    constructor = {"output_schema": schema, **kwargs}
-    fn = processor
-    if sink is not None:
-        fn, constructor = WriteThrough, {"processor": processor, "sink": sink, "kwargs": constructor}
+    fn, constructor = ProcessorActor, {"step": step, "schema": schema, "sink": sink}
     return ds.map_batches(
         fn,
         fn_constructor_kwargs=constructor,
@@ -86,8 +96,7 @@ def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, si
                                            **({"enable_true_multi_threading": True,
                                                "max_concurrent_calls_per_actor": calls} if calls > 1 else {})),
         num_cpus=pool.num_cpus,
-        # A vllm engine's actor holds the GPUs it runs on, whatever the pool says.
-        num_gpus=max(pool.num_gpus, gpus_per_engine(engine_cfg) if engine_cfg is not None else 0) or None,
+        num_gpus=actor_gpus(step) or None,
         resources=dict(getattr(pool, "resources", None) or {}) or None,
     )
 
@@ -95,17 +104,21 @@ def map_processor(ds, processor: type[RowProcessor], pool, schema: pa.Schema, si
 COUNTS = pa.schema([("rows", pa.int64()), ("rejected", pa.int64())])
 
 
-class WriteThrough:
-    """A processor whose output batch is written by the actor itself before the call returns."""
+class ProcessorActor:
+    """One actor of a step's pool: builds the processor once; with a sink, writes each output batch
+    itself before the call returns."""
 
-    def __init__(self, processor: type[RowProcessor], sink: StageSink, kwargs: dict):
-        self.processor, self.sink = processor(**kwargs), sink
-        self.key = processor.resume_key[0] if processor.resume_key else None
+    def __init__(self, step: Step, schema: pa.Schema, sink: Optional[StageSink]):
+        self.processor, self.sink = step.build(schema), sink
+        self.key = step.processor.resume_key[0] if step.processor.resume_key else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        out = self.processor(batch)
+        if self.sink is None:
+            return out
         # Named by its input rows' keys: a batch Ray runs again after an actor died replaces its parts.
-        name = part_name(batch[self.key]) if self.key in batch.column_names else None
-        return _write_batch(self.processor(batch), self.sink, name)
+        name = part_name(batch[self.key], self.sink.partition) if self.key in batch.column_names else None
+        return _write_batch(out, self.sink, name)
 
 
 def _write_batch(batch: pa.Table, sink: StageSink, name: Optional[str] = None) -> pa.Table:
@@ -151,36 +164,35 @@ def partials(ds, fn: Callable[..., dict], **fn_kwargs) -> dict:
     return merged
 
 
-def write(ds, store: StageStore, schema: pa.Schema, tag: str = "", stats: Optional[Stats] = None) -> tuple[int, int]:
-    """Workers write `ds` into the stage folder, rejects apart; returns (rows written, rows rejected)."""
-    sink = StageSink(store.uri, schema, tag=tag, stats=stats)
+def write(ds, store: StageStore, schema: pa.Schema, partition: Optional[Mapping[str, str]] = None,
+          stats: Optional[Stats] = None) -> tuple[int, int]:
+    """Workers write `ds` into the stage folder, rejects apart, its parts recording `partition`;
+    returns (rows written, rows rejected)."""
+    sink = StageSink(store.uri, schema, partition=partition, stats=stats)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
     return sink.rows_out, sink.rows_rejected
 
 
-def drop_written(ds, store: StageStore, in_key: str, out_key: str, where: Optional[dict] = None):
+def drop_written(ds, store: StageStore, in_key: str, out_key: str, partition: Optional[Mapping[str, str]] = None):
     """`ds` less the rows whose `in_key` is already written as `out_key` (accepted or rejected) in the
     stage folder. The written keys are loaded by a Ray task into the object store as one sorted array
-    that every filter task shares, never by the driver; `where` ({column: value}) narrows the written
-    rows considered (one responder's answers, say)."""
-    files = store.written_files()
+    that every filter task shares, never by the driver; `partition` narrows the parts considered to
+    those of one partition (one responder's answers, say)."""
+    files = store.written_files(partition=partition)
     if not files:
         return ds
-    keys = _written_keys.remote(store.uri, files, out_key, where or {})
+    keys = _written_keys.remote(store.uri, files, out_key)
     return map_tasks(ds, _drop_keys, keys=keys, column=in_key)
 
 
 @ray.remote(num_cpus=LIGHT_CPUS)
-def _written_keys(stage_uri: str, files: list[str], column: str, where: dict) -> np.ndarray:
+def _written_keys(stage_uri: str, files: list[str], column: str) -> np.ndarray:
     filesystem, _ = fs.resolve(stage_uri)
     found = []
     for path in files:
-        if not {column, *where} <= set(pq.read_schema(path, filesystem=filesystem).names):
+        if column not in pq.read_schema(path, filesystem=filesystem).names:
             continue  # a part of other rows (a benchmark's rejects, say): none of its rows is one of ours
-        table = pq.read_table(path, filesystem=filesystem, columns=[column, *where])
-        for name, value in where.items():
-            table = table.filter(pc.equal(table[name], value))
-        found.append(table[column].combine_chunks())
+        found.append(pq.read_table(path, filesystem=filesystem, columns=[column])[column].combine_chunks())
     values = pa.concat_arrays([a.cast(pa.string()) for a in found]).drop_null() if found else pa.array([], pa.string())
     return np.unique(np.asarray(values.to_pylist(), dtype=str))
 
@@ -195,23 +207,22 @@ def _drop_keys(batch: pa.Table, keys, column: str) -> pa.Table:
     return batch.filter(pa.array(keys[at] != wanted))
 
 
-def run_rows(source, processor: type[RowProcessor], pool, store: StageStore, schema: pa.Schema, *,
-             resume: bool = False, tag: str = "", where: Optional[dict] = None, stats: Optional[Stats] = None,
-             before: Optional[Callable] = None, total: Optional[int] = None, **kwargs) -> tuple[int, int]:
+def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume: bool = False,
+             before: Optional[Callable] = None, total: Optional[int] = None) -> tuple[int, int]:
     """One row-wise plan: `source` (a Dataset) -> unwritten rows -> `before` (more steps, e.g. another
-    pool) -> processor on its pool, each actor writing its batches' parts as it finishes them. With
-    `resume`, input rows whose unit of work (`processor.resume_key`) is already written are not sent
-    again. With `total` (rows expected), a progress bar shows rows/s and the time left. Returns the rows
-    this plan wrote (accepted, rejected), counted from one small row per batch. `total` also sizes the
-    plan's blocks (`rows_per_block`)."""
-    if resume and processor.resume_key:
-        source = drop_written(source, store, *processor.resume_key, where=where)
+    pool) -> the step's processor on its pool, each actor writing its batches' parts as it finishes
+    them. With `resume`, input rows whose unit of work (`processor.resume_key`) is already written in
+    the step's partition are not sent again. With `total` (rows expected), a progress bar shows rows/s
+    and the time left. Returns the rows this plan wrote (accepted, rejected), counted from one small row
+    per batch. `total` also sizes the plan's blocks (`rows_per_block`)."""
+    if resume and step.processor.resume_key:
+        source = drop_written(source, store, *step.processor.resume_key, partition=step.partition)
     if before is not None:
         source = before(source)
-    sink = StageSink(store.uri, schema, tag=tag, stats=stats)
+    sink = StageSink(store.uri, schema, partition=step.partition, stats=step.stats)
     written = rejected = 0
-    counts = map_processor(source, processor, pool, schema, sink=sink, input_rows=total, **kwargs)
-    with tqdm(total=total, unit="rows", desc=processor.stage or processor.__name__, disable=total is None) as bar:
+    counts = map_processor(source, step, schema, sink=sink, input_rows=total)
+    with tqdm(total=total, unit="rows", desc=step.name, disable=total is None) as bar:
         for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
             done, failed = pc.sum(batch["rows"]).as_py() or 0, pc.sum(batch["rejected"]).as_py() or 0
             written, rejected = written + done, rejected + failed

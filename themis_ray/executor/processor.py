@@ -1,8 +1,10 @@
 """What a row-wise stage declares: a processor class the executor runs on an actor pool.
 
 Its constructor is the per-actor setup (it builds the engine once); `process(rows)` maps a batch of
-row dicts to output row dicts, each with `reject_reason` set or not. `resume_key` names the input and
-output columns of one unit of work, so an interrupted run skips the units already written.
+row dicts to output row dicts, each with `reject_reason` set or not. A stage hands it to the executor
+as an `executor.Step`, which names its constructor arguments and the engine it builds. `resume_key`
+names the input and output columns of one unit of work, so an interrupted run skips the units already
+written.
 """
 
 from __future__ import annotations
@@ -22,12 +24,6 @@ class RowProcessor:
     def __init__(self, output_schema: pa.Schema):
         self.schema = output_schema
 
-    @classmethod
-    def engine_config(cls, kwargs: dict):
-        """The engine config this processor builds from its constructor `kwargs`, and the config key
-        that names it in errors; (None, stage) for a processor without an engine."""
-        return kwargs.get("engine_cfg"), f"{cls.stage}.engine"
-
     def process(self, rows: list[dict]) -> list[dict]:
         raise NotImplementedError
 
@@ -44,10 +40,9 @@ class GenerationProcessor(RowProcessor):
 
     sampling = None  # the SamplingConfig of the generate call
 
-    def __init__(self, output_schema: pa.Schema, engine_cfg, with_engine: bool = True, **kwargs):
+    def __init__(self, output_schema: pa.Schema, engine_cfg, with_engine: bool = True, engine_key: str = "engine"):
         super().__init__(output_schema)
-        where = self.engine_config({"engine_cfg": engine_cfg, **kwargs})[1]
-        self.engine = build_engine(engine_cfg, where) if with_engine else None
+        self.engine = build_engine(engine_cfg, engine_key) if with_engine else None
 
     def conversations(self, rows: list[dict]) -> list:
         raise NotImplementedError

@@ -4,7 +4,8 @@ Each write task splits its blocks on `reject_reason` and writes one part per kin
 (without the reject column) and `<stage>/_rejects/part-*.parquet`, straight from the worker to the
 stage's filesystem. The statistics of each part (row counts are in every Parquet footer; a stage adds
 summable figures such as tokens, cost or histograms through `stats`) go into the part's footer, so the
-driver tallies a stage from footers and never reads its rows. On a local filesystem a part is written
+driver tallies a stage from footers and never reads its rows; so does the partition its rows belong to
+(one responder's answers, one judge's grades of one benchmark), which the store selects parts by. On a local filesystem a part is written
 under a temporary name and renamed, on object storage an upload appears whole or not at all.
 
 A part's name is random, or given by the caller as a digest of the rows' keys (`part_name`): a batch
@@ -18,7 +19,7 @@ import hashlib
 import json
 import posixpath
 import uuid
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,24 +29,22 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink
 
 from themis_ray import fs
+from themis_ray.executor.step import Stats
 from themis_ray.schema import REJECT
-from themis_ray.store import REJECTS, STATS_KEY, merge_stats
-
-# stats(table, rejected) -> summable figures of those rows ({name: number or nested dict of numbers})
-Stats = Callable[[pa.Table, bool], dict]
+from themis_ray.store import PARTITION_KEY, REJECTS, STATS_KEY, merge_stats, partition_of
 
 
 class _Part:
     """One Parquet part being written by a write task."""
 
-    def __init__(self, folder: str, name: str, schema: pa.Schema):
+    def __init__(self, folder: str, name: str, schema: pa.Schema, partition: Optional[dict]):
         self.filesystem, folder_path = fs.resolve(folder)
         self.filesystem.create_dir(folder_path, recursive=True)
         self.path = posixpath.join(folder_path, name)
         self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
         self.writing = self.path + ".partial" if self.local else self.path
         self.writer = pq.ParquetWriter(self.writing, schema, filesystem=self.filesystem)
-        self.rows, self.stats = 0, {}
+        self.rows, self.stats, self.partition = 0, {}, partition
 
     def write(self, table: pa.Table, stats: dict) -> None:
         self.writer.write_table(table)
@@ -55,14 +54,17 @@ class _Part:
     def close(self) -> None:
         if self.stats:
             self.writer.add_key_value_metadata({STATS_KEY.decode(): json.dumps(self.stats)})
+        if self.partition:
+            self.writer.add_key_value_metadata({PARTITION_KEY.decode(): json.dumps(self.partition, sort_keys=True)})
         self.writer.close()
         if self.local:
             self.filesystem.move(self.writing, self.path)
 
 
-def part_name(keys: pa.ChunkedArray | pa.Array) -> str:
-    """A part's name from the keys of the rows it holds: the same rows, the same name."""
-    values = keys.cast(pa.string()).fill_null("").to_pylist()
+def part_name(keys: pa.ChunkedArray | pa.Array, partition: Optional[Mapping[str, str]] = None) -> str:
+    """A part's name from the keys of the rows it holds and its partition: the same rows of the same
+    partition, the same name (one responder's answers to a batch never replace another's)."""
+    values = [json.dumps(sorted((partition or {}).items()))] + keys.cast(pa.string()).fill_null("").to_pylist()
     return hashlib.sha256("\x1f".join(values).encode()).hexdigest()[:32]
 
 
@@ -78,8 +80,10 @@ def _split_rejects(table: pa.Table) -> list[tuple[bool, pa.Table]]:
 
 
 class StageSink(Datasink):
-    def __init__(self, stage_uri: str, schema: pa.Schema, tag: str = "", stats: Optional[Stats] = None):
-        self.stage_uri, self.schema, self.tag, self.stats = stage_uri, schema, tag, stats
+    def __init__(self, stage_uri: str, schema: pa.Schema, partition: Optional[Mapping[str, str]] = None,
+                 stats: Optional[Stats] = None):
+        self.stage_uri, self.schema, self.stats = stage_uri, schema, stats
+        self.partition = partition_of(partition)
         self.accepted_schema = schema.remove(schema.get_field_index(REJECT))
         self.rows_out = self.rows_rejected = 0
 
@@ -89,7 +93,7 @@ class StageSink(Datasink):
     def write(self, blocks: Iterable, ctx, name: Optional[str] = None) -> dict:
         """Write the blocks as one part per kind; `name` (see `part_name`) replaces the parts a
         previous run of the same rows wrote, of either kind."""
-        fixed, name = name is not None, f"part-{self.tag}{name or uuid.uuid4().hex}.parquet"
+        fixed, name = name is not None, f"part-{name or uuid.uuid4().hex}.parquet"
         parts: dict[bool, _Part] = {}
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
@@ -101,7 +105,8 @@ class StageSink(Datasink):
             for rejected, rows in _split_rejects(table):
                 if rejected not in parts:
                     folder = fs.join(self.stage_uri, REJECTS) if rejected else self.stage_uri
-                    parts[rejected] = _Part(folder, name, self.schema if rejected else self.accepted_schema)
+                    parts[rejected] = _Part(folder, name, self.schema if rejected else self.accepted_schema,
+                                            self.partition)
                 stats = self.stats(rows, rejected) if self.stats else {}
                 parts[rejected].write(rows if rejected else rows.drop_columns([REJECT]), stats)
         for part in parts.values():

@@ -102,16 +102,17 @@ def parse_batch(batch: pa.Table, helper) -> pa.Table:
     return to_table(helper.parse(rows, completions), helper.schema, helper.stage)
 
 
-def map_generation(ds, processor, pool, engine_cfg, schema: pa.Schema, kwargs: dict):
-    """`ds` through ray.data.llm's vLLM processor and the processor's parsing; a lazy Dataset."""
+def map_generation(ds, step, schema: pa.Schema):
+    """`ds` through ray.data.llm's vLLM processor and the step's parsing; a lazy Dataset."""
     from ray.data.llm import build_processor
 
     from themis_ray.assets import resolve_model
 
-    helper = processor(output_schema=schema, with_engine=False, **kwargs)  # prompts and parsing, no model
+    pool = step.pool
+    helper = step.build(schema, with_engine=False)  # prompts and parsing, no model
     llm = build_processor(
-        processor_config(engine_cfg, pool),
-        preprocess=functools.partial(preprocess, helper=helper, model_path=resolve_model(engine_cfg.model)),
+        processor_config(step.engine.config, pool),
+        preprocess=functools.partial(preprocess, helper=helper, model_path=resolve_model(step.engine.config.model)),
         postprocess=postprocess,
         preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
         postprocess_map_kwargs={"num_cpus": LIGHT_CPUS},

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from themis_ray import fs, prompts
-from themis_ray.classifier import ScenarioPredictor
+from themis_ray.classifier import ScenarioPredictor, predictor_engine
 from themis_ray.engines import engine_label
-from themis_ray.executor import RowProcessor, StageContext, run_rows
+from themis_ray.executor import RowProcessor, StageContext, Step, run_rows
 from themis_ray.schema import REJECT, output_schema
 from themis_ray.store import StageResult
 
@@ -56,9 +56,12 @@ def run(ctx: StageContext) -> StageResult:
         model_dir = fs.local_dir(folder)
     source = ctx.input("synthesize")
     rows_in = source.num_rows()
-    run_rows(source.dataset(), Classifier, cfg.classify.pool, ctx.store, output_schema("classify", source.schema()),
-             resume=ctx.resume, total=rows_in, stats=agreement_stats, engine_cfg=cfg.classify.engine,
-             model_dir=model_dir, route_by=cfg.classify.route_by, scenarios_dir=cfg.scenarios_dir)
+    step = Step(name="classify", processor=Classifier, pool=cfg.classify.pool, stats=agreement_stats,
+                args={"engine_cfg": cfg.classify.engine, "model_dir": model_dir, "route_by": cfg.classify.route_by,
+                      "scenarios_dir": cfg.scenarios_dir},
+                engine=predictor_engine(cfg.classify, "classify.engine"))
+    run_rows(source.dataset(), step, ctx.store, output_schema("classify", source.schema()), resume=ctx.resume,
+             total=rows_in)
     written = ctx.store.tally()
     return StageResult(rows_in=rows_in, extra={
         "engine": engine_label(cfg.classify.engine) if model_dir is None else f"trained:{model_dir}",

@@ -14,18 +14,18 @@ from functools import partial
 import ray
 
 from themis_ray.curate import plan as curation
-from themis_ray.curate.augment import PARAPHRASE_SCHEMA, CriterionParaphraser
+from themis_ray.curate.augment import ENGINE_KEY, PARAPHRASE_SCHEMA, CriterionParaphraser
 from themis_ray.curate.report import write_report
 from themis_ray.curate.stats import score_histograms, step_counts, written_stats
-from themis_ray.executor import StageContext, drop_written, map_processor, map_tasks, partials, write
+from themis_ray.executor import StageContext, Step, StepEngine, drop_written, map_processor, map_tasks, partials, write
 from themis_ray.store import StageResult
 
 
 def _paraphrase(rows: list[dict], cfg) -> list[dict]:
     """Criteria -> paraphrases, with the model on the augment pool (a few rows per scenario)."""
-    ds = ray.data.from_items(rows)
-    return map_processor(ds, CriterionParaphraser, cfg.pool, PARAPHRASE_SCHEMA, engine_cfg=cfg.engine,
-                         sampling=cfg.sampling).take_all()
+    step = Step(name="curate.augment", processor=CriterionParaphraser, pool=cfg.pool,
+                args={"engine_cfg": cfg.engine, "sampling": cfg.sampling}, engine=StepEngine(cfg.engine, ENGINE_KEY))
+    return map_processor(ray.data.from_items(rows), step, PARAPHRASE_SCHEMA).take_all()
 
 
 def _zscore_figures(zstats) -> dict | None:

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 
 import pyarrow.parquet as pq
 
-from themis_ray import fs
 from themis_ray.evaluate.benchmarks import REJECT_SCHEMA, load_benchmarks
-from themis_ray.evaluate.grading import grade, graded_schema, graded_stats, part_tag
+from themis_ray.evaluate.grading import grade, graded_partition, graded_schema, graded_stats
 from themis_ray.evaluate.judges import resolve_judges
 from themis_ray.evaluate.report import format_table, write_report
 from themis_ray.evaluate.results import BenchmarkResult, headline_rows, metrics_json, scenario_rows, summarize
 from themis_ray.executor import StageContext, write
-from themis_ray.store import REJECTS, StageResult, StageStore
+from themis_ray.store import StageResult, StageStore
 
 # Texts the metrics never read: left on storage when the graded scores are gathered.
 TEXT_COLUMNS = {"prompt", "prompt_ba", "judge_output", "judge_output_ba", "instruction", "response",
@@ -41,31 +39,30 @@ TEXT_COLUMNS = {"prompt", "prompt_ba", "judge_output", "judge_output_ba", "instr
 def run(ctx: StageContext) -> StageResult:
     cfg, c, store = ctx.cfg, ctx.cfg.evaluate, ctx.store
     judges = resolve_judges(cfg)  # fails on a bad judge before any model loads
-    benchmarks = load_benchmarks(cfg, ctx.inputs.get("curate"), StageStore(store.uri, "_work/mtbench"), ctx.resume)
+    benchmarks = load_benchmarks(cfg, ctx.inputs.get("curate"), store, ctx.resume)
 
     # The benchmarks' rejects are cheap to find again: a resumed run drops the interrupted run's and
     # writes them after grading. They must not be there while a resumed grade looks for what its judge
     # already wrote: it reads `benchmark` and `judge` from every written part, and they have no judge.
-    reject_tags = [f"part-{_reject_tag(b)}" for b in range(len(benchmarks))]
-    for path in fs.list_files(store.file(REJECTS), ".parquet"):
-        if posixpath.basename(path).startswith(tuple(reject_tags)):
+    for bench in benchmarks:
+        for path in store.written_files(partition=_rejects_partition(bench)):
             store.fs.delete_file(path)
 
     results = []
-    for b, bench in enumerate(benchmarks):
+    for bench in benchmarks:
         bench.num_records = bench.records.count()
-        for j, judge in enumerate(judges):
+        for judge in judges:
             # A resumed run skips a judge that graded the whole benchmark already (no model load).
-            if not (ctx.resume and store.rows_written(f"part-{part_tag(b, j)}") >= bench.num_records):
-                grade(bench, judge, c, store, part_tag(b, j), resume=ctx.resume)
+            if not (ctx.resume and store.rows_written(graded_partition(bench, judge)) >= bench.num_records):
+                grade(bench, judge, c, store, resume=ctx.resume)
         schema = graded_schema(bench.schema, bench.pairwise)
-        graded = {judge.name: _graded(store, part_tag(b, j), schema) for j, judge in enumerate(judges)}
+        graded = {judge.name: _graded(store, graded_partition(bench, judge), schema) for judge in judges}
         result = BenchmarkResult(bench, graded, judge_labels={j.name: j.label for j in judges})
         result.summaries = summarize(bench, graded, n_boot=c.bootstrap, confidence=c.confidence, seed=c.seed)
         results.append(result)
-    for b, bench in enumerate(benchmarks):
+    for bench in benchmarks:
         if bench.rejects is not None:
-            write(bench.rejects, store, REJECT_SCHEMA, tag=_reject_tag(b), stats=graded_stats)
+            write(bench.rejects, store, REJECT_SCHEMA, partition=_rejects_partition(bench), stats=graded_stats)
 
     stats = store.tally().stats
     rows_in = 0
@@ -100,17 +97,18 @@ def run(ctx: StageContext) -> StageResult:
     })
 
 
-def _reject_tag(benchmark_index: int) -> str:
-    return f"b{benchmark_index}r-"
+def _rejects_partition(bench) -> dict:
+    """The partition of a benchmark's own rejects (records no judge could be asked about)."""
+    return {"benchmark": bench.name}
 
 
-def _graded(store: StageStore, tag: str, schema):
+def _graded(store: StageStore, partition: dict, schema):
     """One judge's graded rows of one benchmark, without their texts, as a pandas frame."""
     import pyarrow as pa
 
     from themis_ray.schema import REJECT
 
     columns = [n for n in schema.names if n not in TEXT_COLUMNS and n != REJECT]
-    files = [p for p in store.written_files(rejects=False) if posixpath.basename(p).startswith(f"part-{tag}")]
+    files = store.written_files(rejects=False, partition=partition)
     tables = [pq.read_table(f, filesystem=store.fs, columns=columns) for f in files]
     return (pa.concat_tables(tables) if tables else pa.schema([schema.field(n) for n in columns]).empty_table()).to_pandas()

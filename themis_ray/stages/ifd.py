@@ -22,7 +22,7 @@ import math
 
 from themis_ray import judging
 from themis_ray.engines import build_engine, engine_label
-from themis_ray.executor import RowProcessor, StageContext, run_rows
+from themis_ray.executor import RowProcessor, StageContext, Step, StepEngine, run_rows
 from themis_ray.schema import REJECT, output_schema
 from themis_ray.store import StageResult
 
@@ -82,7 +82,8 @@ def run(ctx: StageContext) -> StageResult:
     if c.sort_batches:
         # Batches of one scenario and mode share their prompt's opening, which the hf scorer runs once.
         records = records.sort(["scenario", "mode"])
-    run_rows(records, IFDScorer, c.pool, ctx.store, output_schema("ifd", source.schema()), resume=ctx.resume,
-             total=rows_in, engine_cfg=c.engine, micro_batch_size=c.micro_batch_size,
-             max_padding=c.max_padding, share_prefix=c.share_prefix)
+    step = Step(name="ifd", processor=IFDScorer, pool=c.pool, engine=StepEngine(c.engine, "ifd.engine"),
+                args={"engine_cfg": c.engine, "micro_batch_size": c.micro_batch_size, "max_padding": c.max_padding,
+                      "share_prefix": c.share_prefix})
+    run_rows(records, step, ctx.store, output_schema("ifd", source.schema()), resume=ctx.resume, total=rows_in)
     return StageResult(rows_in=rows_in, extra={"engine": engine_label(c.engine)})

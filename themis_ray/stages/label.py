@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from themis_ray import judging, prompts
 from themis_ray.engines import build_engine, engine_label
-from themis_ray.executor import RowProcessor, StageContext, map_groups, run_rows, write
+from themis_ray.executor import RowProcessor, StageContext, Step, StepEngine, map_groups, run_rows, write
 from themis_ray.schema import REJECT, output_schema, stable_id
 from themis_ray.store import StageResult, StageStore
 
@@ -258,17 +258,20 @@ def run(ctx: StageContext) -> StageResult:
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
                   max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir,
                   rationale=c.rationale, rationale_tokens=c.rationale_tokens)
+    engine = StepEngine(c.engine, "label.engine")
     rows_in, extra = source.num_rows(), {}  # counted once from the footers: it sizes the plan too
-    run_rows(source.dataset(), Labeler, c.pool, ctx.store, schema, resume=ctx.resume, stats=label_stats,
-             total=rows_in, score_by=c.score_by, prefill=c.prefill_score, **common)
+    pointwise = Step(name="label", processor=Labeler, pool=c.pool, engine=engine, stats=label_stats,
+                     args={**common, "score_by": c.score_by, "prefill": c.prefill_score})
+    run_rows(source.dataset(), pointwise, ctx.store, schema, resume=ctx.resume, total=rows_in)
     if c.pairwise:
         # Row accounting: each pair is one unit of work beside the responses, so rows in = responses +
         # pairs, and each pair ends as one row, labelled or rejected.
         pairs = _pairs(ctx, source, c.max_pairs_per_instruction, rows_in)
         n_pairs = pairs.num_rows()
         if n_pairs:
-            run_rows(pairs.dataset(), PairLabeler, c.pool, ctx.store, schema, resume=ctx.resume, tag="pairwise-",
-                     total=n_pairs, stats=label_stats, score_by="text", prefill=False, **common)
+            pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool, engine=engine,
+                            stats=label_stats, args={**common, "score_by": "text", "prefill": False})
+            run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, total=n_pairs)
         rows_in += n_pairs
         extra = {"pairwise_pairs": n_pairs}
     written = ctx.store.tally().stats
@@ -291,14 +294,12 @@ def run(ctx: StageContext) -> StageResult:
 def _pairs(ctx: StageContext, source: StageStore, max_per_instruction: int, responses: int) -> StageStore:
     """The pairs to judge, grouped from the responses by instruction and written under `_work/` once
     (a resumed run reuses them), as a finished store whose rows the pairwise plan reads."""
-    pairs = StageStore(ctx.store.uri, "_work/pairs")
-    if ctx.resume and pairs.manifest() is not None:
-        return pairs
-    pairs.begin({"pairs": max_per_instruction}, force=True)
-    columns = ["id", "instruction_id", "instruction", "scenario", "reference", "response", "responder"]
-    columns += ["doc_id"] if "doc_id" in source.schema().names else []
-    grouped = map_groups(source.dataset(columns=columns),
-                         "instruction_id", make_pairs, rows=responses, max_per_instruction=max_per_instruction)
-    write(grouped, pairs, PAIR_SCHEMA)
-    pairs.commit(StageResult(rows_in=pairs.tally().rows_out), {"pairs": max_per_instruction}, 0.0)
-    return pairs
+    # One write of every pair: an interrupted one is started afresh (resumable=False).
+    with ctx.store.checkpoint("pairs", {"pairs": max_per_instruction}, ctx.resume, resumable=False) as pairs:
+        if not pairs.done:
+            columns = ["id", "instruction_id", "instruction", "scenario", "reference", "response", "responder"]
+            columns += ["doc_id"] if "doc_id" in source.schema().names else []
+            grouped = map_groups(source.dataset(columns=columns), "instruction_id", make_pairs, rows=responses,
+                                 max_per_instruction=max_per_instruction)
+            write(grouped, pairs.store, PAIR_SCHEMA)
+    return pairs.store

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from themis_ray.engines import engine_label
 from themis_ray.executor import StageContext, run_rows
-from themis_ray.responders import Responder
+from themis_ray.responders import responder_step
 from themis_ray.schema import output_schema
 from themis_ray.store import StageResult
 
@@ -21,8 +19,7 @@ def run(ctx: StageContext) -> StageResult:
     instructions = source.num_rows()
     # One plan per responder, one after another, so their pools never compete for the same CPUs.
     for responder in c.responders:
-        tag = re.sub(r"[^A-Za-z0-9_.-]", "_", responder.name) + "-"
-        run_rows(source.dataset(), Responder, c.pool, ctx.store, schema, resume=ctx.resume, tag=tag, total=instructions,
-                 where={"responder": responder.name}, responder=responder)
+        run_rows(source.dataset(), responder_step(responder, c.pool), ctx.store, schema, resume=ctx.resume,
+                 total=instructions)
     return StageResult(rows_in=instructions * len(names),
                        extra={"responders": {r.name: engine_label(r.engine) for r in c.responders}})

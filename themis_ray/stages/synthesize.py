@@ -25,7 +25,8 @@ from themis_ray import fs, prompts
 from themis_ray.corpus import load_chunks
 from themis_ray.dedup import bucket_duplicates, bucket_keys, diversity_by, strongest
 from themis_ray.engines import build_engine, engine_label
-from themis_ray.executor import LIGHT_CPUS, RowProcessor, StageContext, map_groups, map_tasks, run_rows, write
+from themis_ray.executor import (LIGHT_CPUS, RowProcessor, StageContext, Step, StepEngine, map_groups, map_tasks,
+                                 run_rows, write)
 from themis_ray.scenarios import get_scenario
 from themis_ray.schema import REJECT, output_schema, stable_id, to_table
 from themis_ray.store import StageResult, StageStore
@@ -250,16 +251,17 @@ def run(ctx: StageContext) -> StageResult:
     tasks, corpus_rejects = build_tasks(cfg, cfg.scenarios_dir)
     schema = output_schema("synthesize")
     # 1. Generation, into _work/generated: a resumed run keeps the tasks already answered.
-    generated = StageStore(store.uri, "_work/generated")
-    if not (ctx.resume and generated.manifest() is not None):
-        resume = generated.begin({"generated": len(tasks)})
-        if tasks:
-            run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), Synthesizer, s.pool,
-                     generated, schema, resume=resume, total=len(tasks), stats=synthesis_stats, engine_cfg=s.engine,
-                     sampling=s.sampling, max_instruction_chars=s.max_instruction_chars)
-        done = generated.tally()
-        generated.commit(StageResult(rows_in=len(tasks), units_ok=done.stats.get("tasks_ok", 0)),
-                         {"generated": len(tasks)}, 0.0)
+    with store.checkpoint("generated", {"generated": len(tasks)}, ctx.resume) as generation:
+        generated = generation.store
+        if not generation.done:
+            if tasks:
+                step = Step(name="synthesize", processor=Synthesizer, pool=s.pool, stats=synthesis_stats,
+                            engine=StepEngine(s.engine, "synthesize.engine"),
+                            args={"engine_cfg": s.engine, "sampling": s.sampling,
+                                  "max_instruction_chars": s.max_instruction_chars})
+                run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), step, generated, schema,
+                         resume=generation.resume, total=len(tasks))
+            generation.rows_in, generation.units_ok = len(tasks), generated.tally().stats.get("tasks_ok", 0)
     # 2. The stage's parts: instructions less their duplicates, the generation's and the corpus' rejects.
     store.clear_parts()  # what a crashed run of this step had written is written again
     if corpus_rejects:

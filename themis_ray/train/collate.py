@@ -115,14 +115,14 @@ def token_kinds(full_text: str, evaluation: str, tokenizer: Any) -> list[int]:
 def encode_records(
     records: Iterable[dict], tokenizer: Any, max_length: int
 ) -> tuple[list[Example], list[dict]]:
-    """All records -> (examples, rejects). Too-long records are rejected, never truncated:
-    a truncated evaluation would teach the judge to stop mid-sentence or lose its score."""
+    """All records -> (examples, rejects with their token count). Too-long records are rejected, never
+    truncated: a truncated evaluation would teach the judge to stop mid-sentence or lose its score."""
     examples, rejects = [], []
     for record in records:
         example = encode(record, tokenizer)
         n = len(example.input_ids)
         if n > max_length:
-            rejects.append({"id": example.id, "reason": f"too long: {n} tokens > max_length {max_length}"})
+            rejects.append({"id": example.id, "tokens": n, "reason": f"too long: {n} tokens > max_length {max_length}"})
         else:
             examples.append(example)
     return examples, rejects

@@ -84,20 +84,13 @@ def _tokenizer(model_dir: str):
 def tokenise_batch(batch: pa.Table, model_dir: str, max_length: int, packing: bool,
                    split: Optional[str] = "train") -> pa.Table:
     """Records (id, prompt, evaluation[, split]) -> sequence rows, and too-long records as rejects."""
-    from themis_ray.train.collate import encode, pack, sequence_row
+    from themis_ray.train.collate import encode_records, pack, sequence_row
 
     if split is not None and "split" in batch.column_names:
         batch = batch.filter(pc.equal(batch["split"], split))
-    tokenizer = _tokenizer(model_dir)
-    examples, rows = [], []
-    for record in batch.select(["id", "prompt", "evaluation"]).to_pylist():
-        example = encode(record, tokenizer)
-        n = len(example.input_ids)
-        if n > max_length:
-            rows.append({"ids": [example.id], "segments": [n], "tokens": n,
-                         REJECT: f"too long: {n} tokens > max_length {max_length}"})
-        else:
-            examples.append(example)
+    records = batch.select(["id", "prompt", "evaluation"]).to_pylist()
+    examples, rejects = encode_records(records, _tokenizer(model_dir), max_length)
+    rows = [{"ids": [r["id"]], "segments": [r["tokens"]], "tokens": r["tokens"], REJECT: r["reason"]} for r in rejects]
     sequences = pack(examples, max_length) if packing else [[e] for e in examples]
     rows += [{**sequence_row(seq), REJECT: None} for seq in sequences]
     return pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA)

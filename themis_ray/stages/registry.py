@@ -1,0 +1,55 @@
+"""The pipeline's stages, in the order they run: the one list that `themis_ray.pipeline`, the CLI and
+the job entrypoints read.
+
+Adding a stage: its module under `themis_ray/stages/` (a `run(ctx) -> StageResult`), its config section
+in `themis_ray/config.py`, and one `Stage(...)` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from themis_ray import fs
+from themis_ray.stages import classify, curate, evaluate, ifd, label, respond, synthesize, train
+
+
+def _trained_classifier(cfg) -> list[str]:
+    """classify reads the trained classifier's folder when it routes with it: retraining re-runs it."""
+    if cfg.classify.method != "trained":
+        return []
+    return [cfg.classify.model or fs.join(cfg.run_dir, "classifier")]
+
+
+def _labelled_file(cfg) -> list[str]:
+    return [cfg.evaluate.file.path] if "file" in cfg.evaluate.benchmarks and cfg.evaluate.file.path else []
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable  # run(ctx: StageContext) -> StageResult
+    inputs: tuple[str, ...]
+    config_keys: tuple[str, ...]  # the config sections whose change invalidates the stage
+    # Files or folders (beyond input stages) whose content the stage reads: a change re-runs it.
+    reads: Optional[Callable] = None
+
+
+STAGES = {
+    s.name: s
+    for s in (
+        Stage("synthesize", synthesize.run, (), ("corpus", "synthesize", "scenarios_dir")),
+        Stage("classify", classify.run, ("synthesize",), ("classify", "scenarios_dir"), reads=_trained_classifier),
+        Stage("respond", respond.run, ("classify",), ("respond",)),
+        Stage("label", label.run, ("respond",), ("label", "scenarios_dir")),
+        Stage("ifd", ifd.run, ("label",), ("ifd",)),
+        Stage("curate", curate.run, ("ifd",), ("curate",)),
+        Stage("train", train.run, ("curate",), ("train",)),
+        Stage("evaluate", evaluate.run, ("curate", "train"), ("evaluate", "train.model"), reads=_labelled_file),
+    )
+}
+
+
+def selected(cfg) -> list[str]:
+    """The stages a pipeline run covers: the config's `stages`, or every stage when it names none."""
+    return list(cfg.stages) or list(STAGES)
