@@ -272,6 +272,16 @@ def test_load_benchmarks_rejects_unknown_or_repeated_names():
 # ------------------------------------------------------------------------------------ MT-Bench
 
 
+def test_the_responder_loop_refuses_repeated_or_no_responders_naming_its_config_section():
+    from themis_ray.responders import answer
+
+    cfg = load(None)
+    twice = [cfg.evaluate.mtbench.responders[0]] * 2
+    for section, responders in (("respond", twice), ("evaluate.mtbench", twice), ("evaluate.mtbench", [])):
+        with pytest.raises(ValueError, match=rf"^{section}\.responders: need at least one, with unique names"):
+            answer(responders, None, cfg.evaluate.pool, None, None, resume=False, total=0, section=section)
+
+
 def test_mtbench_questions_first_turn_with_gpt4_references_where_mtbench_uses_them():
     mc = OmegaConf.merge(OmegaConf.structured(MTBenchConfig), {"categories": ["math", "writing"], "questions": 3})
     table = B.mtbench_questions(mc).to_pylist()

@@ -443,22 +443,18 @@ def mtbench_benchmark(cfg, store, resume: bool = False) -> Benchmark:
     checkpoint of the evaluate stage's `store`); the answers are judged."""
     import ray
 
-    from themis_ray.executor import run_rows
-    from themis_ray.responders import responder_step
+    from themis_ray.responders import answer
     from themis_ray.schema import output_schema
 
     mc = cfg.evaluate.mtbench
     names = [r.name for r in mc.responders]
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"evaluate.mtbench.responders: need at least one, with unique names; got {names}")
     questions = mtbench_questions(mc)  # 80 at most: a config-sized table
     schema = output_schema("respond", questions.schema)
     with store.checkpoint("mtbench", {"mtbench": names}, resume) as answering:
         if not answering.done:
-            for r in mc.responders:
-                run_rows(ray.data.from_arrow(questions), responder_step(r, cfg.evaluate.pool, "evaluate.mtbench"),
-                         answering.store, schema, resume=answering.resume, total=questions.num_rows)
-            answering.rows_in = questions.num_rows * len(names)
+            answering.rows_in = answer(mc.responders, ray.data.from_arrow(questions), cfg.evaluate.pool,
+                                       answering.store, schema, answering.resume, questions.num_rows,
+                                       "evaluate.mtbench")
     work = answering.store
     answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
     fields = [f for f in schema if f.name != REJECT]
