@@ -28,6 +28,7 @@ from openai_server import start_process  # noqa: E402
 from themis_ray import fs  # noqa: E402
 from themis_ray.config import load  # noqa: E402
 from themis_ray.judge_job import input_schema, prepare, router_step, schemas  # noqa: E402
+from themis_ray.records import user_rows  # noqa: E402
 from themis_ray.schema import REJECT  # noqa: E402
 from themis_ray.store import StageStore  # noqa: E402
 
@@ -67,6 +68,24 @@ def test_rows_are_mapped_and_bad_ones_name_file_row_and_column():
     assert rows[1][REJECT] == "d.jsonl:2: invalid JSON: Expecting value"
     assert rows[2][REJECT] == "d.jsonl:3: column 'completion' (response) is empty"
     assert rows[3][REJECT] is None and rows[3]["mode"] == "pairwise" and rows[3]["response_b"] == "y"
+
+
+def test_the_judge_job_and_the_labelled_file_benchmark_reject_a_row_in_the_same_words():
+    from omegaconf import OmegaConf
+
+    from themis_ray.config import LabelledFileConfig
+    from themis_ray.evaluate.benchmarks import parse_file_rows
+
+    records = pa.table({"_file": ["d.jsonl"] * 2, "_row": [1, 2],
+                        "_record": [json.dumps({"q": "Q?", "answer": " ", "score": 3}), "oops"],
+                        "_error": [None, "invalid JSON: Expecting value"]})
+    prepared, _ = schemas(input_schema({"q": {"str": 1}, "answer": {"str": 1}, "score": {"int": 1}}))
+    columns = {"instruction": "q", "response": "answer"}
+    judged = prepare(records, prepared, columns=columns, mode=None, scenario="open_qa", scenarios=["open_qa"])
+    fc = OmegaConf.merge(OmegaConf.structured(LabelledFileConfig), {"columns": columns})
+    _, evaluated = parse_file_rows(user_rows(records), fc)
+    assert judged[REJECT].to_pylist() == evaluated[REJECT].to_pylist() == [
+        "d.jsonl:1: column 'answer' (response) is empty", "d.jsonl:2: invalid JSON: Expecting value"]
 
 
 def test_the_scenario_router_declares_its_engine_so_it_is_preflighted_and_given_gpus():

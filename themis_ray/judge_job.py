@@ -18,7 +18,6 @@ for pairs (judged in both orders), `evaluation` (the text), `judge`, tokens and 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional
@@ -31,7 +30,7 @@ from themis_ray.classifier import ScenarioPredictor, predictor_engine
 from themis_ray.config import digest
 from themis_ray.engines import engine_label
 from themis_ray.executor import RowProcessor, Step, StepEngine, map_processor, map_tasks, partials, run_rows
-from themis_ray.records import read_records, record_files
+from themis_ray.records import RowError, UserColumns, as_text, column_kinds, read_records, record_files, user_rows
 from themis_ray.scenarios import load_scenarios
 from themis_ray.schema import REJECT, STAGE_COLUMNS, output_schema, stable_id
 from themis_ray.stages.label import Labeler, PairLabeler
@@ -85,29 +84,6 @@ class ScenarioRouter(RowProcessor):
 # ---------------------------------------------------------------------------------- input columns
 
 
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    return "str" if isinstance(value, str) or value is None else "json"
-
-
-def _column_kinds(batch: pa.Table) -> dict:
-    """Per block: the rows, and each input column with the kinds of value it holds."""
-    kinds: dict = {}
-    for record, error in zip(batch["_record"].to_pylist(), batch["_error"].to_pylist()):
-        if not error:
-            for key, value in json.loads(record).items():
-                if value is not None:
-                    kinds.setdefault(key, {})[_kind(value)] = 1
-                else:
-                    kinds.setdefault(key, {})
-    return {"rows": batch.num_rows, "columns": kinds}
-
-
 ARROW = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 
 
@@ -138,7 +114,7 @@ def _value(value: Any, kind: pa.DataType) -> Any:
     if value is None:
         return None
     if pa.types.is_string(kind):
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return as_text(value)
     if pa.types.is_floating(kind):
         return float(value)
     return value
@@ -147,50 +123,42 @@ def _value(value: Any, kind: pa.DataType) -> Any:
 def prepare(batch: pa.Table, schema: pa.Schema, columns: dict, mode: Optional[str], scenario: Optional[str],
             scenarios: list[str]) -> pa.Table:
     """Records -> rows for the judge, each with its mapped fields or the reason it cannot be judged."""
+    fields = UserColumns("judge", FIELDS, columns)
     out = []
-    for path, number, record, error in zip(batch["_file"].to_pylist(), batch["_row"].to_pylist(),
-                                           batch["_record"].to_pylist(), batch["_error"].to_pylist()):
-        where = f"{path}:{number}"
-        row: dict[str, Any] = {"_file": path, "_row": number}
-        if error:
-            out.append({**row, "id": stable_id(path, number), REJECT: f"{where}: {error}"})
+    for user in user_rows(batch):
+        row: dict[str, Any] = {"_file": user.file, "_row": user.row}
+        if user.error:
+            out.append({**row, "id": stable_id(user.file, user.row), REJECT: f"{user.where}: {user.error}"})
             continue
-        data = json.loads(record)
         for f in schema:
             source = f.name[len(PREFIX):] if f.name.startswith(PREFIX) else f.name
-            if source in data and f.name not in FIELDS:
-                row[f.name] = _value(data[source], f.type)
-        mapped = {field: data.get(columns.get(field, field)) for field in FIELDS}
-        row.update({k: _value(v, pa.string()) for k, v in mapped.items()})
-        row["id"] = row["id"] or stable_id(path, number, record)
+            if source in user.record and f.name not in FIELDS:
+                row[f.name] = _value(user.record[source], f.type)
+        row.update({field: fields.text(user.record, field) for field in FIELDS})
+        row["id"] = row["id"] or stable_id(user.file, user.row, user.raw)
         row["mode"] = mode or row["mode"] or ("pairwise" if row["response_a"] is not None and row["response"] is None
                                                else None)
         row["scenario"] = row["scenario"] or scenario
-        row[REJECT] = _problem(row, columns, scenarios)
-        if row[REJECT]:
-            row[REJECT] = f"{where}: {row[REJECT]}"
+        try:
+            _check(user.record, row, fields, scenarios)
+            row[REJECT] = None
+        except RowError as err:
+            row[REJECT] = f"{user.where}: {err}"
         out.append(row)
     return pa.Table.from_pylist([{**dict.fromkeys(schema.names), **r} for r in out], schema=schema)
 
 
-def _problem(row: dict, columns: dict, scenarios: list[str]) -> Optional[str]:
-    """Why a mapped row cannot be judged (naming the input's column), or None."""
-    def column(field: str) -> str:
-        return f"column {columns.get(field, field)!r} ({field})"
-
+def _check(record: dict, row: dict, fields: UserColumns, scenarios: list[str]) -> None:
+    """RowError (naming the input's column) where a mapped row cannot be judged."""
     needed = ["instruction"] + (["response_a", "response_b"] if row["mode"] == "pairwise" else ["response"])
     if row["mode"] == "reference":
         needed.append("reference")
     for field in needed:
-        if row.get(field) is None:
-            return f"{column(field)} is missing"
-        if not str(row[field]).strip():
-            return f"{column(field)} is empty"
+        fields.required(record, field)
     if row["mode"] not in (None, *judging.MODES):
-        return f"{column('mode')}: {row['mode']!r} is not one of {', '.join(judging.MODES)}"
+        raise RowError(f"{fields.name('mode')}: {row['mode']!r} is not one of {', '.join(judging.MODES)}")
     if row["scenario"] is not None and row["scenario"] not in scenarios:
-        return f"{column('scenario')}: unknown scenario {row['scenario']!r}; known: {', '.join(scenarios)}"
-    return None
+        raise RowError(f"{fields.name('scenario')}: unknown scenario {row['scenario']!r}; known: {', '.join(scenarios)}")
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -240,9 +208,7 @@ def judge_dataset(cfg) -> dict:
     c = cfg.judge
     if not cfg.input or not cfg.output:
         raise ValueError("themis-ray judge needs input=PATH_OR_URI and output=PATH_OR_URI")
-    unknown = sorted(set(c.columns) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"judge.columns: unknown fields {unknown}; fields: {', '.join(FIELDS)}")
+    UserColumns("judge", FIELDS, c.columns)  # an unknown field is a config error before anything runs
     if c.mode is not None and c.mode not in judging.MODES:
         raise ValueError(f"judge.mode must be one of {', '.join(judging.MODES)} or unset; got {c.mode!r}")
     scenarios = sorted(load_scenarios(cfg.scenarios_dir))
@@ -263,7 +229,7 @@ def judge_dataset(cfg) -> dict:
     start = time.perf_counter()
     resume = store.begin(fp)
     records = read_records(cfg.input)
-    seen = partials(records, _column_kinds)  # one light pass: how many rows, which columns and types
+    seen = partials(records, column_kinds)  # one light pass: how many rows, which columns and types
     prepared, schema = schemas(input_schema(seen.get("columns", {})))
     rows = map_tasks(records, prepare, schema=prepared, columns=dict(c.columns), mode=c.mode, scenario=c.scenario,
                      scenarios=scenarios)
