@@ -27,7 +27,8 @@ from openai_server import start_process  # noqa: E402
 
 from themis_ray import fs  # noqa: E402
 from themis_ray.config import load  # noqa: E402
-from themis_ray.judge_job import input_schema, prepare, router_step, schemas  # noqa: E402
+from themis_ray.judge_job import input_schema, judge_step, prepare, router_step, schemas  # noqa: E402
+from themis_ray.judging import RatingScale  # noqa: E402
 from themis_ray.records import user_rows  # noqa: E402
 from themis_ray.schema import REJECT  # noqa: E402
 from themis_ray.store import StageStore  # noqa: E402
@@ -97,13 +98,26 @@ def test_the_scenario_router_declares_its_engine_so_it_is_preflighted_and_given_
     cfg = load(None, ["judge.classify.method=zero_shot", "judge.classify.engine.kind=vllm",
                       "judge.classify.engine.tensor_parallel_size=2", "judge.classify.pool.num_gpus=0"])
     step = router_step(cfg)
-    assert step.engine == StepEngine(cfg.judge.classify.engine, "judge.classify.engine")
+    assert step.engine == StepEngine(cfg.judge.classify.engine, "judge.classify.engine", scores=True)
     assert actor_gpus(step) == 2  # each router actor holds the GPUs its vllm engine runs on
     if importlib.util.find_spec("vllm") is None:  # the driver stops before any actor waits
         with pytest.raises(RuntimeError, match=r"judge\.classify\.engine\.kind is 'vllm' but vLLM is not installed"):
             preflight_step(step)
     trained = router_step(load(None, ["judge.classify.method=trained"]))
     assert trained.engine is None and actor_gpus(trained) == 0  # a trained classifier builds no engine
+
+
+def test_a_step_that_scores_text_with_an_engine_that_cannot_fails_on_the_driver_naming_its_key():
+    from themis_ray.executor.plan import preflight_step
+
+    remote = ["judge.engine.kind=openai", "judge.classify.engine.kind=openai", "judge.classify.method=zero_shot"]
+    cfg = load(None, remote + ["judge.rationale=false"])
+    with pytest.raises(ValueError, match=r"^judge scores given text .* a 'openai' engine cannot do; "
+                                         r"set judge\.engine\.kind to hf or vllm$"):
+        preflight_step(judge_step(cfg, RatingScale(1, 5)))
+    with pytest.raises(ValueError, match=r"set judge\.classify\.engine\.kind to hf or vllm$"):
+        preflight_step(router_step(cfg))  # zero-shot classification scores each scenario's name
+    preflight_step(judge_step(load(None, remote), RatingScale(1, 5)))  # with a rationale it only generates
 
 
 # ------------------------------------------------------------------------ the openai engine on S3

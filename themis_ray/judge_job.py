@@ -177,7 +177,7 @@ def judge_step(cfg, scale: judging.RatingScale) -> Step:
     """The judge on `judge.pool`: the label stage's judging, each row in its own mode."""
     c = cfg.judge
     criteria = [{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None
-    return Step(name="judge", processor=DatasetJudge, pool=c.pool, engine=StepEngine(c.engine, "judge.engine"),
+    return Step(name="judge", processor=DatasetJudge, pool=c.pool, engine=StepEngine(c.engine, "judge.engine", scores=not c.rationale),
                 stats=judge_stats,
                 args={"engine_cfg": c.engine, "sampling": c.sampling, "score_by": "text", "calibrate": False,
                       "prefill": c.prefill_score, "max_attempts": c.max_attempts, "retry_temperature": 0.7,

@@ -258,9 +258,10 @@ def run(ctx: StageContext) -> StageResult:
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
                   max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir,
                   rationale=c.rationale, rationale_tokens=c.rationale_tokens)
-    engine = StepEngine(c.engine, "label.engine")
     rows_in, extra = source.num_rows(), {}  # counted once from the footers: it sizes the plan too
-    pointwise = Step(name="label", processor=Labeler, pool=c.pool, engine=engine, stats=label_stats,
+    # Without a rationale (and pointwise with score_by=choice) the score is chosen by log-probability.
+    pointwise = Step(name="label", processor=Labeler, pool=c.pool, stats=label_stats,
+                     engine=StepEngine(c.engine, "label.engine", scores=not c.rationale or c.score_by == "choice"),
                      args={**common, "score_by": c.score_by, "prefill": c.prefill_score})
     run_rows(source.dataset(), pointwise, ctx.store, schema, resume=ctx.resume, total=rows_in)
     if c.pairwise:
@@ -269,7 +270,8 @@ def run(ctx: StageContext) -> StageResult:
         pairs = _pairs(ctx, source, c.max_pairs_per_instruction, rows_in)
         n_pairs = pairs.num_rows()
         if n_pairs:
-            pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool, engine=engine,
+            pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool,
+                            engine=StepEngine(c.engine, "label.engine", scores=not c.rationale),
                             stats=label_stats, args={**common, "score_by": "text", "prefill": False})
             run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, total=n_pairs)
         rows_in += n_pairs
