@@ -30,7 +30,7 @@ from themis_ray.config import load  # noqa: E402
 from themis_ray.judge_job import input_schema, judge_step, prepare, router_step, schemas  # noqa: E402
 from themis_ray.judging import RatingScale  # noqa: E402
 from themis_ray.records import user_rows  # noqa: E402
-from themis_ray.schema import REJECT  # noqa: E402
+from themis_ray.schema import REJECT, REJECT_CODE  # noqa: E402
 from themis_ray.store import StageStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_rows_are_mapped_and_bad_ones_name_file_row_and_column():
                    scenarios=["open_qa"]).to_pylist()
     assert rows[0][REJECT] is None and rows[0]["instruction"] == "Q?" and rows[0]["response"] == "A."
     assert rows[0]["input.score"] == 3 and rows[0]["input.prompt"] == "Q?" and rows[0]["scenario"] == "open_qa"
-    assert rows[1][REJECT] == "d.jsonl:2: invalid JSON: Expecting value"
+    assert rows[1][REJECT] == "d.jsonl:2: invalid JSON: Expecting value" and rows[1][REJECT_CODE] == "bad_record"
     assert rows[2][REJECT] == "d.jsonl:3: column 'completion' (response) is empty"
     assert rows[3][REJECT] is None and rows[3]["mode"] == "pairwise" and rows[3]["response_b"] == "y"
 
@@ -87,6 +87,21 @@ def test_the_judge_job_and_the_labelled_file_benchmark_reject_a_row_in_the_same_
     _, evaluated = parse_file_rows(user_rows(records), fc)
     assert judged[REJECT].to_pylist() == evaluated[REJECT].to_pylist() == [
         "d.jsonl:1: column 'answer' (response) is empty", "d.jsonl:2: invalid JSON: Expecting value"]
+
+
+def test_the_parse_rate_counts_unparsable_answers_by_their_code_not_their_text():
+    from themis_ray.judge_job import judge_stats
+
+    prepared, output = schemas(input_schema({"q": {"str": 1}}))
+    rows = [{"id": "a", "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 0.5, REJECT_CODE: "unparsable",
+             REJECT: "as given: unparsable evaluation: no [[A]]; swapped: engine error: timeout"},
+            {"id": "b", "prompt_tokens": 7, "completion_tokens": 0, "cost_usd": 0.0, REJECT_CODE: "bad_record",
+             REJECT: "unparsable evaluation.jsonl:3: column 'response' (response) is missing"},
+            {"id": "c", "prompt_tokens": 3, "completion_tokens": 1, "cost_usd": 0.25, REJECT_CODE: "engine_error",
+             REJECT: "engine error: unparsable evaluation body"}]
+    stats = judge_stats(pa.Table.from_pylist(rows, schema=output), rejected=True)
+    assert stats == {"prompt_tokens": 20, "completion_tokens": 6, "cost_usd": 0.75, "unparsable": 1}
+    assert REJECT_CODE in prepared.names and output.names[-2:] == [REJECT, REJECT_CODE]
 
 
 def test_the_scenario_router_declares_its_engine_so_it_is_preflighted_and_given_gpus():

@@ -32,7 +32,7 @@ from themis_ray.engines import engine_label
 from themis_ray.executor import RowProcessor, Step, StepEngine, map_processor, map_tasks, partials, run_rows
 from themis_ray.records import RowError, UserColumns, as_text, column_kinds, read_records, record_files, user_rows
 from themis_ray.scenarios import load_scenarios
-from themis_ray.schema import REJECT, STAGE_COLUMNS, output_schema, stable_id
+from themis_ray.schema import REJECT, REJECT_CODE, REJECT_COLUMNS, STAGE_COLUMNS, output_schema, rejected, stable_id
 from themis_ray.stages.label import Labeler, PairLabeler
 from themis_ray.store import StageResult, StageStore
 
@@ -77,7 +77,7 @@ class ScenarioRouter(RowProcessor):
                 try:
                     row["scenario"], _ = self.predictor.predict(row["instruction"])
                 except ValueError as err:
-                    row[REJECT] = f"{row['_file']}:{row['_row']}: cannot classify the instruction: {err}"
+                    row.update(rejected("unclassified", f"{row['_file']}:{row['_row']}: cannot classify the instruction: {err}"))
         return rows
 
 
@@ -100,9 +100,9 @@ def input_schema(kinds: dict[str, dict]) -> pa.Schema:
 def schemas(inputs: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
     """(rows the judge reads, rows it writes): the input's columns (renamed where the judge writes a
     column of that name), `_file`, `_row` and the judge's fields; then what the judge adds."""
-    written = {n for n, _ in STAGE_COLUMNS["label"]} | {"judge", REJECT}
+    written = {n for n, _ in STAGE_COLUMNS["label"]} | {"judge", *REJECT_COLUMNS}
     kept = [pa.field(PREFIX + f.name if f.name in written else f.name, f.type) for f in inputs if f.name not in FIELDS]
-    prepared = pa.schema(kept + [pa.field(n, t) for n, t in FIELD_TYPES] + [pa.field(REJECT, pa.string())])
+    prepared = pa.schema(kept + [pa.field(n, t) for n, t in FIELD_TYPES] + [pa.field(n, pa.string()) for n in REJECT_COLUMNS])
     judged = output_schema("label", prepared)
     return prepared, pa.schema([pa.field("judge" if f.name == "teacher" else f.name, f.type) for f in judged])
 
@@ -128,7 +128,7 @@ def prepare(batch: pa.Table, schema: pa.Schema, columns: dict, mode: Optional[st
     for user in user_rows(batch):
         row: dict[str, Any] = {"_file": user.file, "_row": user.row}
         if user.error:
-            out.append({**row, "id": stable_id(user.file, user.row), REJECT: f"{user.where}: {user.error}"})
+            out.append({**row, "id": stable_id(user.file, user.row), **rejected("bad_record", f"{user.where}: {user.error}")})
             continue
         for f in schema:
             source = f.name[len(PREFIX):] if f.name.startswith(PREFIX) else f.name
@@ -141,9 +141,8 @@ def prepare(batch: pa.Table, schema: pa.Schema, columns: dict, mode: Optional[st
         row["scenario"] = row["scenario"] or scenario
         try:
             _check(user.record, row, fields, scenarios)
-            row[REJECT] = None
         except RowError as err:
-            row[REJECT] = f"{user.where}: {err}"
+            row.update(rejected("bad_record", f"{user.where}: {err}"))
         out.append(row)
     return pa.Table.from_pylist([{**dict.fromkeys(schema.names), **r} for r in out], schema=schema)
 
@@ -189,8 +188,7 @@ def judge_stats(table: pa.Table, rejected: bool) -> dict:
     """Per part: tokens and cost (rejects too: their attempts were paid for), scores, pairs, failures."""
     stats: dict = {key: pc.sum(table[key]).as_py() or 0 for key in ("prompt_tokens", "completion_tokens", "cost_usd")}
     if rejected:
-        reasons = [r.split(": ", 1)[-1] if r else "" for r in table[REJECT].to_pylist()]
-        stats["unparsable"] = sum(r.startswith("unparsable") or "unparsable evaluation" in r for r in reasons)
+        stats["unparsable"] = pc.sum(pc.equal(table[REJECT_CODE], "unparsable")).as_py() or 0
         return stats
     scores = [round(s) for s in table["score"].to_pylist() if s is not None]
     histogram: dict = {}

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from themis_ray import judging, prompts
 from themis_ray.engines import build_engine, engine_label
 from themis_ray.executor import RowProcessor, StageContext, Step, StepEngine, map_groups, run_rows, write
-from themis_ray.schema import REJECT, output_schema, stable_id
+from themis_ray.schema import REJECT, REJECT_CODE, output_schema, rejected, stable_id
 from themis_ray.store import StageResult, StageStore
 
 
@@ -56,7 +56,7 @@ class Labeler(RowProcessor):
             base = {**row, "id": stable_id(row["id"], "label", mode), "response_id": row["id"], "mode": mode,
                     self.judge_column: self.teacher, "prompt": prompt}
             if error is not None:
-                out[i] = {**base, REJECT: f"bad record: {error}"}
+                out[i] = {**base, **rejected("bad_record", f"bad record: {error}")}
                 continue
             pending[i] = base
         if self.score_by == "choice":
@@ -85,14 +85,14 @@ class Labeler(RowProcessor):
                 parsed = judging.parse_evaluation(text, "single", self.scale)
                 if done.error or not parsed.ok:
                     row["evaluation"] = text  # kept as the raw answer if this was the last attempt
-                    row[REJECT] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
+                    row.update(_failure(done, parsed))
                     continue
                 dist = row.pop("_distribution", None) or judging.score_distribution(
                     done.tokens, done.top_logprobs, self.scale, prefill=self.prefill)
                 out[i] = {**row, "evaluation": text, "score": parsed.score,
                           "criterion_scores": parsed.criterion_scores,
                           "score_distribution": list(dist.values()) if dist else None,
-                          "expected_score": judging.expected_score(dist), REJECT: None}
+                          "expected_score": judging.expected_score(dist), REJECT: None, REJECT_CODE: None}
                 del pending[i]
         for row in pending.values():  # what is still pending failed every attempt: keep its last reason
             row.pop("_distribution", None)
@@ -165,7 +165,7 @@ class PairLabeler(Labeler):
                                                    criteria=self.criteria)
                 both = [judging.render_prompt(r, self.scenarios_dir) for r in (request, judging.swap_pair(request))]
             except (ValueError, KeyError) as err:
-                out[i] = {**base, REJECT: f"bad record: {err}"}
+                out[i] = {**base, **rejected("bad_record", f"bad record: {err}")}
                 continue
             out[i] = {**base, "prompt": both[0], REJECT: None}
             pending.update({(i, 0): both[0], (i, 1): both[1]})
@@ -189,7 +189,7 @@ class PairLabeler(Labeler):
                 texts[key], attempts[key] = done.text, attempt
                 parsed = judging.parse_evaluation(done.text, "pairwise")
                 if done.error or not parsed.ok:
-                    errors[key] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
+                    errors[key] = _failure(done, parsed)
                     continue
                 errors.pop(key, None)
                 verdicts[key] = parsed.verdict
@@ -200,9 +200,11 @@ class PairLabeler(Labeler):
             row["attempts"] = max(attempts[(i, 0)], attempts[(i, 1)])
             row["cost_usd"] = self._cost(row["prompt_tokens"], row["completion_tokens"])
             row["evaluation"], row["evaluation_swapped"] = texts[(i, 0)], texts[(i, 1)]
-            failed = [f"{order}: {errors[(i, k)]}" for k, order in ((0, "as given"), (1, "swapped")) if (i, k) in errors]
+            failed = [(order, errors[(i, k)]) for k, order in ((0, "as given"), (1, "swapped")) if (i, k) in errors]
             if failed:
-                row[REJECT] = "; ".join(failed)
+                codes = {failure[REJECT_CODE] for _, failure in failed}
+                row.update(rejected("unparsable" if "unparsable" in codes else "engine_error",
+                                    "; ".join(f"{order}: {failure[REJECT]}" for order, failure in failed)))
             else:
                 row["verdict"], row["verdict_consistent"] = judging.combine_pairwise(verdicts[(i, 0)], verdicts[(i, 1)])
         return [out[i] for i in range(len(rows))]
@@ -224,6 +226,13 @@ def make_pairs(group: pa.Table, max_per_instruction: int) -> pa.Table:
               "responder": f"{a.get('responder')} vs {b.get('responder')}", REJECT: None}
              for a, b in list(zip(rows, rows[1:]))[:max(0, max_per_instruction)]]
     return pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA)
+
+
+def _failure(done, parsed) -> dict:
+    """The reject columns of an answer that failed: the engine's error, or an evaluation that did not parse."""
+    if done.error:
+        return rejected("engine_error", f"engine error: {done.error}")
+    return rejected("unparsable", f"unparsable evaluation: {parsed.error}")
 
 
 def replace_sampling(sampling, temperature: float, attempt: int):
