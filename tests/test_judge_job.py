@@ -169,6 +169,8 @@ def test_a_dataset_in_a_bucket_judged_killed_and_resumed_without_asking_twice(s3
         assert 0 < sum(Counter(log.read_text().split()).values()) < N
         second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
         assert second.returncode == 0, second.stderr[-3000:]
+        # The stages' runner: it kept the interrupted run's parts and said so.
+        assert "judge: resuming an interrupted run" in second.stdout, second.stdout[-3000:]
     finally:
         server.kill()
     manifest = store.manifest()

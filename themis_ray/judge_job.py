@@ -19,7 +19,6 @@ for pairs (judged in both orders), `evaluation` (the text), `judge`, tokens and 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -201,7 +200,7 @@ def judge_stats(table: pa.Table, rejected: bool) -> dict:
 
 def judge_dataset(cfg) -> dict:
     """Judge every record of `cfg.input` into `cfg.output`; returns the output's manifest."""
-    from themis_ray.pipeline import init_ray
+    from themis_ray.pipeline import run_stored
 
     c = cfg.judge
     if not cfg.input or not cfg.output:
@@ -218,32 +217,33 @@ def judge_dataset(cfg) -> dict:
     store = StageStore.at(cfg.output)
     fp = {"config": digest({"judge": c, "scenarios_dir": cfg.scenarios_dir}), "input": cfg.input,
           "files": digest([[f, fs.resolve(f)[0].get_file_info(fs.resolve(f)[1]).size] for f in files])}
-    if store.is_done(fp):
-        manifest = store.manifest()
-        print_summary(manifest, skipped=True)
-        return manifest
-    store.claim()  # a folder that is not ours is refused before Ray starts
-    init_ray(cfg)
-    start = time.perf_counter()
-    resume = store.begin(fp)
-    records = read_records(cfg.input)
-    seen = partials(records, column_kinds)  # one light pass: how many rows, which columns and types
-    prepared, schema = schemas(input_schema(seen.get("columns", {})))
-    rows = map_tasks(records, prepare, schema=prepared, columns=dict(c.columns), mode=c.mode, scenario=c.scenario,
-                     scenarios=scenarios)
 
-    def route(ds):  # scenarios for the rows without one, only when some may lack it
-        if c.scenario is not None:
-            return ds
-        return map_processor(ds, router_step(cfg), prepared)
+    def work(resume: bool) -> StageResult:
+        records = read_records(cfg.input)
+        seen = partials(records, column_kinds)  # one light pass: how many rows, which columns and types
+        prepared, schema = schemas(input_schema(seen.get("columns", {})))
+        rows = map_tasks(records, prepare, schema=prepared, columns=dict(c.columns), mode=c.mode,
+                         scenario=c.scenario, scenarios=scenarios)
 
-    run_rows(rows, judge_step(cfg, scale), store, schema, resume=resume, before=route, total=seen.get("rows", 0))
+        def route(ds):  # scenarios for the rows without one, only when some may lack it
+            if c.scenario is not None:
+                return ds
+            return map_processor(ds, router_step(cfg), prepared)
+
+        run_rows(rows, judge_step(cfg, scale), store, schema, resume=resume, before=route, total=seen.get("rows", 0))
+        return StageResult(rows_in=seen.get("rows", 0), extra=_summary(cfg, store, scale))
+
+    return run_stored(cfg, "judge", store, fp, print_summary, work)
+
+
+def _summary(cfg, store: StageStore, scale: judging.RatingScale) -> dict:
+    """The manifest's figures from the written parts' footers, and the score histogram's plot."""
     written = store.tally()
-    stats = written.stats
-    judged = written.rows_out + stats.get("unparsable", 0)
+    stats, rows_out = written.stats, written.rows_out
+    judged = rows_out + stats.get("unparsable", 0)
     extra = {
-        "input": cfg.input, "judge": engine_label(c.engine),
-        "parse_rate": round(written.rows_out / judged, 4) if judged else None,
+        "input": cfg.input, "judge": engine_label(cfg.judge.engine),
+        "parse_rate": round(rows_out / judged, 4) if judged else None,
         "score_histogram": dict(sorted(stats.get("score_histogram", {}).items(), key=lambda kv: int(kv[0]))),
         "pairs": stats.get("pairs", 0),
         "position_consistency": round(stats["pairs_consistent"] / stats["pairs"], 4) if stats.get("pairs") else None,
@@ -252,9 +252,7 @@ def judge_dataset(cfg) -> dict:
     }
     with store.local_folder() as folder:
         extra["plot"] = _plot_histogram(extra["score_histogram"], scale, folder)
-    manifest = store.commit(StageResult(rows_in=seen.get("rows", 0), extra=extra), fp, time.perf_counter() - start)
-    print_summary(manifest, skipped=False)
-    return manifest
+    return extra
 
 
 def _check_apart(input_uri: str, output_uri: str) -> None:
