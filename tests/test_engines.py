@@ -53,7 +53,8 @@ def test_each_engine_declares_its_capabilities_and_scores_text_only_where_it_say
 
 
 def test_the_switches_read_the_capabilities():
-    from themis_ray.engines import batch_generation_route, batches_in_flight, continues_assistant_message, loads_local_weights
+    from themis_ray.engines import (batch_generation_route, batches_in_flight, continues_assistant_message,
+                                    loads_local_weights)
 
     hf, openai, vllm = (EngineConfig(kind=k, max_concurrency=8) for k in ("hf", "openai", "vllm"))
     assert [continues_assistant_message(c) for c in (hf, openai, vllm)] == [True, False, True]

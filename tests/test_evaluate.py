@@ -151,7 +151,8 @@ def test_parse_file_rows_takes_rows_from_anywhere_and_numbers_them_as_given():
     (good,) = records.to_pylist()
     assert (good["row"], good["winner"], good["benchmark"], good["scenario"]) == (7, "B", "mine", "open_qa")
     (bad,) = rejects.to_pylist()
-    assert (bad["benchmark"], bad["row"]) == ("mine", 9) and bad[REJECT].startswith("row 9: column 'winner' (winner) None")
+    assert (bad["benchmark"], bad["row"]) == ("mine", 9)
+    assert bad[REJECT].startswith("row 9: column 'winner' (winner) None")
 
 
 @pytest.mark.integration

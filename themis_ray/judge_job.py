@@ -76,7 +76,8 @@ class ScenarioRouter(RowProcessor):
                 try:
                     row["scenario"], _ = self.predictor.predict(row["instruction"])
                 except ValueError as err:
-                    row.update(rejected("unclassified", f"{row['_file']}:{row['_row']}: cannot classify the instruction: {err}"))
+                    where = f"{row['_file']}:{row['_row']}"
+                    row.update(rejected("unclassified", f"{where}: cannot classify the instruction: {err}"))
         return rows
 
 
@@ -101,7 +102,8 @@ def schemas(inputs: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
     column of that name), `_file`, `_row` and the judge's fields; then what the judge adds."""
     written = {n for n, _ in STAGE_COLUMNS["label"]} | {"judge", *REJECT_COLUMNS}
     kept = [pa.field(PREFIX + f.name if f.name in written else f.name, f.type) for f in inputs if f.name not in FIELDS]
-    prepared = pa.schema(kept + [pa.field(n, t) for n, t in FIELD_TYPES] + [pa.field(n, pa.string()) for n in REJECT_COLUMNS])
+    prepared = pa.schema(kept + [pa.field(n, t) for n, t in FIELD_TYPES]
+                         + [pa.field(n, pa.string()) for n in REJECT_COLUMNS])
     judged = output_schema("label", prepared)
     return prepared, pa.schema([pa.field("judge" if f.name == "teacher" else f.name, f.type) for f in judged])
 
@@ -127,7 +129,8 @@ def prepare(batch: pa.Table, schema: pa.Schema, columns: dict, mode: Optional[st
     for user in user_rows(batch):
         row: dict[str, Any] = {"_file": user.file, "_row": user.row}
         if user.error:
-            out.append({**row, "id": stable_id(user.file, user.row), **rejected("bad_record", f"{user.where}: {user.error}")})
+            out.append({**row, "id": stable_id(user.file, user.row),
+                        **rejected("bad_record", f"{user.where}: {user.error}")})
             continue
         for f in schema:
             source = f.name[len(PREFIX):] if f.name.startswith(PREFIX) else f.name
@@ -156,7 +159,8 @@ def _check(record: dict, row: dict, fields: UserColumns, scenarios: list[str]) -
     if row["mode"] not in (None, *judging.MODES):
         raise RowError(f"{fields.name('mode')}: {row['mode']!r} is not one of {', '.join(judging.MODES)}")
     if row["scenario"] is not None and row["scenario"] not in scenarios:
-        raise RowError(f"{fields.name('scenario')}: unknown scenario {row['scenario']!r}; known: {', '.join(scenarios)}")
+        raise RowError(f"{fields.name('scenario')}: unknown scenario {row['scenario']!r}; "
+                       f"known: {', '.join(scenarios)}")
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -175,7 +179,8 @@ def judge_step(cfg, scale: judging.RatingScale) -> Step:
     """The judge on `judge.pool`: the label stage's judging, each row in its own mode."""
     c = cfg.judge
     criteria = [{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None
-    return Step(name="judge", processor=DatasetJudge, pool=c.pool, engine=StepEngine(c.engine, "judge.engine", scores=not c.rationale),
+    return Step(name="judge", processor=DatasetJudge, pool=c.pool,
+                engine=StepEngine(c.engine, "judge.engine", scores=not c.rationale),  # no rationale: chosen by log-prob
                 stats=judge_stats,
                 args={"engine_cfg": c.engine, "sampling": c.sampling, "score_by": "text", "calibrate": False,
                       "prefill": c.prefill_score, "max_attempts": c.max_attempts, "retry_temperature": 0.7,

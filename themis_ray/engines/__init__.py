@@ -193,20 +193,9 @@ def plan_prompts(engine, conversations: list[Conversation], max_tokens: int):
 
 def build_engine(cfg, where: str = "engine") -> Engine:
     """Build the engine named by `cfg.kind`; call this inside the actor that will use it."""
-    if cfg.kind == "hf":
-        from themis_ray.engines.hf import HFEngine
-
-        return HFEngine(cfg)
-    if cfg.kind == "openai":
-        from themis_ray.engines.openai_engine import OpenAIEngine
-
-        return OpenAIEngine(cfg)
     if cfg.kind == "vllm":
-        check_vllm_installed(where)
-        from themis_ray.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg)
-    raise ValueError(f"engine.kind must be one of hf, openai, vllm; got {cfg.kind!r}")
+        check_vllm_installed(where)  # a clear error naming the extra, not an ImportError from inside vLLM
+    return engine_class(cfg.kind)(cfg)
 
 
 # -- vllm preflight: checked on the driver before any actor is asked for, so nothing waits forever ---
