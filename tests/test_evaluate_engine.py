@@ -154,7 +154,7 @@ def test_stage_runs_two_judges_on_validation_file_and_mtbench(ray_module, tmp_pa
     rejects = store.read_rejects().to_pylist()
     assert [(r["benchmark"], r["row"]) for r in rejects] == [("file", 3)]
     assert rejects[0]["file"] == str(labels) and rejects[0]["raw"] == "not json"
-    assert rejects[0][REJECT].startswith(f"{labels} row 3: invalid JSON")
+    assert rejects[0][REJECT].startswith(f"{labels}:3: invalid JSON")
 
     staging = stage_path(store)
     metrics = json.loads((staging / "metrics.json").read_text())
