@@ -3,9 +3,10 @@
 For a pairwise evaluation prompt of about 630 tokens (the five-part prompt, two answers of a few
 sentences) on the embedded model: one forward pass over the prompt (prefill; also what score-only
 judging costs), then greedy decode steps one token at a time from the KV cache, as `generate` runs them.
-Each setting runs in a fresh process (torch's thread pool and OpenMP's wait policy are fixed at start);
-`--busy N` keeps N other processes spinning on the cores meanwhile, to show what a shared node does to
-each wait policy.
+Each setting runs in a fresh process (torch's thread pool and OpenMP's way of waiting are fixed when it
+loads): dtype x threads, then the ways torch's OpenMP threads wait between parallel regions (`WAITS`),
+interleaved over `--rounds`, alone and with one other process spinning on the cores (`busy_processes`),
+which is what a node shared by Ray's actors, replicas and tasks looks like.
 
     .venv/bin/python benchmarks/judge_profile.py --out benchmarks/results/judge_profile.json
 """
@@ -60,8 +61,17 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def measure(threads: int, dtype: str, policy: str, steps: int, repeats: int, busy: int, timeout: float) -> dict:
-    env = {**os.environ, "OMP_WAIT_POLICY": policy}
+WAITS = {  # how torch's OpenMP (libgomp) threads wait between parallel regions
+    "default": {},  # spin up to 300,000 iterations, then sleep
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # sleep at once
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},  # spin ~10,000 iterations, then sleep
+    "active": {"OMP_WAIT_POLICY": "ACTIVE"},  # spin
+}
+
+
+def measure(threads: int, dtype: str, wait: str, steps: int, repeats: int, busy: int, timeout: float) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(WAITS[wait])
     hogs = [multiprocessing.Process(target=_spin, args=(timeout,), daemon=True) for _ in range(busy)]
     for hog in hogs:
         hog.start()
@@ -85,15 +95,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps per repetition")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=240, help="seconds per setting before it counts as stuck")
+    parser.add_argument("--rounds", type=int, default=2, help="the wait-policy settings are run this many times, interleaved")
     parser.add_argument("--out")
     args = parser.parse_args()
-    settings = [(t, d, "PASSIVE", 0) for d in ("float32", "bfloat16") for t in (1, 2)]
-    settings += [(2, "float32", policy, 1) for policy in ("PASSIVE", "ACTIVE")] + [(1, "float32", "PASSIVE", 1)]
+    settings = [(t, d, "passive", 0) for d in ("float32", "bfloat16") for t in (1, 2)]
+    for _ in range(args.rounds):
+        settings += [(2, "float32", wait, busy) for busy in (0, 1) for wait in ("default", "passive", "spin10k")]
+    settings += [(1, "float32", "passive", 1), (2, "float32", "active", 1)]
     results = []
-    for threads, dtype, policy, busy in settings:
-        row = {"threads": threads, "dtype": dtype, "omp_wait_policy": policy, "busy_processes": busy,
+    for threads, dtype, wait, busy in settings:
+        row = {"threads": threads, "dtype": dtype, "wait": wait, "busy_processes": busy,
                "load_average_1m_before": round(os.getloadavg()[0], 2),
-               **measure(threads, dtype, policy, args.steps, args.repeats, busy, args.timeout)}
+               **measure(threads, dtype, wait, args.steps, args.repeats, busy, args.timeout)}
         print({k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
         results.append(row)
     out = {"settings": results, "run": {

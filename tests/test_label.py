@@ -83,6 +83,15 @@ def test_without_a_rationale_the_chosen_score_is_the_whole_evaluation(labeler_fa
 
 
 @pytest.mark.integration  # loads the real model
+def test_a_record_too_long_to_score_is_a_reject_not_a_failed_batch(labeler_factory):
+    short = EngineConfig(max_model_len=300)  # the five-part prompt alone is ~400 tokens
+    for labeler in (labeler_factory(engine_cfg=short), labeler_factory(engine_cfg=short, rationale=False)):
+        out = labeler.process(rows())
+        assert [r[REJECT].split(":")[0] for r in out] == ["engine error", "engine error", "bad record"]
+        assert "max_model_len=300" in out[0][REJECT]
+
+
+@pytest.mark.integration  # loads the real model
 def test_calibration_divides_out_the_content_free_prior(labeler_factory):
     plain, calibrated = labeler_factory(), labeler_factory(calibrate=True)
     [p] = plain.process(rows()[:1])

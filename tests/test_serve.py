@@ -222,8 +222,12 @@ def test_unit_engine_errors_map_to_statuses():
         async def classify(self, instruction):
             raise RuntimeError("replica died")
 
+        async def score_choices(self, conversation, options):
+            raise RuntimeError("replica died")
+
     service = JudgeService(DeadReplica(), ServeSettings(model_id="judge"))
     for call in (service.judge(JudgeBody.model_validate(SINGLE)),
+                 service.judge(JudgeBody.model_validate({**SINGLE, "rationale": False})),
                  service.judge(JudgeBody.model_validate({k: v for k, v in SINGLE.items() if k != "scenario"}))):
         with pytest.raises(APIError) as failed:
             asyncio.run(call)

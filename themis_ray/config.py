@@ -19,7 +19,10 @@ from omegaconf import OmegaConf
 class EngineConfig:
     kind: Literal["hf", "openai", "vllm"] = "hf"
     model: str = "smollm2-135m-instruct"  # a local folder, or the embedded default's name
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # hf: float32 | bfloat16 (GPU, or a CPU with AVX512-BF16/AMX) | float16
+    # hf: float32 | bfloat16 (GPU, or a CPU with AVX512-BF16/AMX) | float16 | auto: bfloat16 where the
+    # device computes it fast (a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16), else float32.
+    # vllm: passed as given ("auto": vLLM's own rule).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     num_threads: int = 1  # hf: torch intra-op threads per actor; match the actor's num_cpus
     max_model_len: int = 2048  # prompt + completion tokens the engine accepts
     base_url: Optional[str] = None  # openai: endpoint; defaults to $OPENAI_BASE_URL

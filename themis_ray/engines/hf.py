@@ -19,8 +19,8 @@ class HFEngine(Engine):
     def __init__(self, cfg):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if cfg.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"engine.dtype must be float32, bfloat16 or float16; got {cfg.dtype!r}")
+        if cfg.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"engine.dtype must be float32, bfloat16, float16 or auto; got {cfg.dtype!r}")
         if cfg.num_threads and cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
         path = resolve_model(cfg.model)
@@ -31,7 +31,7 @@ class HFEngine(Engine):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # bfloat16 also pays on a CPU with AVX512-BF16 or AMX (about 1.7x float32 on this model).
-        dtype = getattr(torch, cfg.dtype)
+        dtype = fast_dtype() if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
 
     # -- text -> ids -----------------------------------------------------------------------------
@@ -68,7 +68,7 @@ class HFEngine(Engine):
         torch.manual_seed(sampling.seed)
         greedy = sampling.temperature <= 0
         stopping = None
-        if getattr(sampling, "stop_pattern", None):
+        if sampling.stop_pattern:
             from transformers import StoppingCriteriaList
 
             stopping = StoppingCriteriaList([StopAfterMatch(
@@ -147,6 +147,20 @@ class HFEngine(Engine):
         return totals
 
 
+def fast_dtype() -> torch.dtype:
+    """bfloat16 where this device computes it fast, else float32. On a CPU with AMX a 630-token prefill
+    of the embedded model took 0.29 s in bfloat16 against 1.08 s in float32 (benchmarks/judge_profile.py);
+    without AMX or AVX512-BF16, bfloat16 matmuls are emulated and slower than float32."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no way to tell, so the safe choice
+        return torch.float32
+    return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & set(flags) else torch.float32
+
+
 def _prefill_text(conversation: Conversation) -> str:
     """What the answer already says when the conversation ends with an assistant message to continue."""
     last = conversation[-1] if conversation else {}
@@ -158,8 +172,8 @@ class StopAfterMatch:
     least `min_tokens` tokens were generated. A transformers stopping criterion: `generate` pads a
     finished sequence and stops when all are finished.
 
-    A match never goes away as tokens are added, so each sequence is searched only until it matches,
-    and only once it could stop (the regex runs on a few hundred characters per step).
+    A match never goes away as tokens are added, so each sequence is searched only until it first
+    matches (a few hundred characters a step: about 50 µs beside a decode step's ~50 ms).
     """
 
     def __init__(self, tokenizer, pattern: str, min_tokens: int, prompt_width: int, answer_starts: list[str]):

@@ -8,7 +8,6 @@ fake). Prompt building and parsing are `themis_ray.judging`'s; nothing here rest
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -17,7 +16,8 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator, Optional, Protocol, Union
 
 from themis_ray import judging
@@ -174,6 +174,19 @@ def raise_scoring_error(result: dict) -> list[float]:
     return result["logprobs"]
 
 
+@contextmanager
+def _backend_failures(what: str):
+    """A backend that raises (a dead replica, a timeout) is the server's problem: 503, never a 500.
+    An APIError it raises is already the caller's answer."""
+    try:
+        yield
+    except APIError:
+        raise
+    except Exception as exc:
+        log.exception("the %s failed", what)
+        raise APIError(503, f"the {what} is unavailable ({type(exc).__name__})", "server_error")
+
+
 class JudgeService:
     def __init__(self, backend: Backend, settings: ServeSettings):
         self.backend = backend
@@ -181,36 +194,21 @@ class JudgeService:
 
     # -- backend calls, with failures mapped to statuses --------------------------------------------
     async def _generate_all(self, conversations: list[Conversation], sampling: dict) -> list[Completion]:
-        try:
+        with _backend_failures("judge model"):
             # Sent together so the model deployment can put them in one batch.
             completions = await asyncio.gather(*(self.backend.generate(c, sampling) for c in conversations))
-        except APIError:
-            raise
-        except Exception as exc:  # a dead replica, a timeout: the server's problem, reported as such
-            log.exception("generation failed")
-            raise APIError(503, f"the judge model is unavailable ({type(exc).__name__})", "server_error")
         for completion in completions:
             if completion.error:
                 raise engine_error(completion.error)
         return list(completions)
 
     async def _score_all(self, conversations: list[Conversation], options: list[str]) -> list[list[float]]:
-        try:
+        with _backend_failures("judge model"):
             return list(await asyncio.gather(*(self.backend.score_choices(c, options) for c in conversations)))
-        except APIError:
-            raise
-        except Exception as exc:
-            log.exception("scoring failed")
-            raise APIError(503, f"the judge model is unavailable ({type(exc).__name__})", "server_error")
 
     async def _classify(self, instruction: str) -> tuple[str, float]:
-        try:
+        with _backend_failures("scenario classifier"):
             return await self.backend.classify(instruction)
-        except APIError:
-            raise
-        except Exception as exc:
-            log.exception("classification failed")
-            raise APIError(503, f"the scenario classifier is unavailable ({type(exc).__name__})", "server_error")
 
     # -- /v1/judge ----------------------------------------------------------------------------------
     async def judge(self, body: JudgeBody) -> dict:
@@ -282,7 +280,7 @@ class JudgeService:
             SamplingConfig(max_tokens=s.max_tokens, temperature=0.0, top_p=1.0, seed=0, logprobs=JUDGE_TOP_LOGPROBS),
             request.mode, s.rationale_tokens)
         completions = await self._generate_all(
-            [judging.build_messages(p, prefill=s.prefill_score) for p in prompts], dataclasses.asdict(sampling)
+            [judging.build_messages(p, prefill=s.prefill_score) for p in prompts], asdict(sampling)
         )
         distribution = judging.score_distribution(
             completions[0].tokens, completions[0].top_logprobs, request.scale, s.prefill_score

@@ -60,7 +60,7 @@ class Labeler(RowProcessor):
                 continue
             pending[i] = base
         if self.score_by == "choice":
-            self._choose_scores(pending)
+            self._choose_scores(pending, out)
         if not self.rationale:
             for i in list(pending):
                 row = pending.pop(i)
@@ -123,10 +123,15 @@ class Labeler(RowProcessor):
             self._priors[key] = self._score_logprobs(judging.render_prompt(blank, self.scenarios_dir))
         return self._priors[key]
 
-    def _choose_scores(self, pending: dict[int, dict]) -> None:
-        """score_by=choice: the overall score is the most probable "[[n]]" after the prompt."""
-        for row in pending.values():
-            logprobs = self._score_logprobs(row["prompt"])
+    def _choose_scores(self, pending: dict[int, dict], out: dict[int, dict]) -> None:
+        """score_by=choice: the overall score is the most probable "[[n]]" after the prompt. A row the
+        engine cannot score (too long for the model) moves from `pending` to `out` as a reject."""
+        for i, row in list(pending.items()):
+            try:
+                logprobs = self._score_logprobs(row["prompt"])
+            except ValueError as err:
+                out[i] = {**pending.pop(i), REJECT: f"engine error: {err}"}
+                continue
             if self.calibrate:
                 logprobs = [lp - prior for lp, prior in zip(logprobs, self._prior(row))]
             dist = judging.choice_distribution(logprobs, self.scale)
@@ -173,9 +178,14 @@ class PairLabeler(Labeler):
         if not self.rationale:  # each order's verdict chosen by log-probability: the whole answer
             options = judging.choice_options("pairwise")
             for key, prompt in pending.items():
-                lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
+                attempts[key] = 1
+                try:
+                    lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
+                except ValueError as err:  # too long for the model: this pair's failure
+                    texts[key], errors[key] = "", f"engine error: {err}"
+                    continue
                 texts[key], parsed, _ = judging.evaluation_from_choices(lp, "pairwise")
-                verdicts[key], attempts[key] = parsed.verdict, 1
+                verdicts[key] = parsed.verdict
             pending = {}
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
