@@ -68,7 +68,7 @@ class Labeler(RowProcessor):
                 out[i] = {**row, "attempts": 1, "completion_tokens": 0, "evaluation": self._answer_start(row),
                           "score": float(row["_score"]),
                           "criterion_scores": [], "score_distribution": list(dist.values()),
-                          "expected_score": judging.expected_score(dist), REJECT: None}
+                          "expected_score": judging.expected_score(dist), REJECT: None, REJECT_CODE: None}
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
                 break
@@ -130,7 +130,7 @@ class Labeler(RowProcessor):
             try:
                 logprobs = self._score_logprobs(row["prompt"])
             except ValueError as err:
-                out[i] = {**pending.pop(i), REJECT: f"engine error: {err}"}
+                out[i] = {**pending.pop(i), **rejected("engine_error", f"engine error: {err}")}
                 continue
             if self.calibrate:
                 logprobs = [lp - prior for lp, prior in zip(logprobs, self._prior(row))]
@@ -182,7 +182,7 @@ class PairLabeler(Labeler):
                 try:
                     lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
                 except ValueError as err:  # too long for the model: this pair's failure
-                    texts[key], errors[key] = "", f"engine error: {err}"
+                    texts[key], errors[key] = "", rejected("engine_error", f"engine error: {err}")
                     continue
                 texts[key], parsed, _ = judging.evaluation_from_choices(lp, "pairwise")
                 verdicts[key] = parsed.verdict
