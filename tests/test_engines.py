@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -12,7 +13,7 @@ import torch
 
 from themis_ray import judging
 from themis_ray.config import EngineConfig, SamplingConfig
-from themis_ray.engines import build_engine
+from themis_ray.engines import ENGINES, build_engine
 from themis_ray.engines.openai_engine import OpenAIEngine
 
 # ------------------------------------------------------------------------------------ build_engine
@@ -36,6 +37,30 @@ def test_non_hf_engine_cannot_score(monkeypatch):
             engine.token_logprobs([None], ["x"])
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("kind", sorted(ENGINES))
+def test_each_engine_declares_its_capabilities_and_scores_text_only_where_it_says_so(kind):
+    from themis_ray.engines import Capabilities, Engine, capabilities, engine_class
+
+    cls = engine_class(kind)
+    assert isinstance(cls.capabilities, Capabilities) and "capabilities" not in vars(Engine)
+    assert capabilities(EngineConfig(kind=kind)) is cls.capabilities
+    # Declared scoring is real scoring: the class overrides the base's refusal exactly when it says it can.
+    assert (cls.token_logprobs is not Engine.token_logprobs) == cls.capabilities.scores_text
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cls.capabilities.scores_text = not cls.capabilities.scores_text
+
+
+def test_the_switches_read_the_capabilities():
+    from themis_ray.engines import (batch_generation_route, batches_in_flight, continues_assistant_message,
+                                    loads_local_weights)
+
+    hf, openai, vllm = (EngineConfig(kind=k, max_concurrency=8) for k in ("hf", "openai", "vllm"))
+    assert [continues_assistant_message(c) for c in (hf, openai, vllm)] == [True, False, True]
+    assert [loads_local_weights(c) for c in (hf, openai, vllm)] == [True, False, True]
+    assert [batches_in_flight(c) for c in (hf, openai, vllm)] == [1, 4, 1]
+    assert [batch_generation_route(c) for c in (hf, openai, vllm)] == [False, False, True]
 
 
 def test_hf_dtype_is_checked_before_anything_loads():

@@ -22,7 +22,7 @@ from themis_ray.config import LabelledFileConfig, MTBenchConfig, load
 from themis_ray.evaluate import benchmarks as B
 from themis_ray.evaluate import results as S
 from themis_ray.evaluate.judges import resolve_judges
-from themis_ray.records import read_file_batches
+from themis_ray.records import UserRow, numbered_rows, read_file_batches, user_rows
 from themis_ray.schema import REJECT
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,9 +90,9 @@ def write_jsonl(path, lines):
 
 
 def file_rows(path) -> list:
-    """A file's (row number, record) pairs as `file_benchmark`'s maps see them: the read task's batches
+    """A file's rows as `file_benchmark`'s maps see them: the read task's batches
     (records.read_file_batches), here in this process."""
-    return [row for batch in read_file_batches(pa.table({"file": [str(path)]})) for row in B._file_rows(batch)]
+    return [row for batch in read_file_batches(pa.table({"file": [str(path)]})) for row in user_rows(batch)]
 
 
 def test_pointwise_jsonl_good_rows_and_every_bad_row_with_its_line_and_reason(tmp_path):
@@ -120,13 +120,13 @@ def test_pointwise_jsonl_good_rows_and_every_bad_row_with_its_line_and_reason(tm
     assert "Blue." in good[1]["prompt"] and len({r["id"] for r in good}) == 2
     bad = {r["row"]: r for r in rejects.to_pylist()}
     assert sorted(bad) == [4, 5, 6, 7, 8, 9, 10]
-    assert bad[4][REJECT].startswith("row 4: invalid JSON") and bad[4]["raw"] == "{not json"
+    assert bad[4][REJECT].startswith(f"{path}:4: invalid JSON") and bad[4]["raw"] == "{not json"
     assert "outside the scale 1..5" in bad[5][REJECT]
-    assert "'answer' (response) is missing or empty" in bad[6][REJECT]
+    assert bad[6][REJECT] == f"{path}:6: column 'answer' (response) is empty"
     assert "not a number" in bad[7][REJECT]
     assert "unknown scenario 'astrology'" in bad[8][REJECT]
     assert "expected a JSON object" in bad[9][REJECT]
-    assert "'q' (instruction)" in bad[10][REJECT]
+    assert bad[10][REJECT] == f"{path}:10: column 'q' (instruction) is missing"
     assert json.loads(bad[5]["raw"])["rating"] == 9  # the raw row is kept for the user to fix
 
 
@@ -139,19 +139,20 @@ def test_a_folder_of_files_names_each_rejected_row_by_its_file_and_line(tmp_path
     assert sum(r.num_rows for r in records) == 2
     bad = [row for table in rejects for row in table.to_pylist()]
     assert sorted((Path(r["file"]).name, r["row"]) for r in bad) == [("a.jsonl", 2), ("b.jsonl", 2)]
-    assert all(r[REJECT].startswith(f"{r['file']} row 2: invalid JSON") for r in bad)
+    assert all(r[REJECT].startswith(f"{r['file']}:2: invalid JSON") for r in bad)
 
 
 def test_parse_file_rows_takes_rows_from_anywhere_and_numbers_them_as_given():
     fc = file_cfg(format="pairwise")
-    rows = [(7, {"instruction": "Say hi.", "response_a": "Hi", "response_b": "Bye", "winner": 2}),
-            (9, {"instruction": "Say hi.", "response_a": "Hi", "response_b": "Bye", "winner": None})]
+    rows = [UserRow(None, 7, {"instruction": "Say hi.", "response_a": "Hi", "response_b": "Bye", "winner": 2}, "{}"),
+            UserRow(None, 9, {"instruction": "Say hi.", "response_a": "Hi", "response_b": "Bye", "winner": None}, "{}")]
     records, rejects = B.parse_file_rows(rows, fc, benchmark="mine")
     assert records.schema == B.FILE_SCHEMAS["pairwise"] and rejects.schema == B.REJECT_SCHEMA
     (good,) = records.to_pylist()
     assert (good["row"], good["winner"], good["benchmark"], good["scenario"]) == (7, "B", "mine", "open_qa")
     (bad,) = rejects.to_pylist()
-    assert (bad["benchmark"], bad["row"]) == ("mine", 9) and bad[REJECT].startswith("row 9: 'winner' (winner) None")
+    assert (bad["benchmark"], bad["row"]) == ("mine", 9)
+    assert bad[REJECT].startswith("row 9: column 'winner' (winner) None")
 
 
 @pytest.mark.integration
@@ -222,8 +223,8 @@ def test_file_benchmark_checks_the_mapping_over_the_whole_file(ray_module, tmp_p
 
 
 def test_a_ten_point_scale_is_asked_and_checked_on_that_scale():
-    rows = [(1, {"instruction": "x", "response": "y", "score": 8}),
-            (2, {"instruction": "x", "response": "y", "score": 0})]
+    rows = numbered_rows([{"instruction": "x", "response": "y", "score": 8},
+                          {"instruction": "x", "response": "y", "score": 0}])
     records, rejects = B.parse_file_rows(rows, file_cfg(scale_low=1, scale_high=10))
     assert records.num_rows == 1 and "1 to 10" in records["prompt"][0].as_py()
     assert "outside the scale 1..10" in rejects[REJECT][0].as_py()
@@ -270,6 +271,16 @@ def test_load_benchmarks_rejects_unknown_or_repeated_names():
 
 
 # ------------------------------------------------------------------------------------ MT-Bench
+
+
+def test_the_responder_loop_refuses_repeated_or_no_responders_naming_its_config_section():
+    from themis_ray.responders import answer
+
+    cfg = load(None)
+    twice = [cfg.evaluate.mtbench.responders[0]] * 2
+    for section, responders in (("respond", twice), ("evaluate.mtbench", twice), ("evaluate.mtbench", [])):
+        with pytest.raises(ValueError, match=rf"^{section}\.responders: need at least one, with unique names"):
+            answer(responders, None, cfg.evaluate.pool, None, None, resume=False, total=0, section=section)
 
 
 def test_mtbench_questions_first_turn_with_gpt4_references_where_mtbench_uses_them():

@@ -14,6 +14,7 @@ from themis_ray import judging
 from themis_ray.config import EngineConfig, LabelledFileConfig, SamplingConfig, load
 from themis_ray.evaluate import benchmarks as B
 from themis_ray.evaluate.grading import JudgeGrader, graded_schema
+from themis_ray.records import numbered_rows
 from themis_ray.schema import REJECT
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -25,7 +26,7 @@ def file_records(fmt, rows, **kwargs):
     """A labelled file's records as the file benchmark prepares them (parse_file_rows, in this process):
     (records, schema, scale)."""
     fc = OmegaConf.merge(OmegaConf.structured(LabelledFileConfig), {"format": fmt, **kwargs})
-    records, rejects = B.parse_file_rows(list(enumerate(rows, start=1)), fc)
+    records, rejects = B.parse_file_rows(numbered_rows(rows), fc)
     assert rejects.num_rows == 0
     return records, B.FILE_SCHEMAS[fmt], (fc.scale_low, fc.scale_high)
 
@@ -153,7 +154,7 @@ def test_stage_runs_two_judges_on_validation_file_and_mtbench(ray_module, tmp_pa
     rejects = store.read_rejects().to_pylist()
     assert [(r["benchmark"], r["row"]) for r in rejects] == [("file", 3)]
     assert rejects[0]["file"] == str(labels) and rejects[0]["raw"] == "not json"
-    assert rejects[0][REJECT].startswith(f"{labels} row 3: invalid JSON")
+    assert rejects[0][REJECT].startswith(f"{labels}:3: invalid JSON")
 
     staging = stage_path(store)
     metrics = json.loads((staging / "metrics.json").read_text())

@@ -27,8 +27,10 @@ from openai_server import start_process  # noqa: E402
 
 from themis_ray import fs  # noqa: E402
 from themis_ray.config import load  # noqa: E402
-from themis_ray.judge_job import input_schema, prepare, router_step, schemas  # noqa: E402
-from themis_ray.schema import REJECT  # noqa: E402
+from themis_ray.judge_job import input_schema, judge_step, prepare, router_step, schemas  # noqa: E402
+from themis_ray.judging import RatingScale  # noqa: E402
+from themis_ray.records import user_rows  # noqa: E402
+from themis_ray.schema import REJECT, REJECT_CODE  # noqa: E402
 from themis_ray.store import StageStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +66,42 @@ def test_rows_are_mapped_and_bad_ones_name_file_row_and_column():
                    scenarios=["open_qa"]).to_pylist()
     assert rows[0][REJECT] is None and rows[0]["instruction"] == "Q?" and rows[0]["response"] == "A."
     assert rows[0]["input.score"] == 3 and rows[0]["input.prompt"] == "Q?" and rows[0]["scenario"] == "open_qa"
-    assert rows[1][REJECT] == "d.jsonl:2: invalid JSON: Expecting value"
+    assert rows[1][REJECT] == "d.jsonl:2: invalid JSON: Expecting value" and rows[1][REJECT_CODE] == "bad_record"
     assert rows[2][REJECT] == "d.jsonl:3: column 'completion' (response) is empty"
     assert rows[3][REJECT] is None and rows[3]["mode"] == "pairwise" and rows[3]["response_b"] == "y"
+
+
+def test_the_judge_job_and_the_labelled_file_benchmark_reject_a_row_in_the_same_words():
+    from omegaconf import OmegaConf
+
+    from themis_ray.config import LabelledFileConfig
+    from themis_ray.evaluate.benchmarks import parse_file_rows
+
+    records = pa.table({"_file": ["d.jsonl"] * 2, "_row": [1, 2],
+                        "_record": [json.dumps({"q": "Q?", "answer": " ", "score": 3}), "oops"],
+                        "_error": [None, "invalid JSON: Expecting value"]})
+    prepared, _ = schemas(input_schema({"q": {"str": 1}, "answer": {"str": 1}, "score": {"int": 1}}))
+    columns = {"instruction": "q", "response": "answer"}
+    judged = prepare(records, prepared, columns=columns, mode=None, scenario="open_qa", scenarios=["open_qa"])
+    fc = OmegaConf.merge(OmegaConf.structured(LabelledFileConfig), {"columns": columns})
+    _, evaluated = parse_file_rows(user_rows(records), fc)
+    assert judged[REJECT].to_pylist() == evaluated[REJECT].to_pylist() == [
+        "d.jsonl:1: column 'answer' (response) is empty", "d.jsonl:2: invalid JSON: Expecting value"]
+
+
+def test_the_parse_rate_counts_unparsable_answers_by_their_code_not_their_text():
+    from themis_ray.judge_job import judge_stats
+
+    prepared, output = schemas(input_schema({"q": {"str": 1}}))
+    rows = [{"id": "a", "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 0.5, REJECT_CODE: "unparsable",
+             REJECT: "as given: unparsable evaluation: no [[A]]; swapped: engine error: timeout"},
+            {"id": "b", "prompt_tokens": 7, "completion_tokens": 0, "cost_usd": 0.0, REJECT_CODE: "bad_record",
+             REJECT: "unparsable evaluation.jsonl:3: column 'response' (response) is missing"},
+            {"id": "c", "prompt_tokens": 3, "completion_tokens": 1, "cost_usd": 0.25, REJECT_CODE: "engine_error",
+             REJECT: "engine error: unparsable evaluation body"}]
+    stats = judge_stats(pa.Table.from_pylist(rows, schema=output), rejected=True)
+    assert stats == {"prompt_tokens": 20, "completion_tokens": 6, "cost_usd": 0.75, "unparsable": 1}
+    assert REJECT_CODE in prepared.names and output.names[-2:] == [REJECT, REJECT_CODE]
 
 
 def test_the_scenario_router_declares_its_engine_so_it_is_preflighted_and_given_gpus():
@@ -78,13 +113,26 @@ def test_the_scenario_router_declares_its_engine_so_it_is_preflighted_and_given_
     cfg = load(None, ["judge.classify.method=zero_shot", "judge.classify.engine.kind=vllm",
                       "judge.classify.engine.tensor_parallel_size=2", "judge.classify.pool.num_gpus=0"])
     step = router_step(cfg)
-    assert step.engine == StepEngine(cfg.judge.classify.engine, "judge.classify.engine")
+    assert step.engine == StepEngine(cfg.judge.classify.engine, "judge.classify.engine", scores=True)
     assert actor_gpus(step) == 2  # each router actor holds the GPUs its vllm engine runs on
     if importlib.util.find_spec("vllm") is None:  # the driver stops before any actor waits
         with pytest.raises(RuntimeError, match=r"judge\.classify\.engine\.kind is 'vllm' but vLLM is not installed"):
             preflight_step(step)
     trained = router_step(load(None, ["judge.classify.method=trained"]))
     assert trained.engine is None and actor_gpus(trained) == 0  # a trained classifier builds no engine
+
+
+def test_a_step_that_scores_text_with_an_engine_that_cannot_fails_on_the_driver_naming_its_key():
+    from themis_ray.executor.plan import preflight_step
+
+    remote = ["judge.engine.kind=openai", "judge.classify.engine.kind=openai", "judge.classify.method=zero_shot"]
+    cfg = load(None, remote + ["judge.rationale=false"])
+    with pytest.raises(ValueError, match=r"^judge scores given text .* a 'openai' engine cannot do; "
+                                         r"set judge\.engine\.kind to hf or vllm$"):
+        preflight_step(judge_step(cfg, RatingScale(1, 5)))
+    with pytest.raises(ValueError, match=r"set judge\.classify\.engine\.kind to hf or vllm$"):
+        preflight_step(router_step(cfg))  # zero-shot classification scores each scenario's name
+    preflight_step(judge_step(load(None, remote), RatingScale(1, 5)))  # with a rationale it only generates
 
 
 # ------------------------------------------------------------------------ the openai engine on S3
@@ -121,6 +169,8 @@ def test_a_dataset_in_a_bucket_judged_killed_and_resumed_without_asking_twice(s3
         assert 0 < sum(Counter(log.read_text().split()).values()) < N
         second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
         assert second.returncode == 0, second.stderr[-3000:]
+        # The stages' runner: it kept the interrupted run's parts and said so.
+        assert "judge: resuming an interrupted run" in second.stdout, second.stdout[-3000:]
     finally:
         server.kill()
     manifest = store.manifest()

@@ -8,7 +8,7 @@ import pytest
 
 from themis_ray import judging
 from themis_ray.config import EngineConfig, SamplingConfig
-from themis_ray.schema import REJECT, output_schema
+from themis_ray.schema import REJECT, REJECT_CODE, output_schema
 from themis_ray.judging import judge_mode
 from themis_ray.stages.label import Labeler
 
@@ -65,7 +65,7 @@ def test_choice_mode_labels_every_judgeable_row_and_rejects_the_rest(labeler_fac
         # The chosen score is the distribution's most probable one.
         assert row["score"] == 1 + max(range(5), key=row["score_distribution"].__getitem__)
         assert "[Reference answer start]" in row["prompt"]
-    assert bad[REJECT].startswith("bad record: response is empty")
+    assert bad[REJECT].startswith("bad record: response is empty") and bad[REJECT_CODE] == "bad_record"
     assert bad.get("score") is None  # null once the schema writes it
 
 
@@ -110,7 +110,7 @@ def test_text_mode_keeps_unparsable_answers_as_rejects_with_the_raw_text(labeler
     out = labeler.process(rows()[:2])
     for row in out:
         if row[REJECT] is not None:
-            assert row[REJECT].startswith("unparsable evaluation")
+            assert row[REJECT].startswith("unparsable evaluation") and row[REJECT_CODE] == "unparsable"
             assert row["evaluation"]  # the raw answer is kept
             assert row["attempts"] == 2
         else:

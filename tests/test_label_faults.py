@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import OpenAIServer, judge_answer, prompt_key  # noqa: E402
 
 from themis_ray.config import PipelineConfig  # noqa: E402
-from themis_ray.schema import REJECT  # noqa: E402
+from themis_ray.schema import REJECT, REJECT_CODE  # noqa: E402
 from stage_io import finished_stage, run_one  # noqa: E402
 
 from themis_ray.store import StageStore  # noqa: E402
@@ -114,7 +114,8 @@ def test_faults_lose_and_duplicate_no_record(local_ray, tmp_path):
         assert reasons[f"r{i:03d}"].startswith("unparsable evaluation"), reasons
     for i in range(ungradable, ungradable + empty):
         assert reasons[f"r{i:03d}"].startswith("bad record: response is empty"), reasons
-    ungraded = rejects.filter(pc.starts_with(rejects[REJECT], "unparsable"))
+    ungraded = rejects.filter(pc.equal(rejects[REJECT_CODE], "unparsable"))
+    assert ungraded.num_rows == ungradable
     # The raw answer of the last attempt is kept: the record's own refusal, or an injected score-less one.
     assert set(ungraded["evaluation"].to_pylist()) <= {"I will not grade this.", server.garbage_text}
     assert set(ungraded["attempts"].to_pylist()) == {2}

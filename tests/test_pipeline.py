@@ -86,18 +86,20 @@ def test_labels_follow_the_evaluation_format(finished_run):
         assert "[Response start]" in row["prompt"] and row["response"] in row["prompt"]
 
 
-def test_exported_judge_loads_and_generates(finished_run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_the_exported_judge_is_the_trained_model_not_a_copy_of_the_base(finished_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from themis_ray.assets import resolve_model
 
     cfg, manifests = finished_run
-    judge = Path(cfg.run_dir) / "train" / "judge"
-    model = AutoModelForCausalLM.from_pretrained(judge)
-    tokenizer = AutoTokenizer.from_pretrained(judge)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Grade: 2+2=4"}], add_generation_prompt=True,
-                                        return_dict=True, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] > ids["input_ids"].shape[1]
     assert manifests["train"]["train"]["steps"] >= 1
+    trained = AutoModelForCausalLM.from_pretrained(Path(cfg.run_dir) / "train" / "judge").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.train.model)).state_dict()
+    assert trained.keys() == base.keys()  # the same architecture, every weight exported
+    # Compared in the exported dtype, so a cast alone does not count as a change.
+    changed = [name for name, weight in trained.items() if not torch.equal(weight, base[name].to(weight.dtype))]
+    assert changed, "the exported judge's weights equal the base model's: training's updates were not exported"
 
 
 def test_metrics_compare_trained_and_base(finished_run):

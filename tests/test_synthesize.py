@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from themis_ray.config import DedupConfig, load
-from themis_ray.schema import REJECT, output_schema, to_table
+from themis_ray.schema import REJECT, REJECT_CODE, output_schema, to_table
 from themis_ray.stages.synthesize import (
     build_tasks,
     parse_answer,
@@ -122,19 +123,20 @@ def test_tasks_cover_every_scenario_with_its_method():
     assert build_tasks(cfg)[0] == tasks  # seeded
 
 
-def _row(i, instruction, reject=None):
+def _row(i, instruction, reject=None, code=None):
     return {"id": f"id{i}", "task_id": f"t{i}", "doc_id": "d", "scenario": "open_qa", "method": "questioning",
             "instruction": instruction, "reference": None, "prompt_version": "v1", "raw": instruction,
-            REJECT: reject}
+            REJECT: reject, REJECT_CODE: code}
 
 
 def test_duplicates_are_flagged_naming_their_twin_and_earlier_rejects_keep_their_reason():
     from themis_ray.dedup import bucket_keys, strongest
-    from themis_ray.stages.synthesize import _bucket_edges, _flag_duplicates
+    from themis_ray.stages.synthesize import _bucket_edges, _flag_duplicates, synthesis_stats
 
     base = "Explain what a Python generator is and when you would use one instead of a list."
     rows = [_row(1, base), _row(2, base.replace("Explain", "Describe")), _row(3, base.upper()),
-            _row(4, "Write a haiku about rain falling on a tin roof."), _row(5, None, "engine error: boom")]
+            _row(4, "Write a haiku about rain falling on a tin roof."),
+            _row(5, None, "engine error: a duplicate of request 7 was refused", "engine_error")]
     table = to_table(rows, output_schema("synthesize"), "synthesize")
     # What the groupby does at scale, here by hand: each instruction into its buckets, each bucket judged.
     buckets: dict = {}
@@ -151,8 +153,13 @@ def test_duplicates_are_flagged_naming_their_twin_and_earlier_rejects_keep_their
     assert reasons["id1"] is None and reasons["id4"] is None
     assert reasons["id3"] == "exact duplicate of id1"
     assert reasons["id2"].startswith("near duplicate of id1 (Jaccard ")
-    assert reasons["id5"] == "engine error: boom"  # an earlier reject keeps its reason
+    assert reasons["id5"].startswith("engine error:")  # an earlier reject keeps its reason
+    codes = dict(zip(out["id"].to_pylist(), out[REJECT_CODE].to_pylist()))
+    assert codes == {"id1": None, "id2": "duplicate", "id3": "duplicate", "id4": None, "id5": "engine_error"}
     assert out.num_rows == table.num_rows
+    # The stage's duplicate count reads the code: an engine error whose text says "duplicate of" is not one.
+    rejects = out.filter(pc.is_valid(out[REJECT]))
+    assert synthesis_stats(rejects, rejected=True) == {"duplicates": 2}
 
 
 @pytest.mark.integration

@@ -18,9 +18,7 @@ for pairs (judged in both orders), `evaluation` (the text), `judge`, tokens and 
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -31,9 +29,9 @@ from themis_ray.classifier import ScenarioPredictor, predictor_engine
 from themis_ray.config import digest
 from themis_ray.engines import engine_label
 from themis_ray.executor import RowProcessor, Step, StepEngine, map_processor, map_tasks, partials, run_rows
-from themis_ray.records import read_records, record_files
+from themis_ray.records import RowError, UserColumns, as_text, column_kinds, read_records, record_files, user_rows
 from themis_ray.scenarios import load_scenarios
-from themis_ray.schema import REJECT, STAGE_COLUMNS, output_schema, stable_id
+from themis_ray.schema import REJECT, REJECT_CODE, REJECT_COLUMNS, STAGE_COLUMNS, output_schema, rejected, stable_id
 from themis_ray.stages.label import Labeler, PairLabeler
 from themis_ray.store import StageResult, StageStore
 
@@ -78,34 +76,12 @@ class ScenarioRouter(RowProcessor):
                 try:
                     row["scenario"], _ = self.predictor.predict(row["instruction"])
                 except ValueError as err:
-                    row[REJECT] = f"{row['_file']}:{row['_row']}: cannot classify the instruction: {err}"
+                    where = f"{row['_file']}:{row['_row']}"
+                    row.update(rejected("unclassified", f"{where}: cannot classify the instruction: {err}"))
         return rows
 
 
 # ---------------------------------------------------------------------------------- input columns
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    return "str" if isinstance(value, str) or value is None else "json"
-
-
-def _column_kinds(batch: pa.Table) -> dict:
-    """Per block: the rows, and each input column with the kinds of value it holds."""
-    kinds: dict = {}
-    for record, error in zip(batch["_record"].to_pylist(), batch["_error"].to_pylist()):
-        if not error:
-            for key, value in json.loads(record).items():
-                if value is not None:
-                    kinds.setdefault(key, {})[_kind(value)] = 1
-                else:
-                    kinds.setdefault(key, {})
-    return {"rows": batch.num_rows, "columns": kinds}
 
 
 ARROW = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
@@ -124,9 +100,10 @@ def input_schema(kinds: dict[str, dict]) -> pa.Schema:
 def schemas(inputs: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
     """(rows the judge reads, rows it writes): the input's columns (renamed where the judge writes a
     column of that name), `_file`, `_row` and the judge's fields; then what the judge adds."""
-    written = {n for n, _ in STAGE_COLUMNS["label"]} | {"judge", REJECT}
+    written = {n for n, _ in STAGE_COLUMNS["label"]} | {"judge", *REJECT_COLUMNS}
     kept = [pa.field(PREFIX + f.name if f.name in written else f.name, f.type) for f in inputs if f.name not in FIELDS]
-    prepared = pa.schema(kept + [pa.field(n, t) for n, t in FIELD_TYPES] + [pa.field(REJECT, pa.string())])
+    prepared = pa.schema(kept + [pa.field(n, t) for n, t in FIELD_TYPES]
+                         + [pa.field(n, pa.string()) for n in REJECT_COLUMNS])
     judged = output_schema("label", prepared)
     return prepared, pa.schema([pa.field("judge" if f.name == "teacher" else f.name, f.type) for f in judged])
 
@@ -138,7 +115,7 @@ def _value(value: Any, kind: pa.DataType) -> Any:
     if value is None:
         return None
     if pa.types.is_string(kind):
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return as_text(value)
     if pa.types.is_floating(kind):
         return float(value)
     return value
@@ -147,50 +124,43 @@ def _value(value: Any, kind: pa.DataType) -> Any:
 def prepare(batch: pa.Table, schema: pa.Schema, columns: dict, mode: Optional[str], scenario: Optional[str],
             scenarios: list[str]) -> pa.Table:
     """Records -> rows for the judge, each with its mapped fields or the reason it cannot be judged."""
+    fields = UserColumns("judge", FIELDS, columns)
     out = []
-    for path, number, record, error in zip(batch["_file"].to_pylist(), batch["_row"].to_pylist(),
-                                           batch["_record"].to_pylist(), batch["_error"].to_pylist()):
-        where = f"{path}:{number}"
-        row: dict[str, Any] = {"_file": path, "_row": number}
-        if error:
-            out.append({**row, "id": stable_id(path, number), REJECT: f"{where}: {error}"})
+    for user in user_rows(batch):
+        row: dict[str, Any] = {"_file": user.file, "_row": user.row}
+        if user.error:
+            out.append({**row, "id": stable_id(user.file, user.row),
+                        **rejected("bad_record", f"{user.where}: {user.error}")})
             continue
-        data = json.loads(record)
         for f in schema:
             source = f.name[len(PREFIX):] if f.name.startswith(PREFIX) else f.name
-            if source in data and f.name not in FIELDS:
-                row[f.name] = _value(data[source], f.type)
-        mapped = {field: data.get(columns.get(field, field)) for field in FIELDS}
-        row.update({k: _value(v, pa.string()) for k, v in mapped.items()})
-        row["id"] = row["id"] or stable_id(path, number, record)
+            if source in user.record and f.name not in FIELDS:
+                row[f.name] = _value(user.record[source], f.type)
+        row.update({field: fields.text(user.record, field) for field in FIELDS})
+        row["id"] = row["id"] or stable_id(user.file, user.row, user.raw)
         row["mode"] = mode or row["mode"] or ("pairwise" if row["response_a"] is not None and row["response"] is None
                                                else None)
         row["scenario"] = row["scenario"] or scenario
-        row[REJECT] = _problem(row, columns, scenarios)
-        if row[REJECT]:
-            row[REJECT] = f"{where}: {row[REJECT]}"
+        try:
+            _check(user.record, row, fields, scenarios)
+        except RowError as err:
+            row.update(rejected("bad_record", f"{user.where}: {err}"))
         out.append(row)
     return pa.Table.from_pylist([{**dict.fromkeys(schema.names), **r} for r in out], schema=schema)
 
 
-def _problem(row: dict, columns: dict, scenarios: list[str]) -> Optional[str]:
-    """Why a mapped row cannot be judged (naming the input's column), or None."""
-    def column(field: str) -> str:
-        return f"column {columns.get(field, field)!r} ({field})"
-
+def _check(record: dict, row: dict, fields: UserColumns, scenarios: list[str]) -> None:
+    """RowError (naming the input's column) where a mapped row cannot be judged."""
     needed = ["instruction"] + (["response_a", "response_b"] if row["mode"] == "pairwise" else ["response"])
     if row["mode"] == "reference":
         needed.append("reference")
     for field in needed:
-        if row.get(field) is None:
-            return f"{column(field)} is missing"
-        if not str(row[field]).strip():
-            return f"{column(field)} is empty"
+        fields.required(record, field)
     if row["mode"] not in (None, *judging.MODES):
-        return f"{column('mode')}: {row['mode']!r} is not one of {', '.join(judging.MODES)}"
+        raise RowError(f"{fields.name('mode')}: {row['mode']!r} is not one of {', '.join(judging.MODES)}")
     if row["scenario"] is not None and row["scenario"] not in scenarios:
-        return f"{column('scenario')}: unknown scenario {row['scenario']!r}; known: {', '.join(scenarios)}"
-    return None
+        raise RowError(f"{fields.name('scenario')}: unknown scenario {row['scenario']!r}; "
+                       f"known: {', '.join(scenarios)}")
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -209,7 +179,8 @@ def judge_step(cfg, scale: judging.RatingScale) -> Step:
     """The judge on `judge.pool`: the label stage's judging, each row in its own mode."""
     c = cfg.judge
     criteria = [{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None
-    return Step(name="judge", processor=DatasetJudge, pool=c.pool, engine=StepEngine(c.engine, "judge.engine"),
+    return Step(name="judge", processor=DatasetJudge, pool=c.pool,
+                engine=StepEngine(c.engine, "judge.engine", scores=not c.rationale),  # no rationale: chosen by log-prob
                 stats=judge_stats,
                 args={"engine_cfg": c.engine, "sampling": c.sampling, "score_by": "text", "calibrate": False,
                       "prefill": c.prefill_score, "max_attempts": c.max_attempts, "retry_temperature": 0.7,
@@ -221,8 +192,7 @@ def judge_stats(table: pa.Table, rejected: bool) -> dict:
     """Per part: tokens and cost (rejects too: their attempts were paid for), scores, pairs, failures."""
     stats: dict = {key: pc.sum(table[key]).as_py() or 0 for key in ("prompt_tokens", "completion_tokens", "cost_usd")}
     if rejected:
-        reasons = [r.split(": ", 1)[-1] if r else "" for r in table[REJECT].to_pylist()]
-        stats["unparsable"] = sum(r.startswith("unparsable") or "unparsable evaluation" in r for r in reasons)
+        stats["unparsable"] = pc.sum(pc.equal(table[REJECT_CODE], "unparsable")).as_py() or 0
         return stats
     scores = [round(s) for s in table["score"].to_pylist() if s is not None]
     histogram: dict = {}
@@ -235,14 +205,12 @@ def judge_stats(table: pa.Table, rejected: bool) -> dict:
 
 def judge_dataset(cfg) -> dict:
     """Judge every record of `cfg.input` into `cfg.output`; returns the output's manifest."""
-    from themis_ray.pipeline import init_ray
+    from themis_ray.pipeline import run_stored
 
     c = cfg.judge
     if not cfg.input or not cfg.output:
         raise ValueError("themis-ray judge needs input=PATH_OR_URI and output=PATH_OR_URI")
-    unknown = sorted(set(c.columns) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"judge.columns: unknown fields {unknown}; fields: {', '.join(FIELDS)}")
+    UserColumns("judge", FIELDS, c.columns)  # an unknown field is a config error before anything runs
     if c.mode is not None and c.mode not in judging.MODES:
         raise ValueError(f"judge.mode must be one of {', '.join(judging.MODES)} or unset; got {c.mode!r}")
     scenarios = sorted(load_scenarios(cfg.scenarios_dir))
@@ -254,32 +222,33 @@ def judge_dataset(cfg) -> dict:
     store = StageStore.at(cfg.output)
     fp = {"config": digest({"judge": c, "scenarios_dir": cfg.scenarios_dir}), "input": cfg.input,
           "files": digest([[f, fs.resolve(f)[0].get_file_info(fs.resolve(f)[1]).size] for f in files])}
-    if store.is_done(fp):
-        manifest = store.manifest()
-        print_summary(manifest, skipped=True)
-        return manifest
-    store.claim()  # a folder that is not ours is refused before Ray starts
-    init_ray(cfg)
-    start = time.perf_counter()
-    resume = store.begin(fp)
-    records = read_records(cfg.input)
-    seen = partials(records, _column_kinds)  # one light pass: how many rows, which columns and types
-    prepared, schema = schemas(input_schema(seen.get("columns", {})))
-    rows = map_tasks(records, prepare, schema=prepared, columns=dict(c.columns), mode=c.mode, scenario=c.scenario,
-                     scenarios=scenarios)
 
-    def route(ds):  # scenarios for the rows without one, only when some may lack it
-        if c.scenario is not None:
-            return ds
-        return map_processor(ds, router_step(cfg), prepared)
+    def work(resume: bool) -> StageResult:
+        records = read_records(cfg.input)
+        seen = partials(records, column_kinds)  # one light pass: how many rows, which columns and types
+        prepared, schema = schemas(input_schema(seen.get("columns", {})))
+        rows = map_tasks(records, prepare, schema=prepared, columns=dict(c.columns), mode=c.mode,
+                         scenario=c.scenario, scenarios=scenarios)
 
-    run_rows(rows, judge_step(cfg, scale), store, schema, resume=resume, before=route, total=seen.get("rows", 0))
+        def route(ds):  # scenarios for the rows without one, only when some may lack it
+            if c.scenario is not None:
+                return ds
+            return map_processor(ds, router_step(cfg), prepared)
+
+        run_rows(rows, judge_step(cfg, scale), store, schema, resume=resume, before=route, total=seen.get("rows", 0))
+        return StageResult(rows_in=seen.get("rows", 0), extra=_summary(cfg, store, scale))
+
+    return run_stored(cfg, "judge", store, fp, print_summary, work)
+
+
+def _summary(cfg, store: StageStore, scale: judging.RatingScale) -> dict:
+    """The manifest's figures from the written parts' footers, and the score histogram's plot."""
     written = store.tally()
-    stats = written.stats
-    judged = written.rows_out + stats.get("unparsable", 0)
+    stats, rows_out = written.stats, written.rows_out
+    judged = rows_out + stats.get("unparsable", 0)
     extra = {
-        "input": cfg.input, "judge": engine_label(c.engine),
-        "parse_rate": round(written.rows_out / judged, 4) if judged else None,
+        "input": cfg.input, "judge": engine_label(cfg.judge.engine),
+        "parse_rate": round(rows_out / judged, 4) if judged else None,
         "score_histogram": dict(sorted(stats.get("score_histogram", {}).items(), key=lambda kv: int(kv[0]))),
         "pairs": stats.get("pairs", 0),
         "position_consistency": round(stats["pairs_consistent"] / stats["pairs"], 4) if stats.get("pairs") else None,
@@ -288,9 +257,7 @@ def judge_dataset(cfg) -> dict:
     }
     with store.local_folder() as folder:
         extra["plot"] = _plot_histogram(extra["score_histogram"], scale, folder)
-    manifest = store.commit(StageResult(rows_in=seen.get("rows", 0), extra=extra), fp, time.perf_counter() - start)
-    print_summary(manifest, skipped=False)
-    return manifest
+    return extra
 
 
 def _check_apart(input_uri: str, output_uri: str) -> None:

@@ -12,7 +12,7 @@ import os
 import posixpath
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow.fs as pafs
 
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from themis_ray import __version__, fs, prompts, scenarios
 from themis_ray.config import digest
 from themis_ray.stages.registry import STAGES, Stage, selected
-from themis_ray.store import StageStore
+from themis_ray.store import StageResult, StageStore
 
 
 def content_digest(path: str) -> Optional[str]:
@@ -100,28 +100,36 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
 
     The driver only plans: the stage's plans read its inputs' listed parts, the workers write its own
     parts, and the manifest is written last from their footers' counts."""
-    from themis_ray.executor import StageContext
     from themis_ray.console import print_stage_summary
+    from themis_ray.executor import StageContext
 
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
     store = StageStore(cfg.run_dir, name)
-    fp = fingerprint(cfg, stage)
+    inputs = {n: StageStore(cfg.run_dir, n) for n in stage.inputs}
+    return run_stored(cfg, name, store, fingerprint(cfg, stage), print_stage_summary, force=force,
+                      work=lambda resume: stage.run(StageContext(cfg=cfg, store=store, inputs=inputs, resume=resume)))
+
+
+def run_stored(cfg, name: str, store: StageStore, fp: dict, summary: Callable[[dict, bool], None],
+               work: Callable[[bool], StageResult], force: bool = False) -> dict:
+    """The runner of every stage and of `themis-ray judge`: skip the work when `store` holds a finished
+    run of fingerprint `fp`; else claim the folder (a folder that is not ours is refused before Ray
+    starts), begin (resuming an interrupted run of the same `fp`), run `work(resume)`, commit its
+    result timed, and print `summary(manifest, skipped)`."""
     if store.is_done(fp) and not force:
         manifest = store.manifest()
-        print_stage_summary(manifest, skipped=True)
+        summary(manifest, True)
         return manifest
+    store.claim()
     init_ray(cfg)
     resume = store.begin(fp, force=force)
     if resume:
         print(f"{name}: resuming an interrupted run; rows already written are not sent again")
-    ctx = StageContext(cfg=cfg, store=store, inputs={n: StageStore(cfg.run_dir, n) for n in stage.inputs},
-                       resume=resume)
     start = time.perf_counter()
-    result = stage.run(ctx)
-    manifest = store.commit(result, fp, time.perf_counter() - start)
-    print_stage_summary(manifest, skipped=False)
+    manifest = store.commit(work(resume), fp, time.perf_counter() - start)
+    summary(manifest, False)
     return manifest
 
 

@@ -1,12 +1,12 @@
 """Responders: a model (engine, sampling, system prompt) answering instructions, one row per answer.
 
-The respond stage runs one per configured responder; MT-Bench (evaluate) runs its own, named under
-`evaluate.mtbench` in errors.
+`answer` is the one loop that runs them: the respond stage runs its configured responders through it,
+MT-Bench (evaluate) its own, named under `evaluate.mtbench` in errors.
 """
 
 from __future__ import annotations
 
-from themis_ray.executor import GenerationProcessor, Step, StepEngine
+from themis_ray.executor import GenerationProcessor, Step, StepEngine, run_rows
 from themis_ray.schema import REJECT, stable_id
 
 
@@ -46,3 +46,15 @@ def responder_step(responder, pool, section: str = "respond") -> Step:
                 args={"responder": responder, "section": section}, pool=pool,
                 engine=StepEngine(responder.engine, engine_key(responder, section)),
                 partition={"responder": responder.name})
+
+
+def answer(responders, source, pool, store, schema, resume: bool, total: int, section: str = "respond") -> int:
+    """Every responder answers every row of `source` (a Dataset of `total` rows) into `store`, each
+    into its own partition; returns the rows asked (rows x responders)."""
+    names = [r.name for r in responders]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{section}.responders: need at least one, with unique names; got {names}")
+    # One plan per responder, one after another, so their pools never compete for the same CPUs.
+    for responder in responders:
+        run_rows(source, responder_step(responder, pool, section), store, schema, resume=resume, total=total)
+    return total * len(names)

@@ -2,7 +2,9 @@
 
 Every stage adds columns to the rows it receives. A row that a stage cannot process keeps its input
 columns, gets null in the new ones, and carries its reason in `reject_reason`; the store writes such
-rows to `_rejects/`, so rows in = rows out + rows rejected.
+rows to `_rejects/`, so rows in = rows out + rows rejected. Where a program counts rejects by kind (the
+stages in `CODED_REJECTS`), a reject also carries a short machine code in `reject_code`: programs read
+the code, people the reason.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ import hashlib
 import pyarrow as pa
 
 REJECT = "reject_reason"
+REJECT_CODE = "reject_code"
+REJECT_COLUMNS = (REJECT, REJECT_CODE)
+# The stages whose rejects carry a code, and the codes they set.
+CODED_REJECTS = {
+    "synthesize": ("corpus", "engine_error", "no_instruction", "duplicate"),
+    "label": ("bad_record", "engine_error", "unparsable", "unclassified"),  # the last: the judge job's router
+}
 
 # Columns each stage adds, in order. The first stage's columns are its whole table.
 STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
@@ -78,11 +87,18 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
 
 
 def output_schema(stage: str, input_schema: pa.Schema | None = None) -> pa.Schema:
-    """Input columns (without the old reject column) + the stage's columns + `reject_reason`."""
-    fields = [f for f in (input_schema or pa.schema([])) if f.name != REJECT]
+    """Input columns (without the old reject columns) + the stage's columns + `reject_reason` (and
+    `reject_code` for a stage in CODED_REJECTS)."""
+    fields = [f for f in (input_schema or pa.schema([])) if f.name not in REJECT_COLUMNS]
     names = {f.name for f in fields}
     fields += [pa.field(n, t) for n, t in STAGE_COLUMNS[stage] if n not in names]
-    return pa.schema(fields + [pa.field(REJECT, pa.string())])
+    return pa.schema(fields + [pa.field(n, pa.string()) for n in REJECT_COLUMNS
+                               if n == REJECT or stage in CODED_REJECTS])
+
+
+def rejected(code: str, reason: str) -> dict:
+    """A reject's columns: its machine code and its reason in words."""
+    return {REJECT_CODE: code, REJECT: reason}
 
 
 def to_table(rows: list[dict], schema: pa.Schema, stage: str) -> pa.Table:

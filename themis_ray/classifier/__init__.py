@@ -14,7 +14,7 @@ def predictor_engine(classify_cfg, key: str):
     as an executor step declares it; None for a trained classifier (it builds no engine)."""
     from themis_ray.executor.step import StepEngine
 
-    return None if classify_cfg.method == "trained" else StepEngine(classify_cfg.engine, key)
+    return None if classify_cfg.method == "trained" else StepEngine(classify_cfg.engine, key, scores=True)
 
 
 class ScenarioPredictor:

@@ -7,6 +7,10 @@ never pickled.
 A conversation whose last message is from the assistant is a prefill: the engine continues that
 message rather than starting a new one.
 
+What an engine can do is data on its class (`Capabilities`): the executor, the stages and the server
+ask `capabilities(cfg)`, never the engine's kind. A new engine is its module, its class with its
+capabilities, and its line in `ENGINES`.
+
 A message's content is text, never control: the engines that tokenize themselves break every special
 token of the tokenizer that appears in it (`plain_conversation`), so a `<|im_start|>` inside a
 message cannot open a turn of its own. Only the chat template writes control tokens.
@@ -14,13 +18,14 @@ message cannot open a turn of its own. Only the chat template writes control tok
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional
+from typing import ClassVar, Optional
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -56,8 +61,48 @@ class Usage:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, declared by each engine class."""
+
+    scores_text: bool  # token_logprobs / choice_logprobs: the log-probabilities of given text
+    prefills: bool  # continues an assistant message (a score prefilled as "[[")
+    remote: bool  # calls an endpoint: no model folder, and its batches wait on the network
+    gpus: bool  # needs tensor_parallel_size GPUs (unless its device is cpu), checked on the driver
+    batch_route: bool  # whole-stage generation runs through ray.data.llm, not an engine per actor
+
+
+# kind -> "module:class"; imported only when asked for, so no engine's dependencies load with this module.
+ENGINES = {"hf": "themis_ray.engines.hf:HFEngine", "openai": "themis_ray.engines.openai_engine:OpenAIEngine",
+           "vllm": "themis_ray.engines.vllm_engine:VLLMEngine"}
+
+
+def engine_class(kind: str) -> type[Engine]:
+    if kind not in ENGINES:
+        raise ValueError(f"engine.kind must be one of {', '.join(ENGINES)}; got {kind!r}")
+    module, name = ENGINES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def capabilities(cfg) -> Capabilities:
+    return engine_class(cfg.kind).capabilities
+
+
+def check_scores_text(cfg, key: str, who: str) -> None:
+    """Fail on the driver when `who` must score given text with an engine that cannot."""
+    if not capabilities(cfg).scores_text:
+        able = [kind for kind in ENGINES if engine_class(kind).capabilities.scores_text]
+        raise ValueError(f"{who} scores given text by log-probability, which a {cfg.kind!r} engine cannot do; "
+                         f"set {key}.kind to {' or '.join(able)}")
+
+
 class Engine(ABC):
     model_id: str
+    capabilities: ClassVar[Capabilities]
+
+    @classmethod
+    def preflight(cls, cfg, where: str) -> None:
+        """On the driver: fail at once if an engine of `cfg` cannot run (nothing to check by default)."""
 
     @abstractmethod
     def generate(self, conversations: list[Conversation], sampling) -> list[Completion]:
@@ -148,20 +193,9 @@ def plan_prompts(engine, conversations: list[Conversation], max_tokens: int):
 
 def build_engine(cfg, where: str = "engine") -> Engine:
     """Build the engine named by `cfg.kind`; call this inside the actor that will use it."""
-    if cfg.kind == "hf":
-        from themis_ray.engines.hf import HFEngine
-
-        return HFEngine(cfg)
-    if cfg.kind == "openai":
-        from themis_ray.engines.openai_engine import OpenAIEngine
-
-        return OpenAIEngine(cfg)
     if cfg.kind == "vllm":
-        check_vllm_installed(where)
-        from themis_ray.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg)
-    raise ValueError(f"engine.kind must be one of hf, openai, vllm; got {cfg.kind!r}")
+        check_vllm_installed(where)  # a clear error naming the extra, not an ImportError from inside vLLM
+    return engine_class(cfg.kind)(cfg)
 
 
 # -- vllm preflight: checked on the driver before any actor is asked for, so nothing waits forever ---
@@ -180,7 +214,7 @@ def check_vllm_installed(where: str = "engine") -> None:
 
 def gpus_per_engine(cfg) -> int:
     """GPUs one engine of `cfg` needs: tensor_parallel_size for vllm on GPUs, else none."""
-    if cfg.kind != "vllm" or getattr(cfg, "device", "cuda") == "cpu":
+    if not capabilities(cfg).gpus or getattr(cfg, "device", "cuda") == "cpu":
         return 0
     return max(1, int(getattr(cfg, "tensor_parallel_size", 1) or 1))
 
@@ -202,12 +236,17 @@ def check_vllm_gpus(cfg, cluster_resources: dict, where: str = "engine") -> None
 
 def preflight(cfg, where: str = "engine") -> None:
     """On the driver, before a stage or server asks Ray for an engine: fail at once if it cannot run."""
-    if cfg.kind != "vllm":
-        return
+    engine_class(cfg.kind).preflight(cfg, where)
+
+
+def check_device(cfg, where: str) -> None:
     device = getattr(cfg, "device", "cuda")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"{where}.device must be 'cuda' or 'cpu'; got {device!r}")
-    check_vllm_installed(where)
+
+
+def check_cluster_gpus(cfg, where: str) -> None:
+    """Enough GPUs in the connected cluster for one engine of `cfg`."""
     import ray
 
     # An autoscaling cluster whose GPU nodes start at zero shows no GPU yet: THEMIS_WAIT_FOR_GPUS=1 there.
@@ -244,12 +283,12 @@ def engine_label(cfg, full_path: bool = False) -> str:
 def continues_assistant_message(cfg) -> bool:
     """Whether the engine can continue an assistant message (a score prefilled as "[["): local
     engines can; remote chat APIs answer a new message instead."""
-    return cfg.kind != "openai"
+    return capabilities(cfg).prefills
 
 
 def loads_local_weights(cfg) -> bool:
     """Whether the engine loads a model folder (which must then exist), rather than calling an endpoint."""
-    return cfg.kind in ("hf", "vllm")
+    return not capabilities(cfg).remote
 
 
 def build_serving_engine(cfg, where: str = "serve.engine") -> tuple[Engine, bool]:
@@ -268,10 +307,10 @@ def batches_in_flight(cfg) -> int:
     on the network, and a batch is done only when its slowest request is (a hang, a retry after a 429):
     with several batches in flight, one waiting on a straggler leaves the engine's slots to the others
     (the engine still caps the requests in flight at max_concurrency). A local model runs one batch."""
-    return max(2, int(cfg.max_concurrency) // 2) if cfg.kind == "openai" else 1
+    return max(2, int(cfg.max_concurrency) // 2) if capabilities(cfg).remote else 1
 
 
 def batch_generation_route(cfg) -> bool:
     """True when whole-stage generation should run through Ray's own batch path (ray.data.llm's vLLM
     processor) instead of an engine built inside each actor."""
-    return cfg.kind == "vllm"
+    return capabilities(cfg).batch_route

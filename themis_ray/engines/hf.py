@@ -9,11 +9,13 @@ from typing import Optional
 import torch
 
 from themis_ray.assets import resolve_model
-from themis_ray.engines import (Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts,
-                                plan_scores)
+from themis_ray.engines import (Capabilities, Completion, Conversation, Engine, TokenScores, chat_prompt_ids,
+                                plan_prompts, plan_scores)
 
 
 class HFEngine(Engine):
+    capabilities = Capabilities(scores_text=True, prefills=True, remote=False, gpus=False, batch_route=False)
+
     def __init__(self, cfg):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import openai
 
-from themis_ray.engines import Completion, Conversation, Engine, Usage
+from themis_ray.engines import Capabilities, Completion, Conversation, Engine, Usage
 
 _RETRYABLE = (
     openai.RateLimitError,
@@ -36,6 +36,9 @@ _RETRYABLE = (
 
 
 class OpenAIEngine(Engine):
+    # A chat endpoint answers a new message: it neither continues one nor scores given text.
+    capabilities = Capabilities(scores_text=False, prefills=False, remote=True, gpus=False, batch_route=False)
+
     def __init__(self, cfg):
         base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL")
         api_key = os.environ.get(cfg.api_key_env) or "EMPTY"  # local servers often need none

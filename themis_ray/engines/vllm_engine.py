@@ -19,8 +19,8 @@ import uuid
 from typing import Any, Optional
 
 from themis_ray.assets import resolve_model
-from themis_ray.engines import (Completion, Conversation, Engine, TokenScores, chat_prompt_ids, plan_prompts,
-                                plan_scores)
+from themis_ray.engines import (Capabilities, Completion, Conversation, Engine, TokenScores, chat_prompt_ids,
+                                check_cluster_gpus, check_device, check_vllm_installed, plan_prompts, plan_scores)
 
 
 def sampling_params(sampling) -> dict:
@@ -74,6 +74,14 @@ def plain(value) -> dict:
 
 class _VLLMBase(Engine):
     """What the offline and the async engine share: tokenizing, checking lengths, reading outputs."""
+
+    capabilities = Capabilities(scores_text=True, prefills=True, remote=False, gpus=True, batch_route=True)
+
+    @classmethod
+    def preflight(cls, cfg, where: str) -> None:
+        check_device(cfg, where)
+        check_vllm_installed(where)
+        check_cluster_gpus(cfg, where)
 
     def _setup(self, cfg) -> None:
         from transformers import AutoTokenizer

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from themis_ray import judging
+from themis_ray.records import RowError, UserColumns, UserRow, column_kinds, user_rows
 from themis_ray.schema import REJECT, stable_id
 
 BENCHMARKS = ("validation", "file", "mtbench", "injection")  # validation may add validation_pairwise
@@ -216,35 +217,17 @@ def injection_benchmark(curate, scenarios_dir: Optional[str] = None, text: str =
 # ---------------------------------------------------------------------------------- user files
 
 
-@dataclass
-class _BadLine:
-    text: str
-    reason: str
-
-
-def _check_file_config(fc) -> tuple[dict[str, str], dict[str, str]]:
+def _check_file_config(fc) -> tuple[UserColumns, dict[str, str]]:
     if fc.format not in REQUIRED:
         raise ValueError(f"evaluate.file.format must be pointwise or pairwise, got {fc.format!r}")
-    columns = dict(fc.columns or {})
-    unknown = sorted(set(columns) - set(FILE_FIELDS))
-    if unknown:
-        raise ValueError(f"evaluate.file.columns: unknown fields {unknown}; fields: {', '.join(FILE_FIELDS)}")
+    columns = UserColumns("evaluate.file", FILE_FIELDS, fc.columns)
     winners = dict(_WINNERS)
     for value, verdict in (fc.winner_values or {}).items():
         if str(verdict).strip().upper() not in ("A", "B", "C"):
             raise ValueError(f"evaluate.file.winner_values: {value!r} must map to A, B or C, not {verdict!r}")
         winners[str(value).strip().lower()] = str(verdict).strip().upper()
     judging.RatingScale(fc.scale_low, fc.scale_high)  # raises on an empty scale
-    return {f: columns.get(f, f) for f in FILE_FIELDS}, winners
-
-
-def _text(value: Any) -> Optional[str]:
-    """Text of a field, None when missing or blank."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if not isinstance(value, str):
-        value = str(value)
-    return value if value.strip() else None
+    return columns, winners
 
 
 def _number(value: Any) -> Optional[float]:
@@ -257,92 +240,67 @@ def _number(value: Any) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def _raw(record: Any) -> str:
-    if isinstance(record, _BadLine):
-        return record.text
-    return json.dumps(record, ensure_ascii=False, default=str)
-
-
 def check_columns(present: set[str], fc) -> None:
     """A required column absent from every row of the file is a mapping error, not bad rows."""
-    column, _ = _check_file_config(fc)
-    missing = [f"{f} (column {column[f]!r})" for f in REQUIRED[fc.format] if column[f] not in present]
-    if present and missing:
-        raise ValueError(f"evaluate.file: the file has no column for {', '.join(missing)}; "
-                         f"its columns: {', '.join(sorted(present))}; map them with evaluate.file.columns")
+    columns, _ = _check_file_config(fc)
+    columns.check_present(present, REQUIRED[fc.format])
 
 
-def parse_file_rows(rows: list[tuple[int, Any]], fc, scenarios_dir: Optional[str] = None,
-                    benchmark: str = "file", files: Optional[list[str]] = None) -> tuple[pa.Table, pa.Table]:
-    """(records ready to judge, rejects) from a labelled file's rows, per `evaluate.file` (fc). `files`,
-    beside the rows, names the file each came from (a folder of files numbers each file's rows anew)."""
-    column, winners = _check_file_config(fc)
+def parse_file_rows(rows: list[UserRow], fc, scenarios_dir: Optional[str] = None,
+                    benchmark: str = "file") -> tuple[pa.Table, pa.Table]:
+    """(records ready to judge, rejects) from a labelled file's rows (`records.user_rows`), per
+    `evaluate.file` (fc); a reject's reason starts with its file:row."""
+    columns, winners = _check_file_config(fc)
     scale = judging.RatingScale(fc.scale_low, fc.scale_high)
     good, bad = [], []
-    for (number, record), file in zip(rows, files or [None] * len(rows)):
+    for user in rows:
         try:
-            good.append(_file_record(number, record, fc, column, winners, scale, scenarios_dir, benchmark))
-        except _Rejected as err:
-            rid = record.get(column["id"]) if isinstance(record, dict) else None
-            where = f"{file} row {number}" if file else f"row {number}"
-            bad.append({"benchmark": benchmark, "file": file, "row": number, "id": _text(rid), "raw": _raw(record),
-                        REJECT: f"{where}: {err}"})
+            if user.error:
+                raise RowError(user.error)
+            good.append(_file_record(user, fc, columns, winners, scale, scenarios_dir, benchmark))
+        except RowError as err:
+            rid = columns.optional(user.record, "id") if isinstance(user.record, dict) else None
+            bad.append({"benchmark": benchmark, "file": user.file, "row": user.row, "id": rid, "raw": user.raw,
+                        REJECT: f"{user.where}: {err}"})
     return (pa.Table.from_pylist(good, schema=FILE_SCHEMAS[fc.format]),
             pa.Table.from_pylist(bad, schema=REJECT_SCHEMA))
 
 
-class _Rejected(ValueError):
-    pass
-
-
-def _file_record(number, record, fc, column, winners, scale, scenarios_dir, benchmark) -> dict:
-    if isinstance(record, _BadLine):
-        raise _Rejected(record.reason)
-    if not isinstance(record, dict):
-        raise _Rejected(f"expected a JSON object, got {type(record).__name__}")
-
-    def field(name: str) -> Any:
-        return record.get(column[name])
-
-    instruction = _text(field("instruction"))
-    if instruction is None:
-        raise _Rejected(f"{column['instruction']!r} (instruction) is missing or empty")
-    reference = _text(field("reference"))
-    scenario = _text(field("scenario")) or fc.scenario
+def _file_record(user: UserRow, fc, columns: UserColumns, winners, scale, scenarios_dir, benchmark) -> dict:
+    record = user.record
+    instruction = columns.required(record, "instruction")
+    reference = columns.optional(record, "reference")
+    scenario = columns.optional(record, "scenario") or fc.scenario
     from themis_ray.scenarios import get_scenario
 
     try:
         get_scenario(scenario, scenarios_dir)  # an unknown scenario is the row's own problem
     except KeyError as err:
-        raise _Rejected(str(err.args[0])) from None
-    out = {"benchmark": benchmark, "row": number, "scenario": scenario, "instruction": instruction,
+        raise RowError(str(err.args[0])) from None
+    out = {"benchmark": benchmark, "row": user.row, "scenario": scenario, "instruction": instruction,
            "reference": reference}
     if fc.format == "pointwise":
-        response = _text(field("response"))
-        if response is None:
-            raise _Rejected(f"{column['response']!r} (response) is missing or empty")
-        score = _number(field("score"))
+        response = columns.required(record, "response")
+        raw_score = columns.get(record, "score")
+        score = _number(raw_score)
         if score is None:
-            raise _Rejected(f"{column['score']!r} (score) is not a number: {field('score')!r:.40}")
+            raise RowError(f"{columns.name('score')} is not a number: {raw_score!r:.40}")
         if not scale.low <= score <= scale.high:
-            raise _Rejected(f"score {score:g} is outside the scale {scale.low}..{scale.high}")
+            raise RowError(f"score {score:g} is outside the scale {scale.low}..{scale.high}")
         request = _request({**out, "response": response}, scenarios_dir, None, scale)
         out.update(response=response, score=score, mode=request.mode, prompt=_render(request, scenarios_dir))
         content = (instruction, response)
     else:
-        a, b = _text(field("response_a")), _text(field("response_b"))
-        for name, value in (("response_a", a), ("response_b", b)):
-            if value is None:
-                raise _Rejected(f"{column[name]!r} ({name}) is missing or empty")
-        raw_winner = field("winner")
+        a, b = columns.required(record, "response_a"), columns.required(record, "response_b")
+        raw_winner = columns.get(record, "winner")
         winner = winners.get(str(raw_winner).strip().lower()) if raw_winner is not None else None
         if winner is None:
-            raise _Rejected(f"{column['winner']!r} (winner) {raw_winner!r:.40} is not A, B or a tie")
+            raise RowError(f"{columns.name('winner')} {raw_winner!r:.40} is not A, B or a tie")
         request = _request({**out, "response_a": a, "response_b": b}, scenarios_dir, "pairwise", scale)
         out.update(response_a=a, response_b=b, winner=winner, mode="pairwise",
                    prompt=_render(request, scenarios_dir), prompt_ba=_render(judging.swap_pair(request), scenarios_dir))
         content = (instruction, a, b)
-    out["id"] = _text(field("id")) or stable_id(benchmark, number, *content)
+    out["id"] = columns.optional(record, "id") or stable_id(benchmark, user.row, *content)
     return out
 
 
@@ -350,35 +308,18 @@ def _request(row: dict, scenarios_dir, mode, scale) -> judging.JudgeRequest:
     try:
         return judging.request_from_row(row, scenarios_dir, mode=mode, scale=scale)
     except (ValueError, KeyError) as err:
-        raise _Rejected(f"cannot build the evaluation prompt: {err}") from None
+        raise RowError(f"cannot build the evaluation prompt: {err}") from None
 
 
 def _render(request: judging.JudgeRequest, scenarios_dir) -> str:
     try:
         return judging.render_prompt(request, scenarios_dir)
     except (ValueError, KeyError) as err:
-        raise _Rejected(f"cannot build the evaluation prompt: {err}") from None
-
-
-def _file_rows(batch: pa.Table) -> list[tuple[int, Any]]:
-    """`records.read_records` rows -> (row number, record dict or _BadLine)."""
-    out = []
-    for number, record, error in zip(batch["_row"].to_pylist(), batch["_record"].to_pylist(),
-                                     batch["_error"].to_pylist()):
-        out.append((number, _BadLine(record, error) if error else json.loads(record)))
-    return out
-
-
-def _file_columns(batch: pa.Table) -> dict:
-    keys: dict = {}
-    for record, error in zip(batch["_record"].to_pylist(), batch["_error"].to_pylist()):
-        if not error:
-            keys.update(dict.fromkeys(json.loads(record), 1))
-    return {"columns": keys}
+        raise RowError(f"cannot build the evaluation prompt: {err}") from None
 
 
 def _prepare_file(batch: pa.Table, fc, scenarios_dir) -> tuple[pa.Table, pa.Table]:
-    return parse_file_rows(_file_rows(batch), fc, scenarios_dir, files=batch["_file"].to_pylist())
+    return parse_file_rows(user_rows(batch), fc, scenarios_dir)
 
 
 def file_benchmark(fc, scenarios_dir: Optional[str] = None) -> Benchmark:
@@ -389,7 +330,7 @@ def file_benchmark(fc, scenarios_dir: Optional[str] = None) -> Benchmark:
         raise ValueError("evaluate.benchmarks has 'file' but evaluate.file.path is not set")
     _check_file_config(fc)
     rows = read_records(fc.path)
-    check_columns(set(partials(rows, _file_columns).get("columns", {})), fc)
+    check_columns(set(partials(rows, column_kinds).get("columns", {})), fc)
     records, rejects = split_prepared(rows, _prepare_file, fc=fc, scenarios_dir=scenarios_dir)
     return Benchmark("file", fc.format, records, rejects, FILE_SCHEMAS[fc.format], scale=(fc.scale_low, fc.scale_high),
                      source=f"{fc.path} ({fc.format}, human labels as gold)")
@@ -443,22 +384,18 @@ def mtbench_benchmark(cfg, store, resume: bool = False) -> Benchmark:
     checkpoint of the evaluate stage's `store`); the answers are judged."""
     import ray
 
-    from themis_ray.executor import run_rows
-    from themis_ray.responders import responder_step
+    from themis_ray.responders import answer
     from themis_ray.schema import output_schema
 
     mc = cfg.evaluate.mtbench
     names = [r.name for r in mc.responders]
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"evaluate.mtbench.responders: need at least one, with unique names; got {names}")
     questions = mtbench_questions(mc)  # 80 at most: a config-sized table
     schema = output_schema("respond", questions.schema)
     with store.checkpoint("mtbench", {"mtbench": names}, resume) as answering:
         if not answering.done:
-            for r in mc.responders:
-                run_rows(ray.data.from_arrow(questions), responder_step(r, cfg.evaluate.pool, "evaluate.mtbench"),
-                         answering.store, schema, resume=answering.resume, total=questions.num_rows)
-            answering.rows_in = questions.num_rows * len(names)
+            answering.rows_in = answer(mc.responders, ray.data.from_arrow(questions), cfg.evaluate.pool,
+                                       answering.store, schema, answering.resume, questions.num_rows,
+                                       "evaluate.mtbench")
     work = answering.store
     answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
     fields = [f for f in schema if f.name != REJECT]

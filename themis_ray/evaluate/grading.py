@@ -162,6 +162,6 @@ def grade(benchmark, judge, evaluate_cfg, store, resume: bool = False) -> None:
                 args={"judge": judge.name, "engine_cfg": judge.engine, "sampling": evaluate_cfg.sampling,
                       "prefill": judge.prefill, "scale": tuple(benchmark.scale),
                       "rationale": evaluate_cfg.rationale, "rationale_tokens": evaluate_cfg.rationale_tokens},
-                engine=StepEngine(judge.engine, "evaluate.engine"),
+                engine=StepEngine(judge.engine, "evaluate.engine", scores=not evaluate_cfg.rationale),
                 partition=graded_partition(benchmark, judge), stats=graded_stats)
     run_rows(benchmark.records, step, store, schema, resume=resume, total=benchmark.num_records)

@@ -24,7 +24,8 @@ import ray
 from tqdm.auto import tqdm
 
 from themis_ray import fs
-from themis_ray.engines import batch_generation_route, batches_in_flight, gpus_per_engine, preflight
+from themis_ray.engines import (batch_generation_route, batches_in_flight, check_scores_text, gpus_per_engine,
+                               preflight)
 from themis_ray.executor.processor import GenerationProcessor
 from themis_ray.executor.sink import StageSink, part_name
 from themis_ray.executor.step import Stats, Step
@@ -58,8 +59,11 @@ def actor_gpus(step: Step) -> int:
 
 
 def preflight_step(step: Step) -> None:
-    """The step's declared engine checked on the driver (installed, enough GPUs in the cluster)."""
+    """The step's declared engine checked on the driver (installed, enough GPUs in the cluster, able
+    to score text where the step asks it to)."""
     if step.engine is not None:
+        if step.engine.scores:
+            check_scores_text(step.engine.config, step.engine.key, step.name)
         preflight(step.engine.config, step.engine.key)
 
 

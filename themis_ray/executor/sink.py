@@ -30,7 +30,7 @@ from ray.data.datasource.datasink import Datasink
 
 from themis_ray import fs
 from themis_ray.executor.step import Stats
-from themis_ray.schema import REJECT
+from themis_ray.schema import REJECT, REJECT_COLUMNS
 from themis_ray.store import PARTITION_KEY, REJECTS, STATS_KEY, merge_stats, partition_of
 
 
@@ -84,7 +84,7 @@ class StageSink(Datasink):
                  stats: Optional[Stats] = None):
         self.stage_uri, self.schema, self.stats = stage_uri, schema, stats
         self.partition = partition_of(partition)
-        self.accepted_schema = schema.remove(schema.get_field_index(REJECT))
+        self.accepted_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
         self.rows_out = self.rows_rejected = 0
 
     def get_name(self) -> str:
@@ -108,7 +108,7 @@ class StageSink(Datasink):
                     parts[rejected] = _Part(folder, name, self.schema if rejected else self.accepted_schema,
                                             self.partition)
                 stats = self.stats(rows, rejected) if self.stats else {}
-                parts[rejected].write(rows if rejected else rows.drop_columns([REJECT]), stats)
+                parts[rejected].write(rows if rejected else rows.select(self.accepted_schema.names), stats)
         for part in parts.values():
             part.close()
         for rejected in {False, True} - set(parts) if fixed else ():

@@ -19,10 +19,13 @@ Stats = Callable[[pa.Table, bool], dict]
 
 @dataclass(frozen=True)
 class StepEngine:
-    """The engine a step's processor builds: its config and the config key that names it in errors."""
+    """The engine a step's processor builds: its config, the config key that names it in errors, and
+    whether the step scores given text by log-probability (checked on the driver against the
+    engine's capabilities)."""
 
     config: Any
     key: str
+    scores: bool = False
 
 
 @dataclass(frozen=True)

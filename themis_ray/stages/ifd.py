@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> StageResult:
     if c.sort_batches:
         # Batches of one scenario and mode share their prompt's opening, which the hf scorer runs once.
         records = records.sort(["scenario", "mode"])
-    step = Step(name="ifd", processor=IFDScorer, pool=c.pool, engine=StepEngine(c.engine, "ifd.engine"),
+    step = Step(name="ifd", processor=IFDScorer, pool=c.pool, engine=StepEngine(c.engine, "ifd.engine", scores=True),
                 args={"engine_cfg": c.engine, "micro_batch_size": c.micro_batch_size, "max_padding": c.max_padding,
                       "share_prefix": c.share_prefix})
     run_rows(records, step, ctx.store, output_schema("ifd", source.schema()), resume=ctx.resume, total=rows_in)

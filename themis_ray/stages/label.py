@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from themis_ray import judging, prompts
 from themis_ray.engines import build_engine, engine_label
 from themis_ray.executor import RowProcessor, StageContext, Step, StepEngine, map_groups, run_rows, write
-from themis_ray.schema import REJECT, output_schema, stable_id
+from themis_ray.schema import REJECT, REJECT_CODE, output_schema, rejected, stable_id
 from themis_ray.store import StageResult, StageStore
 
 
@@ -56,7 +56,7 @@ class Labeler(RowProcessor):
             base = {**row, "id": stable_id(row["id"], "label", mode), "response_id": row["id"], "mode": mode,
                     self.judge_column: self.teacher, "prompt": prompt}
             if error is not None:
-                out[i] = {**base, REJECT: f"bad record: {error}"}
+                out[i] = {**base, **rejected("bad_record", f"bad record: {error}")}
                 continue
             pending[i] = base
         if self.score_by == "choice":
@@ -68,7 +68,7 @@ class Labeler(RowProcessor):
                 out[i] = {**row, "attempts": 1, "completion_tokens": 0, "evaluation": self._answer_start(row),
                           "score": float(row["_score"]),
                           "criterion_scores": [], "score_distribution": list(dist.values()),
-                          "expected_score": judging.expected_score(dist), REJECT: None}
+                          "expected_score": judging.expected_score(dist), REJECT: None, REJECT_CODE: None}
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
                 break
@@ -85,14 +85,14 @@ class Labeler(RowProcessor):
                 parsed = judging.parse_evaluation(text, "single", self.scale)
                 if done.error or not parsed.ok:
                     row["evaluation"] = text  # kept as the raw answer if this was the last attempt
-                    row[REJECT] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
+                    row.update(_failure(done, parsed))
                     continue
                 dist = row.pop("_distribution", None) or judging.score_distribution(
                     done.tokens, done.top_logprobs, self.scale, prefill=self.prefill)
                 out[i] = {**row, "evaluation": text, "score": parsed.score,
                           "criterion_scores": parsed.criterion_scores,
                           "score_distribution": list(dist.values()) if dist else None,
-                          "expected_score": judging.expected_score(dist), REJECT: None}
+                          "expected_score": judging.expected_score(dist), REJECT: None, REJECT_CODE: None}
                 del pending[i]
         for row in pending.values():  # what is still pending failed every attempt: keep its last reason
             row.pop("_distribution", None)
@@ -130,7 +130,7 @@ class Labeler(RowProcessor):
             try:
                 logprobs = self._score_logprobs(row["prompt"])
             except ValueError as err:
-                out[i] = {**pending.pop(i), REJECT: f"engine error: {err}"}
+                out[i] = {**pending.pop(i), **rejected("engine_error", f"engine error: {err}")}
                 continue
             if self.calibrate:
                 logprobs = [lp - prior for lp, prior in zip(logprobs, self._prior(row))]
@@ -170,7 +170,7 @@ class PairLabeler(Labeler):
                                                    criteria=self.criteria)
                 both = [judging.render_prompt(r, self.scenarios_dir) for r in (request, judging.swap_pair(request))]
             except (ValueError, KeyError) as err:
-                out[i] = {**base, REJECT: f"bad record: {err}"}
+                out[i] = {**base, **rejected("bad_record", f"bad record: {err}")}
                 continue
             out[i] = {**base, "prompt": both[0], REJECT: None}
             pending.update({(i, 0): both[0], (i, 1): both[1]})
@@ -182,7 +182,7 @@ class PairLabeler(Labeler):
                 try:
                     lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
                 except ValueError as err:  # too long for the model: this pair's failure
-                    texts[key], errors[key] = "", f"engine error: {err}"
+                    texts[key], errors[key] = "", rejected("engine_error", f"engine error: {err}")
                     continue
                 texts[key], parsed, _ = judging.evaluation_from_choices(lp, "pairwise")
                 verdicts[key] = parsed.verdict
@@ -199,7 +199,7 @@ class PairLabeler(Labeler):
                 texts[key], attempts[key] = done.text, attempt
                 parsed = judging.parse_evaluation(done.text, "pairwise")
                 if done.error or not parsed.ok:
-                    errors[key] = f"engine error: {done.error}" if done.error else f"unparsable evaluation: {parsed.error}"
+                    errors[key] = _failure(done, parsed)
                     continue
                 errors.pop(key, None)
                 verdicts[key] = parsed.verdict
@@ -210,9 +210,11 @@ class PairLabeler(Labeler):
             row["attempts"] = max(attempts[(i, 0)], attempts[(i, 1)])
             row["cost_usd"] = self._cost(row["prompt_tokens"], row["completion_tokens"])
             row["evaluation"], row["evaluation_swapped"] = texts[(i, 0)], texts[(i, 1)]
-            failed = [f"{order}: {errors[(i, k)]}" for k, order in ((0, "as given"), (1, "swapped")) if (i, k) in errors]
+            failed = [(order, errors[(i, k)]) for k, order in ((0, "as given"), (1, "swapped")) if (i, k) in errors]
             if failed:
-                row[REJECT] = "; ".join(failed)
+                codes = {failure[REJECT_CODE] for _, failure in failed}
+                row.update(rejected("unparsable" if "unparsable" in codes else "engine_error",
+                                    "; ".join(f"{order}: {failure[REJECT]}" for order, failure in failed)))
             else:
                 row["verdict"], row["verdict_consistent"] = judging.combine_pairwise(verdicts[(i, 0)], verdicts[(i, 1)])
         return [out[i] for i in range(len(rows))]
@@ -234,6 +236,13 @@ def make_pairs(group: pa.Table, max_per_instruction: int) -> pa.Table:
               "responder": f"{a.get('responder')} vs {b.get('responder')}", REJECT: None}
              for a, b in list(zip(rows, rows[1:]))[:max(0, max_per_instruction)]]
     return pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA)
+
+
+def _failure(done, parsed) -> dict:
+    """The reject columns of an answer that failed: the engine's error, or an evaluation that did not parse."""
+    if done.error:
+        return rejected("engine_error", f"engine error: {done.error}")
+    return rejected("unparsable", f"unparsable evaluation: {parsed.error}")
 
 
 def replace_sampling(sampling, temperature: float, attempt: int):
@@ -268,9 +277,10 @@ def run(ctx: StageContext) -> StageResult:
     common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
                   max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir,
                   rationale=c.rationale, rationale_tokens=c.rationale_tokens)
-    engine = StepEngine(c.engine, "label.engine")
     rows_in, extra = source.num_rows(), {}  # counted once from the footers: it sizes the plan too
-    pointwise = Step(name="label", processor=Labeler, pool=c.pool, engine=engine, stats=label_stats,
+    # Without a rationale (and pointwise with score_by=choice) the score is chosen by log-probability.
+    pointwise = Step(name="label", processor=Labeler, pool=c.pool, stats=label_stats,
+                     engine=StepEngine(c.engine, "label.engine", scores=not c.rationale or c.score_by == "choice"),
                      args={**common, "score_by": c.score_by, "prefill": c.prefill_score})
     run_rows(source.dataset(), pointwise, ctx.store, schema, resume=ctx.resume, total=rows_in)
     if c.pairwise:
@@ -279,7 +289,8 @@ def run(ctx: StageContext) -> StageResult:
         pairs = _pairs(ctx, source, c.max_pairs_per_instruction, rows_in)
         n_pairs = pairs.num_rows()
         if n_pairs:
-            pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool, engine=engine,
+            pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool,
+                            engine=StepEngine(c.engine, "label.engine", scores=not c.rationale),
                             stats=label_stats, args={**common, "score_by": "text", "prefill": False})
             run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, total=n_pairs)
         rows_in += n_pairs

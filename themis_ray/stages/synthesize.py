@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import yaml
@@ -28,7 +29,7 @@ from themis_ray.engines import build_engine, engine_label
 from themis_ray.executor import (LIGHT_CPUS, RowProcessor, StageContext, Step, StepEngine, map_groups, map_tasks,
                                  run_rows, write)
 from themis_ray.scenarios import get_scenario
-from themis_ray.schema import REJECT, output_schema, stable_id, to_table
+from themis_ray.schema import REJECT, REJECT_CODE, REJECT_COLUMNS, output_schema, rejected, stable_id, to_table
 from themis_ray.store import StageResult, StageStore
 
 PROMPT_VERSION = "v1"
@@ -120,7 +121,7 @@ def build_tasks(cfg, scenarios_dir=None) -> tuple[list[dict], list[dict]]:
                       "method": "quizzing", "prompt": prompt, "difficulty": difficulty, "audience": audience})
     rejects = [
         {"id": r["id"], "task_id": r["id"], "doc_id": r["doc_id"], "method": "corpus", "raw": r["raw"],
-         REJECT: r["reason"]}
+         **rejected("corpus", r["reason"])}
         for r in corpus_rejects
     ]
     return tasks, rejects
@@ -144,7 +145,7 @@ class Synthesizer(RowProcessor):
             base = {k: task[k] for k in ("task_id", "doc_id", "scenario", "method")}
             base.update(prompt_version=PROMPT_VERSION, raw=done.text)
             if done.error:
-                out.append({**base, "id": task["task_id"], REJECT: f"engine error: {done.error}"})
+                out.append({**base, "id": task["task_id"], **rejected("engine_error", f"engine error: {done.error}")})
                 continue
             if task["method"] == "quizzing":
                 quiz = parse_quiz(done.text) or answers.get(task["task_id"])
@@ -154,7 +155,7 @@ class Synthesizer(RowProcessor):
                 found = [(q, None) for q in parse_instructions(done.text, self.max_chars)]
                 reason = f"no instruction of 15..{self.max_chars} characters in the output"
             if not found:
-                out.append({**base, "id": task["task_id"], REJECT: reason})
+                out.append({**base, "id": task["task_id"], **rejected("no_instruction", reason)})
             for instruction, reference in found:
                 out.append({**base, "id": stable_id(task["task_id"], instruction), "instruction": instruction,
                             "reference": reference, REJECT: None})
@@ -214,23 +215,27 @@ def _load_duplicates(files: list[str], stage_uri: str) -> dict:
 
 
 def _flag_duplicates(batch: pa.Table, duplicates=None) -> pa.Table:
-    """Accepted instructions with a reject column, set on the duplicates (naming their twin)."""
-    if REJECT not in batch.column_names:  # accepted parts have none
-        batch = batch.append_column(REJECT, pa.nulls(batch.num_rows, pa.string()))
+    """Accepted instructions with the reject columns, set on the duplicates (naming their twin)."""
+    for column in REJECT_COLUMNS:
+        if column not in batch.column_names:  # accepted parts have none
+            batch = batch.append_column(column, pa.nulls(batch.num_rows, pa.string()))
     if isinstance(duplicates, ray.ObjectRef):
         duplicates = ray.get(duplicates)
     if not duplicates:
         return batch
-    reasons = [reason if reason is not None else (duplicates[i][2] if i in duplicates else None)
-               for i, reason in zip(batch["id"].to_pylist(), batch[REJECT].to_pylist())]
-    return batch.set_column(batch.schema.get_field_index(REJECT), REJECT, pa.array(reasons, pa.string()))
+    reasons, codes = batch[REJECT].to_pylist(), batch[REJECT_CODE].to_pylist()
+    for n, i in enumerate(batch["id"].to_pylist()):
+        if reasons[n] is None and i in duplicates:  # an earlier reject keeps its own
+            reasons[n], codes[n] = duplicates[i][2], "duplicate"
+    for column, values in ((REJECT, reasons), (REJECT_CODE, codes)):
+        batch = batch.set_column(batch.schema.get_field_index(column), column, pa.array(values, pa.string()))
+    return batch
 
 
 def synthesis_stats(table: pa.Table, rejected: bool) -> dict:
     """Per part: tasks that yielded an instruction, duplicates found, and accepted rows by scenario and method."""
     if rejected:
-        reasons = table[REJECT].to_pylist()
-        return {"duplicates": sum(" duplicate of " in r for r in reasons)}
+        return {"duplicates": pc.sum(pc.equal(table[REJECT_CODE], "duplicate")).as_py() or 0}
     by = Counter(zip(table["scenario"].to_pylist(), table["method"].to_pylist()))
     methods: dict = {}
     for (scenario, method), n in by.items():
