@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,15 +35,9 @@ import httpx
 import themis_ray  # noqa: F401  (first: it sets OpenMP's passive waiting before torch loads, as in the replica)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_throughput import _percentile  # noqa: E402
+from serve_throughput import _free_port, _percentile  # noqa: E402
 
 QUICKSTART_JUDGE = "runs/quickstart/train/judge"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _filler(offset: int, words: int) -> str:
