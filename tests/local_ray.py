@@ -146,6 +146,23 @@ class LocalRayHead:
         self.stop()
         raise TimeoutError(f"the Ray head did not come up in {timeout_s:.0f} s:\n{self.log_tail()}")
 
+    def connect(self, timeout_s: float = 60, **kwargs) -> None:
+        """`ray.init` this process to the head. Ray resolves 127.0.0.1 to the machine's own address and
+        looks the head up by it; until the head has registered its node that lookup can fail ("No node
+        info found"), so the connection is retried until `timeout_s`."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.init(address=self.address, **kwargs)
+                return
+            except (ConnectionError, RuntimeError):
+                ray.shutdown()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
     def log_tail(self, chars: int = 4000) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return text[-chars:]

@@ -121,7 +121,7 @@ def autoscaling_cluster():
     head.start()
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        ray.init(address=head.address, log_to_driver=False)
+        head.connect(log_to_driver=False)
         yield head
     finally:
         ray.shutdown()
