@@ -24,6 +24,15 @@ from openai_server import start_process  # noqa: E402
 THEMIS = str(Path(sys.executable).with_name("themis-ray"))
 
 
+def emit(results: dict, out: str | None = None) -> None:
+    """Print a benchmark's results as JSON, and write them to `out` too (its raw output file)."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

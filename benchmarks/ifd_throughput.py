@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import multiprocessing
 import os
 import platform
@@ -41,6 +40,7 @@ import time
 import pyarrow as pa
 import torch
 
+from _endpoint import emit
 from themis_ray import judging
 from themis_ray.assets import python_docs
 from themis_ray.config import EngineConfig, IFDConfig
@@ -243,11 +243,7 @@ def main() -> None:
         "wall_s": round(time.time() - started, 1),
         "run": "one run of this script on a machine shared with other work; see load_average_1m",
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ import httpx
 import themis_ray  # noqa: F401  (first: it sets OpenMP's passive waiting before torch loads, as in the replica)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_throughput import _free_port, _percentile  # noqa: E402
+from _endpoint import emit, free_port  # noqa: E402
+from serve_throughput import _percentile  # noqa: E402
 
 QUICKSTART_JUDGE = "runs/quickstart/train/judge"
 
@@ -171,7 +172,7 @@ def main() -> None:
     started = time.time()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     samples: dict = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -246,11 +247,7 @@ def main() -> None:
             "wall_s": round(time.time() - started, 1),
         },
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

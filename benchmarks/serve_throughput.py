@@ -15,10 +15,8 @@ repetition and its median. The 1-minute load average is sampled before and after
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -26,13 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from _endpoint import emit, free_port
+
 MODEL = "smollm2-135m-instruct"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -104,7 +98,7 @@ def main() -> None:
     started = time.time()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     runs: dict = {name: {f"concurrency={c}": [] for c in levels} for name in settings}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -165,11 +159,7 @@ def main() -> None:
             "note": "one run of this script on a 2-core machine shared with other work; see load_average_1m",
         },
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":
