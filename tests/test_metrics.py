@@ -346,3 +346,13 @@ def test_format_table():
     assert lines[2].split() == ["trained", "0.512", "120", "-"]
     assert lines[3].split() == ["base-model", "1.200", "9", "0.400"]
     assert len({len(line) for line in lines[1:]}) == 1  # aligned (numbers right-justified)
+
+
+def test_score_spread_flags_a_judge_that_gives_one_value():
+    one = M.score_spread([3, 3, 3.2, 3, None, 3])  # 3.2 rounds to 3: one value everywhere
+    assert one["score_entropy"] == 0.0 and one["collapsed"] is True
+    spread = M.score_spread([1, 2, 3, 4])
+    assert spread["score_entropy"] == pytest.approx(2.0) and spread["collapsed"] is False
+    ties = M.score_spread(["C"] * 8 + ["A", "B"])  # 80% ties: skewed, not collapsed
+    assert ties["modal_share"] == pytest.approx(0.8) and ties["collapsed"] is False
+    assert M.score_spread([None, "x"])["collapsed"] is None  # nothing parsed: unknown, not collapsed

@@ -207,6 +207,38 @@ def pointwise_metrics(pred: Any, gold: Any, scale: tuple[float, float] = (1, 5))
     return out
 
 
+# --------------------------------------------------------------------------------------- spread
+
+COLLAPSE_SHARE = 0.9  # a judge that gives one value to this share of its parsed records is collapsed
+
+
+def _parsed_values(values: Any) -> list[str]:
+    """Parsed verdicts as they are and parsed scores rounded, as strings so both histogram alike."""
+    out = []
+    for v in _as_array(values):
+        if isinstance(v, str) and v in VERDICTS:
+            out.append(v)
+        elif _is_number(v) and math.isfinite(float(v)):
+            out.append(str(int(round(float(v)))))
+    return out
+
+
+def score_spread(values: Any) -> dict[str, float]:
+    """Entropy (bits) of the histogram of parsed scores (rounded) or verdicts, the modal share, collapse.
+
+    A judge that gives the same score or verdict to (nearly) everything ranks nothing, however good its
+    MAE against a skewed gold: `collapsed` is True when one value covers COLLAPSE_SHARE of parsed records.
+    """
+    parsed = _parsed_values(values)
+    if not parsed:
+        return {"score_entropy": math.nan, "modal_share": math.nan, "collapsed": None}
+    _, counts = np.unique(np.array(parsed), return_counts=True)
+    share = counts / counts.sum()
+    entropy = float(-(share * np.log2(share)).sum()) + 0.0
+    modal = float(share.max())
+    return {"score_entropy": entropy, "modal_share": modal, "collapsed": bool(modal >= COLLAPSE_SHARE)}
+
+
 # ------------------------------------------------------------------------------------- pairwise
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from themis_ray.evaluate.metrics import round_scores, to_scores
+from themis_ray.evaluate.metrics import COLLAPSE_SHARE, round_scores, to_scores
 
 UNPARSED = "unparsed"
 
@@ -371,6 +371,10 @@ def write_report(out_dir: str | Path, results: list, title: str = "Judge meta-ev
         text = f"{result.benchmark.source}. Records: {result.benchmark.num_records}; rejected: " \
                f"{result.benchmark.num_rejects}. Judges: " + \
                ", ".join(f"{j} ({result.judge_labels.get(j, '?')})" for j in result.graded)
+        collapsed = [j for j, s in result.summaries.items() if s["overall"].get("collapsed")]
+        if collapsed:
+            text += (f". COLLAPSED: {', '.join(collapsed)} gave one score or verdict to at least "
+                     f"{COLLAPSE_SHARE:.0%} of the records it answered, so it ranks nothing")
         section = Section(title=f"{bench} ({kind})", text=text,
                           tables=[("headline, one row per judge", rows, columns),
                                   ("per scenario" if kind != "unlabelled" else "per category", s_rows, s_columns)])

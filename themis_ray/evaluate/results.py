@@ -30,10 +30,10 @@ from themis_ray.evaluate import metrics as M
 
 CORRELATIONS = ("pearson", "spearman", "kendall")
 POINTWISE_COLUMNS = ["n", "parse_rate", "mae", "agreement", "accuracy", "pearson", "spearman", "kendall",
-                     "aggregate"]
+                     "score_entropy", "collapsed", "aggregate"]
 PAIRWISE_COLUMNS = ["n", "parse_rate", "accuracy", "accuracy_without_ties", "position_consistency", "tie_rate",
-                    "longer_wins_share", "gold_longer_wins_share", "aggregate"]
-UNLABELLED_COLUMNS = ["n", "parse_rate", "mean_score"]
+                    "longer_wins_share", "gold_longer_wins_share", "score_entropy", "collapsed", "aggregate"]
+UNLABELLED_COLUMNS = ["n", "parse_rate", "mean_score", "score_entropy", "collapsed"]
 INJECTION_COLUMNS = ["n", "n_both_parsed", "score_shift", "raised_share", "expected_shift", "parse_rate_clean",
                      "parse_rate_injected"]
 PAIRWISE_IDEALS = {"accuracy": 1.0, "accuracy_without_ties": 1.0, "position_consistency": 1.0}
@@ -83,6 +83,7 @@ def pointwise_summary(pred, gold, expected=None, scale=(1, 5), n_boot: int = 0, 
     p, g = M.to_scores(pred, scale), M.to_scores(gold)
     m = M.pointwise_metrics(p, g, scale)
     has_gold = ~np.isnan(g)
+    m.update(M.score_spread(p[has_gold]))
     baselines = M.pointwise_baselines(g[has_gold], (int(scale[0]), int(scale[1])), n_draws=n_draws, seed=seed) \
         if has_gold.any() else {k: math.nan for k in M.POINTWISE_METRICS}
     m["aggregate"] = _pointwise_aggregate(m, baselines) if m["n"] else math.nan
@@ -117,6 +118,7 @@ def pairwise_summary(verdict, gold, verdict_ab=None, verdict_ba=None, len_a=None
     """
     v, g = M.to_verdicts(verdict), M.to_verdicts(gold)
     m = M.pairwise_metrics(v, g, len_a=len_a, len_b=len_b)
+    m.update(M.score_spread(v))
     if verdict_ab is not None and verdict_ba is not None:
         m["position_consistency"] = M.position_consistency(verdict_ab, M.unswap(verdict_ba))
         m["accuracy_single_order"] = M.pairwise_accuracy(verdict_ab, g)
@@ -155,7 +157,8 @@ def score_summary(pred, scale=(1, 5)) -> dict:
     parsed = p[~np.isnan(p)]
     counts = {int(s): int(np.sum(M.round_scores(parsed) == s)) for s in range(int(scale[0]), int(scale[1]) + 1)}
     return {"n": len(p), "n_parsed": len(parsed), "parse_rate": len(parsed) / len(p) if len(p) else math.nan,
-            "mean_score": float(parsed.mean()) if len(parsed) else math.nan, "score_counts": counts}
+            "mean_score": float(parsed.mean()) if len(parsed) else math.nan, "score_counts": counts,
+            **M.score_spread(parsed)}
 
 
 def judge_agreement(pred_a, pred_b, scale=(1, 5)) -> dict:
@@ -288,7 +291,7 @@ def headline_rows(result: BenchmarkResult) -> tuple[list[dict], list[str]]:
         rows.append(row)
     if kind == "pointwise":
         columns = ["judge", "n", "parse_rate", "mae", "mae_ci", "agreement", "agreement_ci", "accuracy", "pearson",
-                   "spearman", "kendall", "aggregate", "aggregate_ci"]
+                   "spearman", "kendall", "score_entropy", "collapsed", "aggregate", "aggregate_ci"]
     elif kind == "pairwise":
         columns = ["judge"] + PAIRWISE_COLUMNS[:3] + ["accuracy_ci"] + PAIRWISE_COLUMNS[3:]
     elif kind == "injection":
