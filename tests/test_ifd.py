@@ -122,15 +122,19 @@ def test_choice_logprobs_equals_base_implementation(hf_engine):
 
 @pytest.mark.integration  # loads the real model
 def test_choice_logprobs_after_a_prefill_equals_base_implementation(hf_engine):
-    # the label stage's score_by=choice: options "1]]".."5]]" after an assistant message "[["
-    prompt = [{"role": "user", "content": "Grade the response 'Paris' to 'Capital of France?' from 1 to 5."},
+    # the label stage's score_by=choice: options "1]]".."10]]" after an assistant message "[[". The
+    # tokenizer splits numbers into digits, so "10]]" starts with the same token as "1]]": a score read
+    # from first tokens would confuse them; each option's whole token sequence must be scored.
+    prompt = [{"role": "user", "content": "Grade the response 'Paris' to 'Capital of France?' from 1 to 10."},
               {"role": "assistant", "content": "[["}]
-    options = [f"{s}]]" for s in range(1, 6)]
+    options = judging.score_options(judging.RatingScale(1, 10))
+    assert hf_engine.text_ids("10]]")[0] == hf_engine.text_ids("1]]")[0]  # digits split: a shared first token
     fast = hf_engine.choice_logprobs(prompt, options)
     base = Engine.choice_logprobs(hf_engine, prompt, options)
     assert max(abs(a - b) for a, b in zip(fast, base)) < 1e-4
     for option, total in zip(options, fast):
         assert total == pytest.approx(sum(_reference_logprobs(hf_engine, prompt, option)), abs=1e-4)
+    assert fast[0] != pytest.approx(fast[9], abs=1e-3)  # "1]]" and "10]]" told apart
 
 
 # ------------------------------------------------------------------------------ the stage itself

@@ -29,16 +29,24 @@ def _parser() -> argparse.ArgumentParser:
                        "(train_classifier.*) and report held-out accuracy and a confusion matrix")
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*")
-    sub.add_parser("assets", help="prepare the embedded default model (GGUF -> Hugging Face folder)")
+    p = sub.add_parser("assets", help="prepare embedded models (GGUF from installed packages -> Hugging Face "
+                       "folder); the default model when none is named")
+    p.add_argument("models", nargs="*", help="embedded model names, or 'all'")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "assets":
-        from themis_ray.assets import prepare_default_model
+        from themis_ray.assets import DEFAULT_MODEL, EMBEDDED_MODELS, prepare_model
 
-        print(prepare_default_model())
+        names = list(EMBEDDED_MODELS) if args.models == ["all"] else args.models or [DEFAULT_MODEL]
+        unknown = [n for n in names if n not in EMBEDDED_MODELS]
+        if unknown:
+            print(f"unknown embedded model(s) {unknown}; known: {sorted(EMBEDDED_MODELS)}", file=sys.stderr)
+            return 2
+        for name in names:
+            print(prepare_model(name))
         return 0
     from themis_ray.config import load
 
