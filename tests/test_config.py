@@ -140,3 +140,16 @@ def test_the_judge_job_classifier_has_no_route_by_to_ignore():
     assert config.load(overrides=["classify.route_by=classifier"]).classify.route_by == "classifier"
     with pytest.raises(Exception, match=r"route_by"):
         config.load(overrides=["judge.classify.route_by=classifier"])
+
+
+def test_an_override_may_index_a_list():
+    cfg = config.load("configs/quickstart.yaml", ["respond.responders.1.engine.model=/models/other",
+                                                  "evaluate.judges=[trained,/models/x]"])
+    assert cfg.respond.responders[1].engine.model == "/models/other"
+    assert cfg.respond.responders[0].engine.model == "smollm2-135m-instruct"  # its neighbour untouched
+    assert cfg.respond.responders[1].sampling.max_tokens == 32  # the rest of the item kept
+    assert [j.name for j in cfg.evaluate.judges] == ["trained", "/models/x"]
+    with pytest.raises(ValueError, match=r"respond\.responders has 2 items"):
+        config.load("configs/quickstart.yaml", ["respond.responders.2.engine.model=x"])
+    with pytest.raises(ValueError, match="not key=value"):
+        config.load(overrides=["corpus.max_docs"])

@@ -500,9 +500,28 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         for key in [k for k in data if str(k).startswith("_")]:
             del data[key]  # `_name:` blocks only hold YAML anchors shared by the sections below
         cfg = OmegaConf.merge(cfg, _judge_names_as_specs(data))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, _judge_names_as_specs(OmegaConf.from_dotlist(list(overrides))))
+    for override in overrides:
+        _apply_override(cfg, override)
     return cfg
+
+
+def _apply_override(cfg: Any, override: str) -> None:
+    """One `key=value`, value parsed as YAML; a key may index a list (`respond.responders.0.engine.model`)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {override!r} is not key=value")
+    parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+    if key.strip() == "evaluate.judges":
+        parsed = _judge_names_as_specs(OmegaConf.create({"evaluate": {"judges": parsed}})).evaluate.judges
+    node, parts = cfg, key.strip().split(".")
+    for depth, part in enumerate(parts[:-1]):
+        if OmegaConf.is_list(node) and part.isdigit() and int(part) >= len(node):
+            raise ValueError(f"override {override!r}: {'.'.join(parts[:depth])} has {len(node)} items")
+        node = node[int(part)] if OmegaConf.is_list(node) and part.isdigit() else node.get(part) \
+            if OmegaConf.is_dict(node) else None
+        if node is None:
+            break  # OmegaConf.update names an unknown key itself
+    OmegaConf.update(cfg, key.strip(), parsed, merge=True)
 
 
 def _judge_names_as_specs(data: Any) -> Any:
