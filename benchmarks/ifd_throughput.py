@@ -69,7 +69,7 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 
 @torch.inference_mode()
 def stage_order(records: list[dict]) -> list[dict]:
-    """The order `ifd.run` cuts batches in: sorted by scenario and mode (`ifd.sort_batches`)."""
+    """The order `ifd.run` cuts batches in when a window holds every record: sorted by scenario and mode."""
     return sorted(records, key=lambda r: (r["scenario"], r["mode"]))
 
 

@@ -230,3 +230,21 @@ def test_prefix_groups_need_a_long_enough_common_prefix():
     close = [(0, [1, 1, 1, 5], [5]), (1, [1, 1, 1, 6], [5]), (2, [1, 1, 2, 9], [5]), (3, [1, 1, 3, 9], [5])]
     assert len(SharedPrefixScorer(None, min_prefix=2)._groups(close)) == 1
     assert _common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2]]) == [1, 2]
+
+
+@pytest.mark.integration  # starts Ray
+def test_sorted_windows_keep_every_row_and_sort_each_window(ray_local):
+    import random
+
+    rng = random.Random(0)
+    rows = [{"id": i, "scenario": rng.choice(["a", "b", "c"]), "mode": rng.choice(["single", "pairwise"])}
+            for i in range(300)]
+    out = ifd_stage.sort_windows(ray_local.data.from_items(rows, override_num_blocks=3), 50)
+    got = [r for b in out.iter_batches(batch_size=None, batch_format="pyarrow") for r in b.to_pylist()]
+    assert sorted(r["id"] for r in got) == list(range(300))  # nothing lost, nothing twice
+    keys = [(r["scenario"], r["mode"]) for r in got]
+    descents = sum(1 for x, y in zip(keys, keys[1:]) if y < x)
+    assert descents <= 300 // 50 + 3  # sorted runs: a new one starts only where a window (or block) does
+    # ...and it groups: far fewer scenario/mode changes than in the input order
+    changes = sum(1 for x, y in zip(got, got[1:]) if (x["scenario"], x["mode"]) != (y["scenario"], y["mode"]))
+    assert changes < 300 / 3

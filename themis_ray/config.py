@@ -230,8 +230,11 @@ class IFDConfig:
     micro_batch_size: int = 1
     max_padding: float = 0.1  # hf: a micro-batch is closed before padding exceeds this share of its tokens
     share_prefix: bool = True  # hf: run a prompt prefix shared by a batch's records once
-    # Sort the records by scenario and mode (a distributed sort) so each batch shares one prompt prefix.
+    # Sort the records by scenario and mode, window by window, so each batch shares one prompt prefix.
     sort_batches: bool = True
+    # Rows per sorted window: a streaming map holds one window, so memory stays flat at any row count;
+    # larger windows give the pool's batches longer runs of one scenario and mode (0 or 1: no sort).
+    sort_window_rows: int = 4096
 
 
 @dataclass

@@ -8,9 +8,11 @@ engine's `max_model_len` is a reject with that reason, as is one whose losses ar
 Both ratios are kept: `ifd` (the loss ratio, what curation uses by default) and `ifd_ppl` (the
 perplexity ratio, exp(CE(A | Q) - CE(A))).
 
-Speed: the records are sorted by scenario and mode (a Ray Data sort, `ifd.sort_batches`) before they
-are cut into the actor pool's batches, so a batch holds records that share their prompt's opening (the
-evaluation prompt's task, criteria and tiers, a few hundred tokens). The hf engine's `token_logprobs` runs such a shared
+Speed: the records are sorted by scenario and mode within windows of `ifd.sort_window_rows` rows (a
+streaming map, no all-to-all shuffle: a global sort on a key of a few dozen values would plan as many
+partitions as input blocks and still leave them skewed) before they are cut into the actor pool's
+batches, so a batch holds records that share their prompt's opening (the evaluation prompt's task,
+criteria and tiers, a few hundred tokens). The hf engine's `token_logprobs` runs such a shared
 prefix once per group and scores every record's remainder from its cached keys and values, in
 length-sorted, left-padded micro-batches closed before padding exceeds a budget (`ifd.micro_batch_size`,
 `ifd.max_padding`, `ifd.share_prefix`), computing logits for the answer positions only.
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
+
 from themis_ray import judging
 from themis_ray.engines import build_engine, engine_label
-from themis_ray.executor import RowProcessor, StageContext, Step, StepEngine, run_rows
+from themis_ray.executor import LIGHT_CPUS, RowProcessor, StageContext, Step, StepEngine, run_rows
 from themis_ray.schema import REJECT, output_schema
 from themis_ray.store import StageResult
 
@@ -74,14 +78,23 @@ class IFDScorer(RowProcessor):
         return out
 
 
+def _sorted_window(window: pa.Table) -> pa.Table:
+    return window.sort_by([("scenario", "ascending"), ("mode", "ascending")])
+
+
+def sort_windows(records, window_rows: int):
+    """Records sorted by scenario and mode within consecutive windows of `window_rows` rows."""
+    return records.map_batches(_sorted_window, batch_format="pyarrow", batch_size=window_rows, num_cpus=LIGHT_CPUS)
+
+
 def run(ctx: StageContext) -> StageResult:
     c = ctx.cfg.ifd
     source = ctx.input("label")
     rows_in = source.num_rows()
     records = source.dataset()
-    if c.sort_batches:
+    if c.sort_batches and c.sort_window_rows > 1:
         # Batches of one scenario and mode share their prompt's opening, which the hf scorer runs once.
-        records = records.sort(["scenario", "mode"])
+        records = sort_windows(records, c.sort_window_rows)
     step = Step(name="ifd", processor=IFDScorer, pool=c.pool, engine=StepEngine(c.engine, "ifd.engine", scores=True),
                 args={"engine_cfg": c.engine, "micro_batch_size": c.micro_batch_size, "max_padding": c.max_padding,
                       "share_prefix": c.share_prefix})
