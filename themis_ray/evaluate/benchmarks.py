@@ -1,5 +1,6 @@
 """The records a judge is measured on: the run's validation split, a user's labelled file, MT-Bench,
-and the validation split again with a prompt injection appended to every response.
+the validation split again with a prompt injection appended to every response, and the field's
+published benchmarks (RewardBench 2, JudgeBench, MT-Bench human judgments, HHH: `evaluate.field`).
 
 Every benchmark becomes a lazy Ray Dataset of records ready to judge (prepared by streaming maps over
 the curate stage's parts or the user's files, never collected on the driver): `prompt` (the evaluation prompt, and

@@ -204,7 +204,7 @@ def parse_item(name: str, record: dict, file: Optional[str], row: int) -> dict:
         if len(chosen) != 1 or len(rejected) != 1 or not all(isinstance(c, str) and c.strip() for c in choices):
             raise ValueError("targets must have one choice labelled 1 and one labelled 0, both non-empty")
         subset = record.get("subset") or _subset_from_path(file, HHH_SUBSETS) or "hhh"
-        group = stable_id(name, subset, record.get("input"), *choices)
+        group = stable_id(name, subset, row, record.get("input"), *choices)
         # The gold side alternates with the content, so "always A" is no shortcut.
         first = int(group, 16) % 2 == 0
         a, b = (chosen[0], rejected[0]) if first else (rejected[0], chosen[0])
