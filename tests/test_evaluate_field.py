@@ -205,6 +205,24 @@ def test_rewardbench2_pairwise_judge_compares_chosen_with_each_rejected(tmp_path
     assert subsets["Ties"]["n"] == 1 and subsets["Ties"]["parse_rate"] == 1.0
 
 
+def test_rewardbench2_compares_expected_scores_where_the_judge_gave_them():
+    records = pd.DataFrame({"id": list("abcd"), "group": ["p"] * 4, "subset": ["Focus"] * 4, "mode": ["single"] * 4,
+                            "role": ["chosen", "rejected", "rejected", "rejected"], "position": [0, 1, 2, 3],
+                            "predicted_score": [4.0, 4.0, 2.0, 1.0]})
+    tied = F.rewardbench2_summary(records.assign(predicted_expected=None))["overall"]
+    assert tied["score"] == 0.5  # 4 and 4: the top is shared
+    expected = F.rewardbench2_summary(records.assign(predicted_expected=[4.2, 3.9, 2.0, 1.1]))["overall"]
+    assert expected["score"] == 1.0  # the probability-weighted scores tell them apart
+
+
+def test_the_field_files_are_part_of_the_evaluate_stage_fingerprint(tmp_path):
+    from themis_ray.stages.registry import STAGES
+
+    cfg = load(None, [f"run_dir={tmp_path}", "evaluate.benchmarks=[validation,judgebench,hhh]",
+                      f"evaluate.judgebench.path={tmp_path / 'jb'}"])
+    assert STAGES["evaluate"].reads(cfg) == [str(tmp_path / "jb")]  # hhh has no path: nothing to digest
+
+
 # ---------------------------------------------------------------------------------- JudgeBench
 
 
