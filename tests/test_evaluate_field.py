@@ -79,6 +79,14 @@ def test_a_missing_path_says_where_to_get_the_data(tmp_path):
         F.field_files("judgebench", str(tmp_path / "empty"))
 
 
+def test_the_stage_stops_on_a_missing_benchmark_before_any_model_loads(tmp_path):
+    from themis_ray.evaluate.benchmarks import load_benchmarks
+
+    cfg = load(None, [f"run_dir={tmp_path}", "evaluate.benchmarks=[hhh]"])
+    with pytest.raises(FileNotFoundError, match="evaluate.hhh.path is not set.*HuggingFaceH4/hhh_alignment"):
+        load_benchmarks(cfg)
+
+
 def test_save_to_disk_folders_and_splits_pick_the_data_files(tmp_path):
     # A DatasetDict saved to disk: one folder per split, metadata beside the Arrow files.
     root = tmp_path / "mt"
