@@ -177,12 +177,16 @@ def test_rewardbench2_parquet_scored_best_of_4_per_subset_with_ties_and_baseline
 
     # Baselines scored by the same rule: always-longer picks "10 is prime, clearly" and "22".
     bench = Benchmark("rewardbench2", "field", None, None, F.RECORD_SCHEMA, num_records=len(records))
-    summaries = S.summarize(bench, {"trained": df}, n_boot=0)
+    summaries = S.summarize(bench, {"trained": df}, n_boot=50)
     assert set(summaries) == {"trained", *F.BASELINES}
     longer = summaries["baseline:longer"]["by_scenario"]
     # Prompt 0: a rejected answer is longest (0); prompt 1: four one-character answers share the top (1/4).
     assert longer["Factuality"]["score"] == pytest.approx(0.125) and longer["Math"]["score"] == 0.0
     assert summaries["baseline:random"]["overall"]["parse_rate"] == 1.0
+    rows, columns = S.headline_rows(S.BenchmarkResult(bench, {"trained": df}, summaries))
+    assert columns == ["judge", "n", "parse_rate", "score", "score_ci", "score:Factuality", "score:Math",
+                       "score:Ties", "score_entropy", "collapsed"]
+    assert rows[0]["score:Math"] == 0.0 and rows[0]["score_ci"].startswith("[")
 
 
 def test_rewardbench2_pairwise_judge_compares_chosen_with_each_rejected(tmp_path):

@@ -503,7 +503,7 @@ def rewardbench2_summary(df: pd.DataFrame, n_boot: int = 0, confidence: float = 
            "score_ci": _ci(values, labels, overall, n_boot, confidence, seed) if len(items) else None,
            **_spread(judged)}
     for subset, m in by_subset.items():
-        out[f"score_{subset}"] = m["score"]
+        out[f"score:{subset}"] = m["score"]
     return {"overall": out, "by_scenario": by_subset}
 
 
@@ -568,8 +568,7 @@ SUBSET_COLUMNS = {"rewardbench2": ["n", "parse_rate", "score"],
 def headline_columns(name: str, summaries: dict) -> list[str]:
     columns = ["n", "parse_rate"] + HEADLINE[name]
     if name == "rewardbench2":
-        subsets = sorted({k for s in summaries.values() for k in s["overall"] if k.startswith("score_")
-                          and not k.endswith("_ci")})
+        subsets = sorted({k for s in summaries.values() for k in s["overall"] if k.startswith("score:")})
         columns += subsets
     return columns + ["score_entropy", "collapsed"]
 
