@@ -379,6 +379,21 @@ class MTBenchConfig:
 
 
 @dataclass
+class FieldBenchmarkConfig:
+    """A published judge benchmark read from local files or any pyarrow URI, in the layout its release
+    has (the Parquet/JSONL files of its dataset, or a `datasets` save_to_disk folder); never downloaded."""
+
+    path: Optional[str] = None  # a file or a folder; see evaluate.field for where to get each one
+    # pointwise: every completion scored alone and the scores compared | pairwise: the judge compares
+    # two responses, in both orders (RewardBench 2: chosen vs each rejected; its Ties subset is always rated).
+    mode: Literal["pointwise", "pairwise"] = "pairwise"
+    split: Optional[str] = None  # only files whose path under `path` contains this (None: the benchmark's default)
+    scenario: str = "open_qa"  # the criteria the judge is given, for subsets not in `scenarios`
+    scenarios: dict[str, str] = field(default_factory=dict)  # subset -> scenario
+    limit: int = 0  # the first N rows of the files (0: all), for a quick look
+
+
+@dataclass
 class EvaluateConfig:
     # Judges side by side: {name: trained} (this run's judge), {name: base} (train.model), a model
     # folder, or an OpenAI-compatible endpoint ({name: teacher, engine: {kind: openai, ...}}).
@@ -386,10 +401,18 @@ class EvaluateConfig:
         default_factory=lambda: [JudgeSpec(name="trained"), JudgeSpec(name="base")]
     )
     # validation: this run's held-out split, the teacher's labels as gold | file: `file` below, human
-    # labels | mtbench: responders answer MT-Bench, the judges are compared with each other.
+    # labels | mtbench: responders answer MT-Bench, the judges are compared with each other |
+    # injection | rewardbench2, judgebench, mtbench_human, hhh: the field's benchmarks, from local files.
     benchmarks: list[str] = field(default_factory=lambda: ["validation"])
     file: LabelledFileConfig = field(default_factory=LabelledFileConfig)
     mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
+    # The field's benchmarks (evaluate.benchmarks: rewardbench2, judgebench, mtbench_human, hhh).
+    rewardbench2: FieldBenchmarkConfig = field(default_factory=lambda: FieldBenchmarkConfig(
+        mode="pointwise", scenarios={"Math": "math_qa", "Precise IF": "informative_writing"}))
+    judgebench: FieldBenchmarkConfig = field(default_factory=lambda: FieldBenchmarkConfig(
+        scenarios={"livebench-math": "math_qa", "livecodebench": "programming", "livebench-reasoning": "close_qa"}))
+    mtbench_human: FieldBenchmarkConfig = field(default_factory=FieldBenchmarkConfig)
+    hhh: FieldBenchmarkConfig = field(default_factory=FieldBenchmarkConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)  # model is set per judge
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_tokens=96, temperature=0.0, logprobs=10)

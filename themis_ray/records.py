@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from themis_ray import fs
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-           ".csv": "csv"}
+           ".csv": "csv", ".arrow": "arrow"}  # .arrow: the files of a `datasets` save_to_disk folder
 SCHEMA = pa.schema([("_file", pa.string()), ("_row", pa.int64()), ("_record", pa.string()), ("_error", pa.string())])
 BATCH_ROWS = 1024
 
@@ -57,7 +57,7 @@ def _format(path: str, strict: bool = True):
         if path.lower().endswith(suffix):
             return kind
     if strict:
-        raise ValueError(f"{path}: not Parquet (.parquet), JSONL (.jsonl) or CSV (.csv)")
+        raise ValueError(f"{path}: not Parquet (.parquet), JSONL (.jsonl), CSV (.csv) or Arrow (.arrow)")
     return None
 
 
@@ -69,9 +69,9 @@ def _rows(uri: str) -> Iterator[tuple[int, str, str | None]]:
     """(row number, record JSON or raw text, error) for every row of one file."""
     filesystem, path = fs.resolve(uri)
     kind = _format(path)
-    if kind == "parquet":
+    if kind in ("parquet", "arrow"):
         number = 0
-        for batch in pq.ParquetFile(filesystem.open_input_file(path)).iter_batches(batch_size=BATCH_ROWS):
+        for batch in _batches(filesystem, path, kind):
             for record in batch.to_pylist():
                 number += 1
                 yield number, _json(record), None
@@ -100,6 +100,20 @@ def _rows(uri: str) -> Iterator[tuple[int, str, str | None]]:
                     yield reader.line_num, _json(record), f"{len(extra)} more fields than the header names"
                 else:
                     yield reader.line_num, _json(record), None
+
+
+def _batches(filesystem, path: str, kind: str) -> Iterator[pa.RecordBatch]:
+    if kind == "parquet":
+        yield from pq.ParquetFile(filesystem.open_input_file(path)).iter_batches(batch_size=BATCH_ROWS)
+        return
+    # `datasets` writes the Arrow IPC stream format; a file written as an IPC file reads too.
+    try:
+        with filesystem.open_input_stream(path) as raw:
+            yield from pa.ipc.open_stream(raw)
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(filesystem.open_input_file(path))
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
 
 
 def read_file_batches(batch: pa.Table) -> Iterator[pa.Table]:

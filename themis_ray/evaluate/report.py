@@ -375,11 +375,21 @@ def write_report(out_dir: str | Path, results: list, title: str = "Judge meta-ev
         if collapsed:
             text += (f". COLLAPSED: {', '.join(collapsed)} gave one score or verdict to at least "
                      f"{COLLAPSE_SHARE:.0%} of the records it answered, so it ranks nothing")
+        if kind == "field":
+            text += (". Rows baseline:random (uniform scores; a uniform A/B/tie verdict in each order) and "
+                     "baseline:longer (the longer response wins) are scored by the same rule")
+        caption = {"unlabelled": "per category", "field": "per subset"}.get(kind, "per scenario")
         section = Section(title=f"{bench} ({kind})", text=text,
-                          tables=[("headline, one row per judge", rows, columns),
-                                  ("per scenario" if kind != "unlabelled" else "per category", s_rows, s_columns)])
+                          tables=[("headline, one row per judge", rows, columns), (caption, s_rows, s_columns)])
         images = section.images
-        if kind == "pointwise":
+        if kind == "field":
+            from themis_ray.evaluate.field import HEADLINE
+
+            by_subset = {j: s["by_scenario"] for j, s in result.summaries.items()}
+            if any(by_subset.values()):
+                images.append(("the headline figure per subset, judges and baselines", plot_scenario_bars(
+                    out, by_subset, metrics=(HEADLINE[bench][0], "parse_rate"), name=bench)))
+        elif kind == "pointwise":
             by_scenario = {j: s["by_scenario"] for j, s in result.summaries.items()}
             if any(by_scenario.values()):
                 images.append(("metrics per scenario", plot_scenario_bars(out, by_scenario, name=bench)))

@@ -233,6 +233,10 @@ def summarize(benchmark, graded: dict[str, pd.DataFrame], n_boot: int = 0, confi
               seed: int = 0) -> dict[str, dict]:
     """Judge -> its summary of one benchmark: {"overall", "by_scenario", ...}."""
     scale = tuple(benchmark.scale)
+    if benchmark.kind == "field":
+        from themis_ray.evaluate.field import summarize_field
+
+        return summarize_field(benchmark, graded, n_boot, confidence, seed)
     if benchmark.kind == "unlabelled":
         return unlabelled_summaries(graded, scale)
     if benchmark.kind == "injection":
@@ -283,12 +287,18 @@ def headline_rows(result: BenchmarkResult) -> tuple[list[dict], list[str]]:
     for judge, summary in result.summaries.items():
         overall = summary["overall"]
         row = {"judge": judge, **{k: overall.get(k) for k in overall if not isinstance(overall[k], (dict, list))}}
+        if kind == "field":
+            row.update({k: _ci(v) for k, v in overall.items() if k.endswith("_ci")})
         for name in CI_METRICS.get(kind, ()):
             row[f"{name}_ci"] = _ci(overall.get(f"{name}_ci"))
         if kind == "unlabelled":
             for other, agreement in summary.get("vs_judges", {}).items():
                 row[f"agr_vs_{other}"] = agreement.get("agreement")
         rows.append(row)
+    if kind == "field":
+        from themis_ray.evaluate.field import headline_columns
+
+        return rows, ["judge"] + headline_columns(result.benchmark.name, result.summaries)
     if kind == "pointwise":
         columns = ["judge", "n", "parse_rate", "mae", "mae_ci", "agreement", "agreement_ci", "accuracy", "pearson",
                    "spearman", "kendall", "score_entropy", "collapsed", "aggregate", "aggregate_ci"]
@@ -307,6 +317,10 @@ def scenario_rows(result: BenchmarkResult) -> tuple[list[dict], list[str]]:
     columns = {"pointwise": POINTWISE_COLUMNS, "pairwise": PAIRWISE_COLUMNS,
                "injection": INJECTION_COLUMNS}.get(kind, UNLABELLED_COLUMNS)
     key, label = ("by_category", "category") if kind == "unlabelled" else ("by_scenario", "scenario")
+    if kind == "field":  # a published benchmark's own subsets
+        from themis_ray.evaluate.field import SUBSET_COLUMNS
+
+        columns, label = SUBSET_COLUMNS[result.benchmark.name], "subset"
     rows = []
     groups = sorted({s for summary in result.summaries.values() for s in summary.get(key, {})})
     for group in groups:

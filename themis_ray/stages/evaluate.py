@@ -5,7 +5,9 @@ OpenAI-compatible endpoint. Benchmarks (`evaluate.benchmarks`): the validation s
 scores as gold), a user's labelled file (pointwise scores or pairwise winners, human labels as gold),
 MT-Bench (responders answer its questions; no gold, so the judges are compared with each other),
 injection (the validation split judged with and without a prompt injection appended to each
-response: how far it moves each judge's score).
+response: how far it moves each judge's score), and the field's benchmarks read from their published
+files (rewardbench2, judgebench, mtbench_human, hhh: each scored by its authors' rule, beside random
+and always-longer baselines; `evaluate.field`).
 
 Each judge grades each benchmark as one plan (prepared records -> the judge's actor pool -> parts
 written by the workers); rows that cannot be judged are the stage's rejects, written once. The metrics

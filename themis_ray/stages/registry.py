@@ -21,8 +21,12 @@ def _trained_classifier(cfg) -> list[str]:
     return [cfg.classify.model or fs.join(cfg.run_dir, "classifier")]
 
 
-def _labelled_file(cfg) -> list[str]:
-    return [cfg.evaluate.file.path] if "file" in cfg.evaluate.benchmarks and cfg.evaluate.file.path else []
+def _benchmark_files(cfg) -> list[str]:
+    """evaluate reads the labelled file and the field's benchmark files it names: new data re-runs it."""
+    from themis_ray.evaluate.field import FIELD
+
+    names = [n for n in cfg.evaluate.benchmarks if n == "file" or n in FIELD]
+    return [cfg.evaluate[n].path for n in names if cfg.evaluate[n].path]
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ STAGES = {
         Stage("ifd", ifd.run, ("label",), ("ifd",)),
         Stage("curate", curate.run, ("ifd",), ("curate",)),
         Stage("train", train.run, ("curate",), ("train",)),
-        Stage("evaluate", evaluate.run, ("curate", "train"), ("evaluate", "train.model"), reads=_labelled_file),
+        Stage("evaluate", evaluate.run, ("curate", "train"), ("evaluate", "train.model"), reads=_benchmark_files),
     )
 }
 
