@@ -166,3 +166,18 @@ def test_blocks_hold_whole_batches_and_keep_every_concurrent_call_busy():
         if size > batch:  # grown only while every task the pool runs at once still gets four blocks
             assert rows // size >= 4 * tasks
     assert rows_per_block(64, 300_000, 16) == 64 * BATCHES_PER_BLOCK
+
+
+def test_a_pool_that_takes_every_cpu_is_warned_about(ray_local, caplog):
+    from themis_ray.config import PoolConfig
+    from themis_ray.executor.plan import preflight_step
+    from themis_ray.executor.step import Step
+
+    def step(cpus: float) -> Step:
+        return Step(name="label", processor=object, args={}, pool=PoolConfig(num_cpus=cpus))
+
+    with caplog.at_level("WARNING", logger="themis_ray.executor.plan"):
+        preflight_step(step(1.0))  # leaves a CPU for reads and writes: quiet
+        assert not caplog.records
+        preflight_step(step(2.0))  # the 2-CPU test cluster's every CPU: the plan would wait forever
+    assert len(caplog.records) == 1 and "pool.num_cpus=2" in caplog.records[0].getMessage()

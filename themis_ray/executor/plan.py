@@ -14,6 +14,7 @@ This package is the only place that calls `map_batches`.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -30,6 +31,8 @@ from themis_ray.executor.processor import GenerationProcessor
 from themis_ray.executor.sink import StageSink, part_name
 from themis_ray.executor.step import Stats, Step
 from themis_ray.store import StageStore, merge_stats
+
+log = logging.getLogger(__name__)
 
 # Reads, writes and light maps take a sliver of a CPU each, so they never hold the CPUs the actor
 # pools need (on a 2-CPU machine a whole CPU per read task would starve them).
@@ -61,10 +64,22 @@ def actor_gpus(step: Step) -> int:
 def preflight_step(step: Step) -> None:
     """The step's declared engine checked on the driver (installed, enough GPUs in the cluster, able
     to score text where the step asks it to)."""
+    _warn_if_pool_takes_every_cpu(step)
     if step.engine is not None:
         if step.engine.scores:
             check_scores_text(step.engine.config, step.engine.key, step.name)
         preflight(step.engine.config, step.engine.key)
+
+
+def _warn_if_pool_takes_every_cpu(step: Step) -> None:
+    """An actor that holds every CPU of a fixed cluster leaves none for the step's own light tasks (the
+    repartition before it, the writes after): the plan waits forever without an error. A cluster that
+    may still grow (no CPUs yet, or an autoscaler) is not warned about."""
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    if 0 < cpus < step.pool.num_cpus + LIGHT_CPUS:
+        log.warning("%s: pool.num_cpus=%g leaves less than %g of the cluster's %g CPUs for Ray Data's own "
+                    "tasks; unless the cluster grows, the step waits forever. Give the actor fewer CPUs "
+                    "(engine.num_threads sets its threads).", step.name, step.pool.num_cpus, LIGHT_CPUS, cpus)
 
 
 def map_processor(ds, step: Step, schema: pa.Schema, sink: Optional[StageSink] = None,
