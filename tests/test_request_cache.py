@@ -137,3 +137,32 @@ def test_budget_reservations_queue_callers_and_a_pause_holds_them_all():
     assert budget.reserve(0, 0) == pytest.approx(5.0)
     tokens = Budget(None, tokens_per_minute=600, clock=lambda: now[0])  # 10 tokens/s
     assert tokens.reserve(1, 600) == 0.0 and tokens.reserve(1, 100) == pytest.approx(10.0)
+
+
+@pytest.mark.integration
+def test_requests_per_minute_hold_across_actors(ray_local):
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class Asker:
+        def __init__(self, cfg):
+            from themis_ray.engines import build_engine
+
+            self.engine = build_engine(cfg)
+
+        def ask(self, tag: str, n: int) -> list:
+            from themis_ray.config import SamplingConfig
+
+            asked = [[{"role": "user", "content": f"{tag} {i}"}] for i in range(n)]
+            return [c.error for c in self.engine.generate(asked, SamplingConfig())]
+
+    with OpenAIServer() as server:
+        # 60 a minute for the whole cluster: a burst of 60, then one a second. Two actors asking 66
+        # together wait about 6 s for the last 6; with a budget of their own (60 each) neither waits.
+        cfg = EngineConfig(kind="openai", model="teacher", base_url=server.base_url, requests_per_minute=60)
+        actors = [Asker.remote(cfg) for _ in range(2)]
+        errors = ray.get([actors[0].ask.remote("a", 33), actors[1].ask.remote("b", 33)])
+    assert errors == [[None] * 33, [None] * 33]
+    arrivals = sorted(t for t, _, _ in server.arrivals)
+    assert len(arrivals) == 66
+    assert arrivals[-1] - arrivals[0] >= 4.5, arrivals[-1] - arrivals[0]  # on the server's clock
