@@ -49,6 +49,14 @@ def test_entries_round_trip_and_keys_cover_what_decides_an_answer(tmp_path):
     assert cache.get(key) is None
 
 
+def test_entries_on_object_storage(s3_server):
+    cache = RequestCache(f"{s3_server}/runs/cached/_cache/requests")
+    key = request_key("openai", {"model": "m", "messages": _conv("q")})
+    assert cache.get(key) is None  # a missing object is a miss, not an error
+    cache.put(key, {"text": "a", "tokens": None})
+    assert RequestCache(f"{s3_server}/runs/cached/_cache/requests").get(key) == {"text": "a", "tokens": None}
+
+
 def test_cache_folder_and_with_cache_follow_the_config(tmp_path):
     assert cache_folder(CacheConfig(), str(tmp_path)) == str(tmp_path / "_cache" / "requests")
     assert cache_folder(CacheConfig(path="s3://b/c"), str(tmp_path)) == "s3://b/c"
