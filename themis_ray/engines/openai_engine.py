@@ -23,6 +23,7 @@ Manners at scale:
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import os
@@ -218,24 +219,30 @@ class OpenAIEngine(Engine):
 class AdaptiveSlots:
     """At most `limit` requests in flight, `limit` between 1 and `maximum`: a 429 halves it (once for
     the requests that were sent under the same limit, so one burst of 429s halves it once), and every
-    `limit` answers in a row without one grow it by one (additive increase, multiplicative decrease)."""
+    `limit` answers in a row without one grow it by one (additive increase, multiplicative decrease).
+    Waiters are served first come, first served, one woken per free slot."""
 
     def __init__(self, maximum: int):
         self.maximum = self.limit = max(1, int(maximum))
         self.in_flight = self.epoch = self._answers = 0
-        self._changed: Optional[asyncio.Condition] = None
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
 
     async def acquire(self) -> int:
         """Wait for a slot; returns the epoch the request was sent under."""
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+        if self.in_flight < self.limit and not self._waiting:
             self.in_flight += 1
+            return self.epoch
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await turn  # the slot is handed over by `_wake`, already counted
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release_slot()
+            raise
         return self.epoch
 
     def release(self, epoch: int, rate_limited: bool = False) -> None:
-        self.in_flight -= 1
         if rate_limited:
             self._answers = 0
             if epoch == self.epoch:  # the first 429 of a burst; the others were sent under the old limit
@@ -244,12 +251,15 @@ class AdaptiveSlots:
             self._answers += 1
             if self._answers >= self.limit and self.limit < self.maximum:
                 self.limit, self._answers = self.limit + 1, 0
-        if self._changed is not None:
-            asyncio.get_running_loop().create_task(self._notify())
+        self._release_slot()
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    def _release_slot(self) -> None:
+        self.in_flight -= 1
+        while self._waiting and self.in_flight < self.limit:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                self.in_flight += 1
+                turn.set_result(None)
 
 
 class Budget:
