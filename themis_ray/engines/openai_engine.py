@@ -93,7 +93,11 @@ class OpenAIEngine(Engine):
         prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
         key = request_key("openai", request) if self.cache is not None else None
         if key is not None:
-            kept = await self._loop.run_in_executor(self._io, self.cache.get, key)
+            try:
+                kept = await self._loop.run_in_executor(self._io, self.cache.get, key)
+            except OSError as err:  # storage that failed to answer: ask the endpoint rather than fail the batch
+                log.warning("could not read the request cache %s: %s", self.cache.uri, err)
+                kept = None
             if kept is not None:
                 self.usage.extra["cache_hits"] += 1
                 return Completion(**kept)
