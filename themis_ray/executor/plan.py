@@ -3,7 +3,8 @@
 - `map_processor`: a stage's `Step` (processor, arguments, pool, declared engine) as `map_batches` on
   an autoscaling actor pool (the engine is built once per actor), or through ray.data.llm when the
   engine asks for it.
-- `run_rows`: read -> skip what an interrupted run already wrote -> map -> write, one plan.
+- `run_rows`: read -> skip what an interrupted run already wrote -> map -> write, one plan; then,
+  for a one-row-per-input step whose footers count more rows than its input, `drop_duplicates`.
 - `map_tasks`, `map_groups`, `partials`: light maps, groups brought together by a shuffle, and
   map-side aggregations (each block reduced to a few numbers, merged on the driver) for the stages
   that need global statistics before they can decide.

@@ -10,7 +10,9 @@ under a temporary name and renamed, on object storage an upload appears whole or
 
 A part's name is random, or given by the caller as a digest of the rows' keys (`part_name`): a batch
 that runs again (its actor died after writing it, and Ray ran it elsewhere) then replaces its own
-parts instead of adding a second copy of its rows, which would break rows in = out + rejected.
+parts instead of adding a second copy of its rows, which would break rows in = out + rejected. A
+batch run again but cut otherwise is caught after the plan (`plan.drop_duplicates`, which rewrites a
+part without its second copies through `rewrite_part`).
 """
 
 from __future__ import annotations
