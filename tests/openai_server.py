@@ -14,13 +14,17 @@ cluster can reach it. Every answer is a well-formed chat completion; by default 
 * `hang_rate`: a random share is held `hang_s` seconds and then dropped with a 500 (a client whose
   timeout is shorter has given up by then: the request never counts as answered);
 * `garbage_rate`: a random share gets a well-formed 200 whose text is `garbage_text` (no score);
+* `rate_limit_first`: the first N requests of every distinct prompt get HTTP 429 with
+  `Retry-After: retry_after_s`;
 * `fail_after`: every request after the first N (all prompts together) gets HTTP 500: an endpoint
   that went down;
 * `api_key`: a request without `Authorization: Bearer <api_key>` gets HTTP 401.
 
 It counts what it saw, per distinct prompt (the last user message): `requests` (every attempt) and
 `answered` (the 200s with a valid body), so a test can assert each record was labelled exactly once;
-`max_in_flight` is the highest number of requests it held at once.
+`max_in_flight` is the highest number of requests it held at once; `arrivals` lists every request as
+(the server's monotonic clock when it arrived, its prompt key, the status it got), so a test times the
+client's waits by the server's clock.
 
     with OpenAIServer(latency_s=0.2) as server:
         EngineConfig(kind="openai", base_url=server.base_url, model="teacher")
@@ -60,12 +64,14 @@ class OpenAIServer:
                  host: str = "127.0.0.1", port: int = 0, seed: int = 0, rate_limit_rate: float = 0.0,
                  retry_after_s: float = 0.2, hang_rate: float = 0.0, hang_s: float = 2.0, garbage_rate: float = 0.0,
                  garbage_text: str = "I would rather not grade this one.", fail_after: Optional[int] = None,
-                 api_key: Optional[str] = None, log_path: Optional[str] = None):
+                 api_key: Optional[str] = None, log_path: Optional[str] = None, rate_limit_first: int = 0):
         self.latency_s, self.max_concurrency = latency_s, max_concurrency
         self.rate_limit_rate, self.retry_after_s = rate_limit_rate, retry_after_s
         self.hang_rate, self.hang_s = hang_rate, hang_s
         self.garbage_rate, self.garbage_text = garbage_rate, garbage_text
         self.fail_after, self.api_key = fail_after, api_key
+        self.rate_limit_first = rate_limit_first
+        self.arrivals: list[tuple[float, str, int]] = []
         self.total_requests = self.unauthorized = 0
         self.faults: collections.Counter[str] = collections.Counter()  # fault kind -> times injected
         self.fail_first, self.fail_rate, self.malformed_rate = fail_first, fail_rate, malformed_rate
@@ -117,6 +123,8 @@ class OpenAIServer:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             if self.fail_after is not None and self.total_requests > self.fail_after:
                 return self._fault("down")
+            if self.requests[key] <= self.rate_limit_first:
+                return self._fault("rate_limited")
             if self.requests[key] <= self.fail_first or self._random.random() < self.fail_rate:
                 return self._fault("error")
             if self._random.random() < self.malformed_rate:
@@ -199,7 +207,11 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                     server.unauthorized += 1
                 self._error(401, "missing or wrong API key")
                 return
+            arrived = time.monotonic()
             fault = server._admit(key)
+            status = {None: 200, "garbage": 200, "malformed": 200, "busy": 429, "rate_limited": 429}.get(fault, 500)
+            with server._lock:
+                server.arrivals.append((arrived, key, status))
             if fault == "busy":
                 self._error(429, "too many requests in flight", {"retry-after": "0.2"})
                 return

@@ -516,6 +516,13 @@ def test_curate_stage_commits_counts_report_and_copies(ray_module, tmp_path):
     assert f"| labelled |  | 0 | {source.num_rows} |" in report and "![IFD per scenario](ifd_by_scenario.png)" in report
     assert "drop_criteria" in report and "validation MAE" in report
 
+    # Run again (forced): the paraphrases come back from the run's request cache; the endpoint is asked nothing.
+    with OpenAIServer(answer=answer) as again:
+        cfg.curate.augment.engine.base_url = again.base_url
+        rerun = run_stage(cfg, "curate", force=True)
+    assert again.total_requests == 0 and server.total_requests == 26
+    assert rerun["paraphrases"] == manifest["paraphrases"] and rerun["augmented"] == manifest["augmented"]
+
 
 def _synthetic(n_close=1400, n_open=900, n_pairs=200, n_math=300, seed=7) -> pa.Table:
     """A few thousand ifd-like rows: three scenarios, skewed scores, pairwise verdicts, IFD around 1."""

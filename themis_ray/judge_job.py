@@ -28,6 +28,7 @@ from themis_ray import fs, judging
 from themis_ray.classifier import ScenarioPredictor, predictor_engine
 from themis_ray.config import digest
 from themis_ray.engines import engine_label
+from themis_ray.engines.cache import cache_folder, with_cache
 from themis_ray.executor import RowProcessor, Step, StepEngine, map_processor, map_tasks, partials, run_rows
 from themis_ray.records import RowError, UserColumns, as_text, column_kinds, read_records, record_files, user_rows
 from themis_ray.scenarios import load_scenarios
@@ -176,13 +177,15 @@ def router_step(cfg) -> Step:
 
 
 def judge_step(cfg, scale: judging.RatingScale) -> Step:
-    """The judge on `judge.pool`: the label stage's judging, each row in its own mode."""
+    """The judge on `judge.pool`: the label stage's judging, each row in its own mode, its requests
+    through the job's request cache (`<output>/_cache/requests` unless `cache.path` says otherwise)."""
     c = cfg.judge
+    engine = with_cache(c.engine, cache_folder(cfg.cache, cfg.output))
     criteria = [{"name": x.name, "description": x.description} for x in c.criteria] if c.criteria else None
     return Step(name="judge", processor=DatasetJudge, pool=c.pool,
                 engine=StepEngine(c.engine, "judge.engine", scores=not c.rationale),  # no rationale: chosen by log-prob
                 stats=judge_stats,
-                args={"engine_cfg": c.engine, "sampling": c.sampling, "score_by": "text", "calibrate": False,
+                args={"engine_cfg": engine, "sampling": c.sampling, "score_by": "text", "calibrate": False,
                       "prefill": c.prefill_score, "max_attempts": c.max_attempts, "retry_temperature": 0.7,
                       "scenarios_dir": cfg.scenarios_dir, "scale": (scale.low, scale.high), "criteria": criteria,
                       "rationale": c.rationale, "rationale_tokens": c.rationale_tokens})
@@ -235,7 +238,8 @@ def judge_dataset(cfg) -> dict:
                 return ds
             return map_processor(ds, router_step(cfg), prepared)
 
-        run_rows(rows, judge_step(cfg, scale), store, schema, resume=resume, before=route, total=seen.get("rows", 0))
+        run_rows(rows, judge_step(cfg, scale), store, schema, resume=resume, before=route, total=seen.get("rows", 0),
+                 retry_rejects=c.retry_rejects)
         return StageResult(rows_in=seen.get("rows", 0), extra=_summary(cfg, store, scale))
 
     return run_stored(cfg, "judge", store, fp, print_summary, work)

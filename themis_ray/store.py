@@ -9,6 +9,9 @@ A folder is the store's once it holds `_stage.json` (or, from older runs, a mani
 marker): `begin` refuses to clear a non-empty folder without one, so a mistyped output path never
 empties a folder of someone's data.
 
+A fresh start keeps `_cache/` (the answers an endpoint was paid for, `engines.cache`): only their
+requests decide them, never the run that asked.
+
 `_attempt.json` holds the fingerprint of a run in progress: a run with the same fingerprint (after a
 crash or an interrupt) keeps what the workers already wrote and sends only the rows that are not yet
 written; any other run clears the folder. Row counts and the sums a stage reports (tokens, cost,
@@ -40,6 +43,7 @@ ATTEMPT = "_attempt.json"
 MARKER = "_stage.json"  # written when the store first takes a folder, kept across runs
 REJECTS = "_rejects"
 WORK = "_work"  # a stage's intermediate data (kept for a resume, never read by another stage)
+CACHE = "_cache"  # a judge job's request cache (`engines.cache`): kept when the folder starts afresh
 STATS_KEY = b"themis.stats"  # footer key of a part's summable statistics (JSON)
 PARTITION_KEY = b"themis.partition"  # footer key of the partition a part's rows belong to ({column: value}, JSON)
 FOOTERS_AT_ONCE = 256  # footers read in parallel (and held) at a time while tallying
@@ -214,7 +218,7 @@ class StageStore:
             self._drop_unreadable()
             return True
         for name in fs.children(self.uri):
-            if name != MARKER:
+            if name not in (MARKER, CACHE):
                 fs.delete(self.file(name))
         fs.write_json(self.file(ATTEMPT), fingerprint)
         return False
@@ -237,7 +241,10 @@ class StageStore:
 
     def _drop_unreadable(self) -> None:
         """A part cut short by a crash (no footer) is deleted: its rows are simply not written yet."""
-        paths = fs.list_files(self.uri, recursive=True)
+        top = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        paths = [i.path for i in top if i.type == pafs.FileType.File]
+        for folder in (i for i in top if i.type == pafs.FileType.Directory and posixpath.basename(i.path) != CACHE):
+            paths += fs.list_files(self.file(posixpath.basename(folder.path)), recursive=True)  # never the cache
         broken = [p for p in paths if not p.endswith(".parquet") and posixpath.basename(p).startswith("part-")]
         parts = [p for p in paths if p.endswith(".parquet")]
         with ThreadPoolExecutor(16) as pool:
@@ -265,6 +272,14 @@ class StageStore:
         `partition`, those whose footer records exactly that partition."""
         files = fs.list_files(self.uri, ".parquet")
         return self._in_partition(files + (fs.list_files(self.file(REJECTS), ".parquet") if rejects else []), partition)
+
+    def reject_files_written(self, partition: Optional[Mapping[str, Any]] = None) -> list[str]:
+        """The reject parts written so far (paths within `self.fs`), of `partition` if given."""
+        return self._in_partition(fs.list_files(self.file(REJECTS), ".parquet"), partition)
+
+    def forget_tally(self) -> None:
+        """Count again on the next `tally` (parts were rewritten)."""
+        self._tally = None
 
     def rows_written(self, partition: Mapping[str, Any]) -> int:
         """Rows in the parts of `partition` written so far (accepted and rejected), from their footers."""

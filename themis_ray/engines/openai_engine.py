@@ -8,20 +8,38 @@ keeps the endpoint's capacity busy instead of draining it at every batch boundar
 jitter, honouring Retry-After. The backoff sleep happens outside the concurrency slot, so waiting
 requests never hold the endpoint's capacity. The API key is read from the environment and never
 logged or stored.
+
+Manners at scale:
+- the requests in flight adapt to rate limits: a 429 halves the engine's concurrency (once per burst),
+  answers without one grow it back by one at a time up to `max_concurrency` (`AdaptiveSlots`);
+- `requests_per_minute` / `tokens_per_minute` hold across the Ray cluster: every engine of the same
+  endpoint and model reserves its budget from one small named actor (`EndpointBudget`), which also
+  spreads a 429's Retry-After to every engine, so N actors do not ask N times over. Outside Ray (or
+  without limits) each engine keeps its own budget;
+- with a request cache (`cfg.cache`), an answer already paid for is read back instead of asked
+  (`themis_ray.engines.cache`), and each new answer is kept before it is returned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
+import logging
 import os
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Optional
 
 import openai
 
 from themis_ray.engines import Capabilities, Completion, Conversation, Engine, Usage
+from themis_ray.engines.cache import RequestCache, request_key
+
+log = logging.getLogger(__name__)
 
 _RETRYABLE = (
     openai.RateLimitError,
@@ -46,13 +64,23 @@ class OpenAIEngine(Engine):
         self.max_concurrency = cfg.max_concurrency
         self.max_retries = cfg.max_retries
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=cfg.timeout_s, max_retries=0)
-        self.usage = Usage()
-        self._slots = asyncio.Semaphore(self.max_concurrency)  # shared by every generate call
+        self.usage = Usage(extra={"cache_hits": 0, "rate_limited": 0})
+        self._slots = AdaptiveSlots(self.max_concurrency)  # shared by every generate call
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine-loop", daemon=True)
         self._thread.start()
         self.request_budget = RateLimit(cfg.requests_per_minute)
         self.token_budget = RateLimit(cfg.tokens_per_minute)
+        # The cluster's shared budget for this endpoint and model, where there is a limit to share.
+        self.shared_budget = None
+        if cfg.requests_per_minute or cfg.tokens_per_minute:
+            self.shared_budget = shared_budget(f"{base_url}|{cfg.model}", cfg.requests_per_minute,
+                                               cfg.tokens_per_minute)
+        cache = getattr(cfg, "cache", None)
+        self.cache = RequestCache(cache) if cache else None
+        # Cache reads and writes are blocking filesystem calls: they run beside the loop, as many at once
+        # as requests may be in flight, so a slow object store never stalls the endpoint's slots.
+        self._io = ThreadPoolExecutor(max(4, self.max_concurrency), thread_name_prefix="openai-cache") if cache else None
 
     def generate(self, conversations: list[Conversation], sampling) -> list[Completion]:
         return asyncio.run_coroutine_threadsafe(self._generate_all(conversations, sampling), self._loop).result()
@@ -60,9 +88,19 @@ class OpenAIEngine(Engine):
     async def _generate_all(self, conversations, sampling) -> list[Completion]:
         return await asyncio.gather(*(self._generate_one(c, sampling, self._slots) for c in conversations))
 
-    async def _generate_one(self, conversation: Conversation, sampling, slots) -> Completion:
+    async def _generate_one(self, conversation: Conversation, sampling, slots: "AdaptiveSlots") -> Completion:
         request = self._request(conversation, sampling)
         prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
+        key = request_key("openai", request) if self.cache is not None else None
+        if key is not None:
+            try:
+                kept = await self._loop.run_in_executor(self._io, self.cache.get, key)
+            except OSError as err:  # storage that failed to answer: ask the endpoint rather than fail the batch
+                log.warning("could not read the request cache %s: %s", self.cache.uri, err)
+                kept = None
+            if kept is not None:
+                self.usage.extra["cache_hits"] += 1
+                return Completion(**kept)
         last_error, last_retry_after = "no attempt made", None
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -70,21 +108,67 @@ class OpenAIEngine(Engine):
                 self.usage.retries += 1
             last_retry_after = None
             # Wait for the endpoint's budget before taking a slot, so waiting never holds one.
-            await self.request_budget.acquire(1)
-            await self.token_budget.acquire(_estimated_tokens(request))
-            async with slots:
-                try:
-                    response = await self.client.chat.completions.create(**request)
-                    self.usage.requests += 1
-                    return self._completion(response, prefill)
-                except _RETRYABLE as err:
-                    last_error = _describe(err)
-                    last_retry_after = _retry_after(err)
-                except openai.APIStatusError as err:  # 4xx other than 429: asking again will not help
-                    return Completion(error=_describe(err))
-                except (AttributeError, IndexError, TypeError) as err:  # a 200 body without choices
-                    last_error = f"malformed response: {type(err).__name__}"
+            await self._wait_for_budget(request)
+            epoch = await slots.acquire()
+            limited = False
+            try:
+                response = await self.client.chat.completions.create(**request)
+                self.usage.requests += 1
+                done = self._completion(response, prefill)
+            except _RETRYABLE as err:
+                last_error = _describe(err)
+                last_retry_after = _retry_after(err)
+                limited = isinstance(err, openai.RateLimitError)
+                continue
+            except openai.APIStatusError as err:  # 4xx other than 429: asking again will not help
+                return Completion(error=_describe(err))
+            except (AttributeError, IndexError, TypeError) as err:  # a 200 body without choices
+                last_error = f"malformed response: {type(err).__name__}"
+                continue
+            finally:
+                slots.release(epoch, rate_limited=limited)
+                if limited:
+                    self.usage.extra["rate_limited"] += 1
+                    await self._spread_pause(last_retry_after)
+            if key is not None:
+                await self._keep(key, done)
+            return done
         return Completion(error=f"gave up after {self.max_retries + 1} attempts: {last_error}")
+
+    async def _wait_for_budget(self, request: dict) -> None:
+        """The endpoint's budget for one request: the cluster's shared one where limits are set and Ray
+        runs (reserved in one call, then waited for here), else this engine's own."""
+        tokens = _estimated_tokens(request)
+        if self.shared_budget is not None:
+            try:
+                wait = await self.shared_budget.reserve.remote(1, tokens)
+            except Exception as err:  # the budget's actor is gone (its node died): keep going on our own
+                log.warning("the shared endpoint budget is unreachable (%s); using this engine's own",
+                            type(err).__name__)
+                self.shared_budget = None
+            else:
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                return
+        await self.request_budget.acquire(1)
+        await self.token_budget.acquire(tokens)
+
+    async def _spread_pause(self, retry_after: Optional[float]) -> None:
+        """A 429's Retry-After, told to every engine of the endpoint through the shared budget."""
+        if self.shared_budget is not None and retry_after:
+            try:
+                await self.shared_budget.pause.remote(retry_after)
+            except Exception:
+                self.shared_budget = None
+
+    async def _keep(self, key: str, done: Completion) -> None:
+        """The answer on the run's storage before it is returned: a failed write costs a warning, never
+        the answer."""
+        try:
+            await self._loop.run_in_executor(self._io, self.cache.put, key,
+                                             {k: v for k, v in asdict(done).items() if k != "error"})
+        except OSError as err:
+            log.warning("could not keep an answer in the request cache %s: %s", self.cache.uri, err)
 
     def _request(self, conversation: Conversation, sampling) -> dict:
         request = {
@@ -132,12 +216,119 @@ class OpenAIEngine(Engine):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+
+
+class AdaptiveSlots:
+    """At most `limit` requests in flight, `limit` between 1 and `maximum`: a 429 halves it (once for
+    the requests that were sent under the same limit, so one burst of 429s halves it once), and every
+    `limit` answers in a row without one grow it by one (additive increase, multiplicative decrease).
+    Waiters are served first come, first served, one woken per free slot."""
+
+    def __init__(self, maximum: int):
+        self.maximum = self.limit = max(1, int(maximum))
+        self.in_flight = self.epoch = self._answers = 0
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self) -> int:
+        """Wait for a slot; returns the epoch the request was sent under."""
+        if self.in_flight < self.limit and not self._waiting:
+            self.in_flight += 1
+            return self.epoch
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await turn  # the slot is handed over by `_wake`, already counted
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release_slot()
+            raise
+        return self.epoch
+
+    def release(self, epoch: int, rate_limited: bool = False) -> None:
+        if rate_limited:
+            self._answers = 0
+            if epoch == self.epoch:  # the first 429 of a burst; the others were sent under the old limit
+                self.limit, self.epoch = max(1, self.limit // 2), self.epoch + 1
+        else:
+            self._answers += 1
+            if self._answers >= self.limit and self.limit < self.maximum:
+                self.limit, self._answers = self.limit + 1, 0
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        self.in_flight -= 1
+        while self._waiting and self.in_flight < self.limit:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                self.in_flight += 1
+                turn.set_result(None)
+
+
+class Budget:
+    """Requests and tokens per minute as reservations: each caller takes what it needs now (the level
+    may go below zero) and is told how long to wait before sending, so callers queue in order without
+    polling. A full bucket lets a burst of one minute's budget through; a pause (a 429's Retry-After)
+    holds every caller until it ends."""
+
+    def __init__(self, requests_per_minute: Optional[float], tokens_per_minute: Optional[float],
+                 clock=time.monotonic):
+        self.clock = clock
+        self.buckets = [(float(limit), float(limit) / 60.0) if limit else None
+                        for limit in (requests_per_minute, tokens_per_minute)]
+        self.levels = [b[0] if b else 0.0 for b in self.buckets]
+        self.updated = clock()
+        self.paused_until = 0.0
+
+    def reserve(self, requests: float, tokens: float) -> float:
+        now = self.clock()
+        elapsed, self.updated = now - self.updated, now
+        wait = max(0.0, self.paused_until - now)
+        for i, (bucket, amount) in enumerate(zip(self.buckets, (requests, tokens))):
+            if bucket is None:
+                continue
+            capacity, rate = bucket
+            self.levels[i] = min(capacity, self.levels[i] + elapsed * rate) - min(amount, capacity)
+            if self.levels[i] < 0:
+                wait = max(wait, -self.levels[i] / rate)
+        return wait
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, self.clock() + float(seconds))
+
+
+def shared_budget(endpoint: str, requests_per_minute, tokens_per_minute):
+    """The cluster's one `EndpointBudget` actor for `endpoint` (base URL and model), made by the first
+    engine that asks; None outside Ray. It outlives the engine that made it (detached) and restarts if
+    its node dies (with a full budget)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    name = "themis-budget-" + hashlib.sha256(f"{endpoint}|{requests_per_minute}|{tokens_per_minute}".encode()).hexdigest()[:16]
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)(EndpointBudget)
+    return actor.options(name=name, namespace="themis-ray", lifetime="detached", get_if_exists=True).remote(
+        requests_per_minute, tokens_per_minute)
+
+
+class EndpointBudget:
+    """A `Budget` as a Ray actor: every engine of one endpoint reserves from it."""
+
+    def __init__(self, requests_per_minute, tokens_per_minute):
+        self.budget = Budget(requests_per_minute, tokens_per_minute)
+
+    def reserve(self, requests: float, tokens: float) -> float:
+        return self.budget.reserve(requests, tokens)
+
+    def pause(self, seconds: float) -> None:
+        self.budget.pause(seconds)
 
 
 class RateLimit:
     """A token bucket refilled continuously at `per_minute`; None means unlimited.
 
-    The limit is per engine (per actor): give each actor its share of the account's limit.
+    This engine's own budget, used where no cluster-wide one is (outside Ray).
     """
 
     def __init__(self, per_minute: Optional[float], clock=time.monotonic, sleep=asyncio.sleep):

@@ -3,12 +3,14 @@
 A stage declares processors (`RowProcessor`: per-actor setup + `process(rows)`) and hands each one
 over as a typed `Step` (arguments, pool, declared engine, partition, statistics); this package runs
 them: `map_processor` on an autoscaling actor pool, `run_rows` as read -> map -> write with
-resume, `StageSink` for the workers' writes, `partials` and `map_tasks` for global statistics.
+resume (and each row id kept once: `drop_duplicates`), `StageSink` for the workers' writes,
+`partials` and `map_tasks` for global statistics.
 """
 
 from themis_ray.executor.context import StageContext
 from themis_ray.executor.plan import (
     LIGHT_CPUS,
+    drop_duplicates,
     drop_written,
     map_groups,
     map_processor,
@@ -29,6 +31,7 @@ __all__ = [
     "StageSink",
     "Step",
     "StepEngine",
+    "drop_duplicates",
     "drop_written",
     "map_groups",
     "map_processor",

@@ -3,7 +3,8 @@
 - `map_processor`: a stage's `Step` (processor, arguments, pool, declared engine) as `map_batches` on
   an autoscaling actor pool (the engine is built once per actor), or through ray.data.llm when the
   engine asks for it.
-- `run_rows`: read -> skip what an interrupted run already wrote -> map -> write, one plan.
+- `run_rows`: read -> skip what an interrupted run already wrote -> map -> write, one plan; then,
+  for a one-row-per-input step whose footers count more rows than its input, `drop_duplicates`.
 - `map_tasks`, `map_groups`, `partials`: light maps, groups brought together by a shuffle, and
   map-side aggregations (each block reduced to a few numbers, merged on the driver) for the stages
   that need global statistics before they can decide.
@@ -227,13 +228,22 @@ def _drop_keys(batch: pa.Table, keys, column: str) -> pa.Table:
 
 
 def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume: bool = False,
-             before: Optional[Callable] = None, total: Optional[int] = None) -> tuple[int, int]:
+             before: Optional[Callable] = None, total: Optional[int] = None,
+             retry_rejects: bool = False) -> tuple[int, int]:
     """One row-wise plan: `source` (a Dataset) -> unwritten rows -> `before` (more steps, e.g. another
     pool) -> the step's processor on its pool, each actor writing its batches' parts as it finishes
     them. With `resume`, input rows whose unit of work (`processor.resume_key`) is already written in
-    the step's partition are not sent again. With `total` (rows expected), a progress bar shows rows/s
+    the step's partition are not sent again; with `retry_rejects` too, the rejects written so far are
+    dropped first and their rows sent again. With `total` (rows expected), a progress bar shows rows/s
     and the time left. Returns the rows this plan wrote (accepted, rejected), counted from one small row
-    per batch. `total` also sizes the plan's blocks (`rows_per_block`)."""
+    per batch. `total` also sizes the plan's blocks (`rows_per_block`).
+
+    Exactly once: a batch Ray runs again writes parts of the same name (see `ProcessorActor`), and when
+    the footers of a one-row-per-input step count more rows than `total` (a batch that ran again cut
+    otherwise), `drop_duplicates` keeps each row id once before the stage commits."""
+    if resume and retry_rejects:
+        for path in store.reject_files_written(partition=step.partition):
+            store.fs.delete_file(path)
     if resume and step.processor.resume_key:
         source = drop_written(source, store, *step.processor.resume_key, partition=step.partition)
     if before is not None:
@@ -246,4 +256,41 @@ def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume
             done, failed = pc.sum(batch["rows"]).as_py() or 0, pc.sum(batch["rejected"]).as_py() or 0
             written, rejected = written + done, rejected + failed
             bar.update(done + failed)
+    if (total is not None and step.processor.one_row_per_input and "id" in schema.names
+            and store.rows_written(step.partition or {}) > total):
+        drop_duplicates(store, step.partition, step.stats)
     return written, rejected
+
+
+def drop_duplicates(store: StageStore, partition: Optional[Mapping[str, str]] = None,
+                    stats: Optional[Stats] = None, column: str = "id") -> int:
+    """Keep each `column` value once among the parts written so far (of `partition`): an accepted row
+    before a rejected one, else the first part in name order. The parts holding a second copy are
+    rewritten without it, by a Ray task (the ids pass through that task, never the driver), their
+    footers' statistics recomputed with `stats`. Returns the rows dropped."""
+    files = store.written_files(partition=partition)  # accepted parts first, then rejects
+    rejects = set(store.reject_files_written(partition=partition))
+    dropped = ray.get(_drop_duplicates.remote(store.uri, files, [f in rejects for f in files], column, stats))
+    store.forget_tally()
+    return dropped
+
+
+@ray.remote(num_cpus=LIGHT_CPUS)
+def _drop_duplicates(stage_uri: str, files: list[str], rejected: list[bool], column: str,
+                     stats: Optional[Stats]) -> int:
+    from themis_ray.executor.sink import rewrite_part
+
+    filesystem, _ = fs.resolve(stage_uri)
+    seen: set = set()
+    dropped = 0
+    for path, is_reject in zip(files, rejected):
+        ids = pq.read_table(path, filesystem=filesystem, columns=[column])[column].to_pylist()
+        keep = []
+        for value in ids:
+            keep.append(value not in seen)
+            seen.add(value)
+        if all(keep):
+            continue
+        dropped += keep.count(False)
+        rewrite_part(filesystem, path, pa.array(keep), is_reject, stats)
+    return dropped

@@ -20,6 +20,9 @@ class RowProcessor:
     # (input column, output column) naming the same unit of work: a resumed run skips input rows whose
     # key is already written (accepted or rejected). None: the processor cannot resume.
     resume_key: tuple[str, str] | None = None
+    # Each input row gives exactly one output row (accepted or rejected), with an `id`: the executor then
+    # checks the written rows against the input's and keeps each id once (`plan.drop_duplicates`).
+    one_row_per_input: bool = False
 
     def __init__(self, output_schema: pa.Schema):
         self.schema = output_schema

@@ -10,7 +10,9 @@ under a temporary name and renamed, on object storage an upload appears whole or
 
 A part's name is random, or given by the caller as a digest of the rows' keys (`part_name`): a batch
 that runs again (its actor died after writing it, and Ray ran it elsewhere) then replaces its own
-parts instead of adding a second copy of its rows, which would break rows in = out + rejected.
+parts instead of adding a second copy of its rows, which would break rows in = out + rejected. A
+batch run again but cut otherwise is caught after the plan (`plan.drop_duplicates`, which rewrites a
+part without its second copies through `rewrite_part`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,19 @@ class _Part:
     """One Parquet part being written by a write task."""
 
     def __init__(self, folder: str, name: str, schema: pa.Schema, partition: Optional[dict]):
-        self.filesystem, folder_path = fs.resolve(folder)
+        filesystem, folder_path = fs.resolve(folder)
+        self._open(filesystem, folder_path, name, schema, partition)
+
+    @classmethod
+    def within(cls, filesystem: pafs.FileSystem, folder_path: str, name: str, schema: pa.Schema,
+               partition: Optional[dict]) -> "_Part":
+        """A part at a path within `filesystem` (a part rewritten where it lies)."""
+        part = cls.__new__(cls)
+        part._open(filesystem, folder_path, name, schema, partition)
+        return part
+
+    def _open(self, filesystem, folder_path: str, name: str, schema: pa.Schema, partition: Optional[dict]) -> None:
+        self.filesystem = filesystem
         self.filesystem.create_dir(folder_path, recursive=True)
         self.path = posixpath.join(folder_path, name)
         self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
@@ -120,3 +134,20 @@ class StageSink(Datasink):
     def on_write_complete(self, write_result) -> None:
         self.rows_out = sum(r["rows"] for r in write_result.write_returns)
         self.rows_rejected = sum(r["rejected"] for r in write_result.write_returns)
+
+
+def rewrite_part(filesystem: pafs.FileSystem, path: str, keep: pa.Array, rejected: bool,
+                 stats: Optional[Stats] = None) -> None:
+    """A written part again with only its rows where `keep` is true (deleted when none is left), its
+    partition kept and its statistics recomputed with `stats` (over those rows, `rejected` saying
+    which kind they are)."""
+    table = pq.read_table(path, filesystem=filesystem).filter(keep)
+    if not table.num_rows:
+        filesystem.delete_file(path)
+        return
+    meta = pq.read_metadata(path, filesystem=filesystem).metadata or {}
+    partition = json.loads(meta[PARTITION_KEY]) if PARTITION_KEY in meta else None
+    folder = posixpath.dirname(path)
+    part = _Part.within(filesystem, folder, posixpath.basename(path), table.schema.remove_metadata(), partition)
+    part.write(table.replace_schema_metadata(None), stats(table, rejected) if stats else {})
+    part.close()

@@ -17,14 +17,17 @@ from themis_ray.curate import plan as curation
 from themis_ray.curate.augment import ENGINE_KEY, PARAPHRASE_SCHEMA, CriterionParaphraser
 from themis_ray.curate.report import write_report
 from themis_ray.curate.stats import score_histograms, step_counts, written_stats
+from themis_ray.engines.cache import cache_folder, with_cache
 from themis_ray.executor import StageContext, Step, StepEngine, drop_written, map_processor, map_tasks, partials, write
 from themis_ray.store import StageResult
 
 
-def _paraphrase(rows: list[dict], cfg) -> list[dict]:
-    """Criteria -> paraphrases, with the model on the augment pool (a few rows per scenario)."""
+def _paraphrase(rows: list[dict], cfg, cache: str | None = None) -> list[dict]:
+    """Criteria -> paraphrases, with the model on the augment pool (a few rows per scenario); through
+    the run's request cache, so a resumed or forced run reads its paraphrases back instead of asking."""
+    engine = with_cache(cfg.engine, cache)
     step = Step(name="curate.augment", processor=CriterionParaphraser, pool=cfg.pool,
-                args={"engine_cfg": cfg.engine, "sampling": cfg.sampling}, engine=StepEngine(cfg.engine, ENGINE_KEY))
+                args={"engine_cfg": engine, "sampling": cfg.sampling}, engine=StepEngine(engine, ENGINE_KEY))
     return map_processor(ray.data.from_items(rows), step, PARAPHRASE_SCHEMA).take_all()
 
 
@@ -47,7 +50,8 @@ def run(ctx: StageContext) -> StageResult:
 
     plan, figures = curation.plan_rules(c, reduce)
     augment, augment_report = curation.plan_augmentation(
-        c, plan, reduce, figures["counts_before_mix"], partial(_paraphrase, cfg=c.augment), ctx.cfg.scenarios_dir)
+        c, plan, reduce, figures["counts_before_mix"], partial(_paraphrase, cfg=c.augment, cache=cache_folder(ctx.cfg.cache, ctx.cfg.run_dir)),
+        ctx.cfg.scenarios_dir)
 
     schema = curation.output_schema(source.schema())
     records = source.dataset()

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from themis_ray import judging, prompts
 from themis_ray.engines import build_engine, engine_label
+from themis_ray.engines.cache import cache_folder, with_cache
 from themis_ray.executor import RowProcessor, StageContext, Step, StepEngine, map_groups, run_rows, write
 from themis_ray.schema import REJECT, REJECT_CODE, output_schema, rejected, stable_id
 from themis_ray.store import StageResult, StageStore
@@ -23,6 +24,7 @@ from themis_ray.store import StageResult, StageStore
 class Labeler(RowProcessor):
     stage = "label"
     resume_key = ("id", "response_id")
+    one_row_per_input = True
     judge_column = "teacher"  # the column naming the engine that judged the row
 
     def __init__(self, output_schema, engine_cfg, sampling, score_by, calibrate, prefill, max_attempts,
@@ -274,7 +276,9 @@ def run(ctx: StageContext) -> StageResult:
     cfg, c = ctx.cfg, ctx.cfg.label
     source = ctx.input("respond")
     schema = output_schema("label", source.schema())
-    common = dict(engine_cfg=c.engine, sampling=c.sampling, calibrate=c.calibrate,
+    # Every request goes through the run's request cache: a block run again pays for nothing twice.
+    engine = with_cache(c.engine, cache_folder(cfg.cache, cfg.run_dir))
+    common = dict(engine_cfg=engine, sampling=c.sampling, calibrate=c.calibrate,
                   max_attempts=c.max_attempts, retry_temperature=c.retry_temperature, scenarios_dir=cfg.scenarios_dir,
                   rationale=c.rationale, rationale_tokens=c.rationale_tokens)
     rows_in, extra = source.num_rows(), {}  # counted once from the footers: it sizes the plan too
@@ -282,7 +286,8 @@ def run(ctx: StageContext) -> StageResult:
     pointwise = Step(name="label", processor=Labeler, pool=c.pool, stats=label_stats,
                      engine=StepEngine(c.engine, "label.engine", scores=not c.rationale or c.score_by == "choice"),
                      args={**common, "score_by": c.score_by, "prefill": c.prefill_score})
-    run_rows(source.dataset(), pointwise, ctx.store, schema, resume=ctx.resume, total=rows_in)
+    run_rows(source.dataset(), pointwise, ctx.store, schema, resume=ctx.resume, total=rows_in,
+             retry_rejects=c.retry_rejects)
     if c.pairwise:
         # Row accounting: each pair is one unit of work beside the responses, so rows in = responses +
         # pairs, and each pair ends as one row, labelled or rejected.
@@ -292,7 +297,8 @@ def run(ctx: StageContext) -> StageResult:
             pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool,
                             engine=StepEngine(c.engine, "label.engine", scores=not c.rationale),
                             stats=label_stats, args={**common, "score_by": "text", "prefill": False})
-            run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, total=n_pairs)
+            run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, total=n_pairs,
+                     retry_rejects=c.retry_rejects)
         rows_in += n_pairs
         extra = {"pairwise_pairs": n_pairs}
     written = ctx.store.tally().stats

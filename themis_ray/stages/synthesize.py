@@ -26,6 +26,7 @@ from themis_ray import fs, prompts
 from themis_ray.corpus import load_chunks
 from themis_ray.dedup import bucket_duplicates, bucket_keys, diversity_by, strongest
 from themis_ray.engines import build_engine, engine_label
+from themis_ray.engines.cache import cache_folder, with_cache
 from themis_ray.executor import (LIGHT_CPUS, RowProcessor, StageContext, Step, StepEngine, map_groups, map_tasks,
                                  run_rows, write)
 from themis_ray.scenarios import get_scenario
@@ -260,9 +261,10 @@ def run(ctx: StageContext) -> StageResult:
         generated = generation.store
         if not generation.done:
             if tasks:
+                engine = with_cache(s.engine, cache_folder(cfg.cache, cfg.run_dir))  # pay once per prompt
                 step = Step(name="synthesize", processor=Synthesizer, pool=s.pool, stats=synthesis_stats,
-                            engine=StepEngine(s.engine, "synthesize.engine"),
-                            args={"engine_cfg": s.engine, "sampling": s.sampling,
+                            engine=StepEngine(engine, "synthesize.engine"),
+                            args={"engine_cfg": engine, "sampling": s.sampling,
                                   "max_instruction_chars": s.max_instruction_chars})
                 run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), step, generated, schema,
                          resume=generation.resume, total=len(tasks))
