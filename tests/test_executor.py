@@ -168,7 +168,7 @@ def test_blocks_hold_whole_batches_and_keep_every_concurrent_call_busy():
     assert rows_per_block(64, 300_000, 16) == 64 * BATCHES_PER_BLOCK
 
 
-def test_a_pool_that_takes_every_cpu_is_warned_about(ray_local, caplog):
+def test_a_pool_that_takes_every_cpu_is_warned_about(ray_module, caplog):
     from themis_ray.config import PoolConfig
     from themis_ray.executor.plan import preflight_step
     from themis_ray.executor.step import Step
