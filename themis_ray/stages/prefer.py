@@ -306,8 +306,13 @@ def run(ctx: StageContext) -> StageResult:
     memory = check_memory(judge_dir, train_cfg)
     prepared = Prepared.load(work) if ctx.resume else None
     if prepared is None:
-        pairs = ctx.store.dataset(columns=["id", "prompt", "chosen", "rejected", "ref_chosen", "ref_rejected",
-                                           "chosen_tokens", "rejected_tokens"])
+        import ray
+
+        # The stage's parts as its workers wrote them (the manifest, which lists them, comes last).
+        pairs = ray.data.read_parquet([fs.resolve(ctx.store.file(name))[1] for name in tally.files],
+                                      filesystem=ctx.store.fs,
+                                      columns=["id", "prompt", "chosen", "rejected", "ref_chosen", "ref_rejected",
+                                               "chosen_tokens", "rejected_tokens"])
         prepared = prepare_sequences(pairs, judge_dir, train_cfg, work, tokenise=tokenise_pairs,
                                      schema=PAIR_SEQUENCE_SCHEMA)
         prepared.save()
