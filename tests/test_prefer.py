@@ -136,6 +136,21 @@ def test_the_paper_recipe_turns_preference_optimisation_on():
     validate(cfg.prefer)
 
 
+def test_the_memory_estimate_counts_both_sequences_of_a_pair():
+    from themis_ray.stages.prefer import optimise_config
+    from themis_ray.train.memory import ModelShape, check_fits, estimate_memory
+
+    qwen_14b = ModelShape(params=14_167_000_000, largest_layer_params=152_064 * 5120, layers=48, hidden=5120,
+                          intermediate=13_696, heads=40, kv_heads=40, vocab=152_064)
+    cfg = load(Path(__file__).resolve().parents[1] / "configs" / "themis-14b.yaml")
+    train_cfg = optimise_config(cfg)
+    sft = estimate_memory(qwen_14b, cfg.train, world=16, ranks_per_node=8)
+    dpo = estimate_memory(qwen_14b, train_cfg, world=16, ranks_per_node=8, sequences_per_row=2)
+    assert dpo.model_states_per_rank == sft.model_states_per_rank
+    assert dpo.activations_per_rank > sft.activations_per_rank and "preference pair" in dpo.table()
+    check_fits(dpo, [], cfg.train.gpu_memory_gb)  # the paper recipe's DPO fits its 80 GB GPUs
+
+
 # --- the reference, against a direct forward pass --------------------------------------------------
 
 

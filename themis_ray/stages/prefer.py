@@ -182,6 +182,10 @@ def pair_candidates(row: dict, min_score_gap: float) -> list[dict]:
                 continue
             mistake = _mistake(teacher[k], judged[k], flipped)
         else:
+            if teacher[k] is None or not chosen:
+                out.append({**cand, **rejected("teacher_inconsistent", "the teacher's record has no score or "
+                                                                       "evaluation: no chosen side")})
+                continue
             mistake = _mistake(teacher[k], judged[k])
             if mistake is None and abs(judged[k] - float(teacher[k])) >= min_score_gap:
                 mistake = "score_gap"
@@ -303,7 +307,7 @@ def run(ctx: StageContext) -> StageResult:
 
     # 4. Optimise, in train's loop: tokenised pairs in the work folder, then Ray Train.
     work = ctx.store.file(WORK)
-    memory = check_memory(judge_dir, train_cfg)
+    memory = check_memory(judge_dir, train_cfg, sequences_per_row=2)  # chosen and rejected together
     prepared = Prepared.load(work) if ctx.resume else None
     if prepared is None:
         import ray

@@ -508,14 +508,15 @@ def _save(model: Any, state_dict: dict, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def check_memory(base_model_dir: str, cfg: Any) -> dict:
+def check_memory(base_model_dir: str, cfg: Any, sequences_per_row: int = 1) -> dict:
     """Print the per-rank memory estimate; raise MemoryError, before any worker starts, when the
     cluster cannot hold the ranks. Returns the estimate (for the summary)."""
     from themis_ray.train.memory import check_fits, cluster_nodes, estimate_memory, model_shape
 
     nodes = cluster_nodes(bool(cfg.use_gpu))
     per_node = max((n.slots for n in nodes), default=cfg.num_workers)
-    est = estimate_memory(model_shape(base_model_dir), cfg, int(cfg.num_workers), ranks_per_node=per_node)
+    est = estimate_memory(model_shape(base_model_dir), cfg, int(cfg.num_workers), ranks_per_node=per_node,
+                          sequences_per_row=sequences_per_row)
     print(est.table(), flush=True)
     if cfg.memory_check:
         check_fits(est, nodes, cfg.gpu_memory_gb)
