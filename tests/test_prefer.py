@@ -202,8 +202,8 @@ def test_reference_logprobs_equal_a_direct_forward_pass_over_the_training_tokens
 
 
 def _curated() -> list[dict]:
-    """Curated records as the curate stage writes them: train-split originals (pointwise and pairwise),
-    a validation record and an augmented copy that must never be mined."""
+    """Curated records as the curate stage writes them: train-split originals (pointwise p0-p3, pairwise
+    a0-a1), a validation record and an augmented copy that must never be mined (their ids sort first)."""
     rows = []
     answers = ["7 is prime.", "Nine.", "2, the only even prime.", "I do not know."]
     for i, (answer, score) in enumerate(zip(answers, (5.0, 1.0, 5.0, 1.0))):
@@ -217,18 +217,19 @@ def _curated() -> list[dict]:
         request = judging.JudgeRequest(instruction=f"Name a prime ({i}).", scenario="open_qa", mode="pairwise",
                                        response_a=a, response_b=b)
         other = {"A": "B", "B": "A"}[verdict]
-        rows.append({"id": f"q{i}", "mode": "pairwise", "scenario": "open_qa", "instruction": request.instruction,
+        rows.append({"id": f"a{i}", "mode": "pairwise", "scenario": "open_qa", "instruction": request.instruction,
                      "response": None, "response_a": a, "response_b": b, "reference": None,
                      "prompt": judging.render_prompt(request), "score": None, "verdict": verdict,
                      "evaluation": f"[[{verdict}]] Response {verdict} names a prime.",
                      "evaluation_swapped": f"[[{other}]] Response {other} names a prime.",
                      "split": "train", "augmentation_kind": None})
-    rows.append({**rows[0], "id": "v0", "split": "validation"})
-    rows.append({**rows[1], "id": "c0", "augmentation_kind": "paraphrase"})
+    rows.append({**rows[0], "id": "0-validation", "split": "validation"})
+    rows.append({**rows[1], "id": "0-copy", "augmentation_kind": "paraphrase"})
     return rows
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1500)  # two stage runs with a ZeRO-3 start each, on two shared cores
 def test_prefer_stage_mines_pairs_and_resumes_after_its_driver_is_killed(tmp_path):
     """`themis-ray prefer` with the embedded model as the SFT judge: the driver is SIGKILLed after the
     step-1 checkpoint of the optimisation, the same command runs again and ends at the planned step
@@ -249,7 +250,7 @@ def test_prefer_stage_mines_pairs_and_resumes_after_its_driver_is_killed(tmp_pat
             "run_dir": str(run_dir), "ray": {"address": head.address},
             "train": {"num_workers": 2, "global_batch_size": 2, "micro_batch_size": 1, "max_length": 1024,
                       "checkpoint_every": 1},
-            "prefer": {"model": "smollm2-135m-instruct", "pool_size": 0, "min_score_gap": 1.0, "epochs": 2,
+            "prefer": {"model": "smollm2-135m-instruct", "pool_size": 3, "min_score_gap": 1.0, "epochs": 2,
                        "learning_rate": 1e-5, "sft_weight": 0.5, "sampling": {"max_tokens": 16},
                        "engine": {"num_threads": 2}, "pool": {"batch_size": 16}},
         }))
@@ -273,14 +274,15 @@ def test_prefer_stage_mines_pairs_and_resumes_after_its_driver_is_killed(tmp_pat
 
     store = StageStore(str(run_dir), "prefer")
     manifest = store.manifest()
-    # The pool: 4 pointwise and 2 pairwise train originals; the validation record and the copy stay out.
-    assert manifest["pool"] == {"pointwise": 4, "pairwise": 2}
-    assert manifest["rows_in"] == manifest["candidates"] == 4 + 2 * 2
+    # The pool: the first 3 train originals by id (a0, a1, p0); the validation record and the copy,
+    # whose ids sort first, stay out.
+    assert manifest["pool"] == {"pointwise": 1, "pairwise": 2}
+    assert manifest["rows_in"] == manifest["candidates"] == 1 + 2 * 2
     assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_rejected"]
     assert manifest["pairs"] == manifest["rows_out"] == sum(manifest["pairs_by_mistake"].values()) >= 2
     assert manifest["rows_rejected"] == sum(manifest["no_pair"].values())
     pairs = store.read().to_pylist()
-    assert {p["record_id"] for p in pairs} <= {"p0", "p1", "p2", "p3", "q0", "q1"}
+    assert {p["record_id"] for p in pairs} <= {"a0", "a1", "p0"}
     assert all(p["ref_chosen"] < 0 and p["ref_rejected"] < 0 and p["chosen_tokens"] > 0 for p in pairs)
     summary = manifest["optimise"]
     assert manifest["optimised"] and summary["resumed_from_step"] == 1
