@@ -1,7 +1,7 @@
 """Does DPO on the SFT judge's own mistakes make a better judge than the SFT judge it starts from, on
 records that share nothing with training? The disjoint set-up of train_learning_check.py (its facts,
 response templates and teacher rule, reused from there), plus pairwise records: two responses to one
-instruction, the teacher preferring the higher-scored one (a tie when equal).
+instruction, the teacher preferring the higher-scored one.
 
 1. SFT: the train recipe fine-tunes the embedded SmolLM2-135M-Instruct on the training records
    (pointwise, and pairwise in both orders, as curate's swap does).
@@ -47,31 +47,31 @@ from themis_ray.config import EngineConfig, SamplingConfig  # noqa: E402
 METRICS = ("pairwise_agreement", "position_consistency", "mae", "score_entropy")
 
 
-def make_pairs(records: list[dict], n: int, seed: int) -> list[dict]:
-    """`n` pairwise records: two responses of different kinds to one instruction (from `records`, one
-    set's pointwise records), the teacher's verdict for the higher score."""
-    rng = random.Random(f"pairs:{seed}")
-    by_question: dict[str, list[dict]] = {}
-    for r in records:
-        by_question.setdefault(r["instruction"], []).append(r)
-    candidates = [(a, b) for rows in by_question.values() for i, a in enumerate(rows) for b in rows[i + 1:]
-                  if a["score"] != b["score"]]
-    if not candidates:  # too few records to have two responses to one question: pair across kinds
-        candidates = [(a, b) for a, b in zip(records, records[1:]) if a["score"] != b["score"]]
-        candidates = [(a, {**b, "instruction": a["instruction"], "fact": a["fact"]}) for a, b in candidates]
-    rng.shuffle(candidates)
+def make_pairs(n: int, split: str, seed: int) -> list[dict]:
+    """`n` pairwise records of one set ("train" or "heldout"): two responses of kinds with different
+    teacher scores to one of the set's questions, from the set's own templates and fillers; the
+    teacher prefers the higher score. Response A is the better one in about half of them."""
+    rng = random.Random(f"pairs:{split}:{seed}")
+    facts = sft_check.FACTS[:sft_check.TRAIN_FACTS] if split == "train" else sft_check.FACTS[sft_check.TRAIN_FACTS:]
+    kinds = list(sft_check.KINDS)
     pairs = []
-    for k, (a, b) in enumerate(candidates[:n]):
-        if rng.random() < 0.5:
-            a, b = b, a
-        verdict = "A" if a["score"] > b["score"] else "B"
-        request = judging.JudgeRequest(instruction=a["instruction"], scenario="close_qa", mode="pairwise",
-                                       response_a=a["response"], response_b=b["response"])
-        swapped = judging.swap_pair(request)
+    for k in range(n):
+        question, answer = facts[rng.randrange(len(facts))]
+        first, second = rng.sample(kinds, 2)
+        responses = []
+        for kind in (first, second):
+            fill = {"a": answer, "r": rng.choice(sft_check.FILLERS[split]["r"]),
+                    "t": rng.choice(sft_check.FILLERS[split]["t"])}
+            responses.append((sft_check.KINDS[kind][0], rng.choice(sft_check.TEMPLATES[split][kind]).format(**fill)))
+        (score_a, a), (score_b, b) = responses
+        verdict = "A" if score_a > score_b else "B"
+        request = judging.JudgeRequest(instruction=question, scenario="close_qa", mode="pairwise",
+                                       response_a=a, response_b=b)
         other = {"A": "B", "B": "A"}[verdict]
-        pairs.append({"id": f"{a['id']}-pair-{k}", "instruction": a["instruction"], "fact": a["fact"],
-                      "response_a": a["response"], "response_b": b["response"], "verdict": verdict,
-                      "prompt": judging.render_prompt(request), "prompt_swapped": judging.render_prompt(swapped),
+        pairs.append({"id": f"{split}-{seed}-pair-{k}", "instruction": question, "fact": answer,
+                      "response_a": a, "response_b": b, "verdict": verdict,
+                      "prompt": judging.render_prompt(request),
+                      "prompt_swapped": judging.render_prompt(judging.swap_pair(request)),
                       "evaluation": f"[[{verdict}]] Response {verdict} is the better answer.",
                       "evaluation_swapped": f"[[{other}]] Response {other} is the better answer."})
     return pairs
@@ -186,8 +186,8 @@ def run_check(args, work: Path) -> dict:
     train = sft_check.make_records(args.train, "train", args.seed)
     heldout = sft_check.make_records(args.heldout, "heldout", args.seed)
     sft_check.assert_disjoint(train, heldout)
-    train_pairs = make_pairs(train, args.train_pairs, args.seed)
-    heldout_pairs = make_pairs(heldout, args.heldout_pairs, args.seed + 1)
+    train_pairs = make_pairs(args.train_pairs, "train", args.seed)
+    heldout_pairs = make_pairs(args.heldout_pairs, "heldout", args.seed)
     shared = overlap(train, train_pairs, heldout, heldout_pairs)
     assert shared == 0, f"{shared} held-out records share an instruction or a fact with training"
 
