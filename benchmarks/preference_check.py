@@ -249,7 +249,7 @@ def main() -> None:
     import ray
 
     started = time.time()
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)  # a Ray of its own, never another user's cluster
     try:
         with tempfile.TemporaryDirectory(prefix="themis-prefer-") as tmp:
             result = run_check(args, Path(tmp))
