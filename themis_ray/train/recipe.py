@@ -1,5 +1,9 @@
 """Supervised fine-tuning of the judge: Ray Train's TorchTrainer running DeepSpeed ZeRO-3 on a Ray Dataset.
 
+One loop for every training step of the pipeline: what a micro-batch trains on is an objective
+(`objectives.py`): the judge's SFT loss for the train stage, DPO on preference pairs for the prefer
+stage, with the same data plane, checkpoints, resume and export.
+
 The records never pass through the driver. `data.prepare_sequences` tokenises (and packs) them in Ray
 Data tasks and writes the sequences to the work folder; the driver reads the parts' footers to count
 sequences and fixes the step plan from that count; `TorchTrainer(datasets={"train": ...})` splits the
