@@ -336,6 +336,32 @@ class TrainConfig:
 
 
 @dataclass
+class PreferConfig:
+    """Preference optimisation after SFT: the trained judge re-judges curated training records, its
+    mistakes become (prompt, chosen = teacher's evaluation, rejected = its own) pairs, and DPO trains
+    it on them in train's ZeRO-3 loop (workers, batch shape, DeepSpeed and length limit from `train`)."""
+
+    enabled: bool = False  # part of `pipeline` only when on (`themis-ray prefer` runs it regardless)
+    model: Optional[str] = None  # the SFT judge to improve; None: this run's train/judge
+    pool_size: int = 256  # curated train records (originals, never validation) re-judged; 0: all
+    min_score_gap: float = 1.0  # a pointwise score this far from the teacher's is a mistake
+    beta: float = 0.1  # DPO's KL strength: how far the policy may move from the SFT reference
+    sft_weight: float = 0.0  # x cross-entropy on the chosen answer beside DPO (Think-J uses 1.0)
+    epochs: int = 1
+    learning_rate: float = 1.0e-6  # DPO moves a judge far with little: ~1/20 of the SFT rate
+    warmup_ratio: float = 0.1
+    global_batch_size: Optional[int] = None  # pairs per optimizer step; None: train.global_batch_size
+    checkpoint_every: Optional[int] = None  # None: train.checkpoint_every
+    # The engine that judges the pool and scores the reference log-probabilities (its model is the
+    # SFT judge); float32 on CPU so the stored reference is what the fp32 training loop computes.
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128, temperature=0.0))
+    rationale_tokens: Optional[int] = None  # stop once the verdict is out and the answer is this long
+    seed: int = 0
+
+
+@dataclass
 class JudgeSpec:
     """One judge to meta-evaluate; `name` labels it in metrics.json, the tables and the report.
 
@@ -531,6 +557,7 @@ class PipelineConfig:
     ifd: IFDConfig = field(default_factory=IFDConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prefer: PreferConfig = field(default_factory=PreferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)

@@ -20,6 +20,8 @@ REJECT_COLUMNS = (REJECT, REJECT_CODE)
 CODED_REJECTS = {
     "synthesize": ("corpus", "engine_error", "no_instruction", "duplicate"),
     "label": ("bad_record", "engine_error", "unparsable", "unclassified"),  # the last: the judge job's router
+    # a preference candidate without a pair
+    "prefer": ("judged_right", "teacher_inconsistent", "engine_error", "too_long"),
 }
 
 # Columns each stage adds, in order. The first stage's columns are its whole table.
@@ -76,6 +78,25 @@ STAGE_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
     ],
     "curate": [
         ("split", pa.string()),  # train | validation
+    ],
+    "prefer": [  # one row per preference candidate: a pointwise record, or one order of a pairwise one
+        ("id", pa.string()),
+        ("record_id", pa.string()),  # the curated record
+        ("mode", pa.string()),
+        ("order", pa.string()),  # pairwise: "as given" | "swapped"
+        ("scenario", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),  # the teacher's evaluation
+        ("rejected", pa.string()),  # the SFT judge's own answer
+        ("mistake", pa.string()),  # score_gap | wrong_verdict | position_flip | unparsed
+        ("teacher_score", pa.float64()),
+        ("teacher_verdict", pa.string()),
+        ("judge_score", pa.float64()),
+        ("judge_verdict", pa.string()),
+        ("ref_chosen", pa.float64()),  # summed log-probability of the answer under the SFT judge
+        ("ref_rejected", pa.float64()),
+        ("chosen_tokens", pa.int64()),
+        ("rejected_tokens", pa.int64()),
     ],
     "evaluate": [
         ("judge", pa.string()),

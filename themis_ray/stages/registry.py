@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from themis_ray import fs
-from themis_ray.stages import classify, curate, evaluate, ifd, label, respond, synthesize, train
+from themis_ray.stages import classify, curate, evaluate, ifd, label, prefer, respond, synthesize, train
 
 
 def _trained_classifier(cfg) -> list[str]:
@@ -49,11 +49,17 @@ STAGES = {
         Stage("ifd", ifd.run, ("label",), ("ifd",)),
         Stage("curate", curate.run, ("ifd",), ("curate",)),
         Stage("train", train.run, ("curate",), ("train",)),
+        # DPO on the trained judge's mistakes; in a pipeline only when prefer.enabled.
+        Stage("prefer", prefer.run, ("curate", "train"), ("prefer", "train", "scenarios_dir")),
         Stage("evaluate", evaluate.run, ("curate", "train"), ("evaluate", "train.model"), reads=_benchmark_files),
     )
 }
 
 
+OPTIONAL = {"prefer": lambda cfg: bool(cfg.prefer.enabled)}  # stages a pipeline runs only when switched on
+
+
 def selected(cfg) -> list[str]:
-    """The stages a pipeline run covers: the config's `stages`, or every stage when it names none."""
-    return list(cfg.stages) or list(STAGES)
+    """The stages a pipeline run covers: the config's `stages`, or every stage when it names none
+    (an optional stage only when its config switches it on)."""
+    return list(cfg.stages) or [s for s in STAGES if OPTIONAL.get(s, lambda _: True)(cfg)]

@@ -46,6 +46,20 @@ SEQUENCE_SCHEMA = pa.schema([
     ("tokens", pa.int64()),
     (REJECT, pa.string()),
 ])
+# A preference pair: chosen and rejected as two sequences (prompt + answer + end of turn), with the
+# frozen SFT judge's summed answer log-probabilities (the prefer stage's reference).
+PAIR_SEQUENCE_SCHEMA = pa.schema([
+    ("ids", pa.list_(pa.string())),
+    ("segments", pa.list_(pa.int32())),  # chosen and rejected token counts
+    ("chosen_input_ids", pa.list_(pa.int32())),
+    ("chosen_labels", pa.list_(pa.int32())),
+    ("rejected_input_ids", pa.list_(pa.int32())),
+    ("rejected_labels", pa.list_(pa.int32())),
+    ("ref_chosen", pa.float64()),
+    ("ref_rejected", pa.float64()),
+    ("tokens", pa.int64()),
+    (REJECT, pa.string()),
+])
 RECORD_SCHEMA = pa.schema([("id", pa.string()), ("tokens", pa.int64()), (REJECT, pa.string())])
 TRAIN_COLUMNS = ["input_ids", "labels", "kinds", "segments"]
 
@@ -96,6 +110,34 @@ def tokenise_batch(batch: pa.Table, model_dir: str, max_length: int, packing: bo
     return pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA)
 
 
+def tokenise_pairs(batch: pa.Table, model_dir: str, max_length: int, packing: bool = False) -> pa.Table:
+    """Preference pairs (id, prompt, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens,
+    rejected_tokens) -> pair rows. A pair whose answer tokens here are not the ones the reference
+    scored (`*_tokens`), or that is too long, is a reject: its stored log-probabilities would not be
+    comparable with the policy's."""
+    from themis_ray.train.collate import IGNORE_INDEX, encode
+
+    tokenizer = _tokenizer(model_dir)
+    rows = []
+    for r in batch.to_pylist():
+        sides = [encode({"id": r["id"], "prompt": r["prompt"], "evaluation": r[side]}, tokenizer)
+                 for side in ("chosen", "rejected")]
+        lengths = [len(e.input_ids) for e in sides]
+        scored = [sum(label != IGNORE_INDEX for label in e.labels) - 1 for e in sides]  # without end of turn
+        reason = None
+        if max(lengths) > max_length:
+            reason = f"too long: {max(lengths)} tokens > max_length {max_length}"
+        elif scored != [r["chosen_tokens"], r["rejected_tokens"]]:
+            reason = f"answer tokens {scored} differ from the reference's {[r['chosen_tokens'], r['rejected_tokens']]}"
+        row = {"ids": [r["id"]], "segments": lengths, "tokens": sum(lengths), REJECT: reason}
+        if reason is None:
+            row.update(chosen_input_ids=sides[0].input_ids, chosen_labels=sides[0].labels,
+                       rejected_input_ids=sides[1].input_ids, rejected_labels=sides[1].labels,
+                       ref_chosen=r["ref_chosen"], ref_rejected=r["ref_rejected"])
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=PAIR_SEQUENCE_SCHEMA)
+
+
 def _sequence_stats(table: pa.Table, rejected: bool) -> dict:
     """Per part: records and tokens (sequences are its row count)."""
     if rejected:
@@ -104,9 +146,11 @@ def _sequence_stats(table: pa.Table, rejected: bool) -> dict:
             "tokens": pc.sum(table["tokens"]).as_py() or 0}
 
 
-def prepare_sequences(records, model_dir: str, cfg: Any, work_uri: str) -> Prepared:
+def prepare_sequences(records, model_dir: str, cfg: Any, work_uri: str, tokenise=tokenise_batch,
+                      schema: pa.Schema = SEQUENCE_SCHEMA) -> Prepared:
     """`records` (a Dataset with id, prompt, evaluation and optionally split) -> token sequences
-    written under `<work_uri>/sequences/` by the workers; counts from the parts' footers."""
+    written under `<work_uri>/sequences/` by the workers; counts from the parts' footers. The prefer
+    stage passes `tokenise_pairs` and `PAIR_SEQUENCE_SCHEMA` (one row per pair)."""
     from themis_ray.executor import map_tasks, write
 
     store = sequence_store(work_uri)
@@ -114,9 +158,9 @@ def prepare_sequences(records, model_dir: str, cfg: Any, work_uri: str) -> Prepa
     if cfg.packing:
         # Packing works within a block: group records so that every group has room to pack well.
         records = records.repartition(target_num_rows_per_block=PACK_GROUP)
-    sequences = map_tasks(records, tokenise_batch, model_dir=model_dir, max_length=int(cfg.max_length),
+    sequences = map_tasks(records, tokenise, model_dir=model_dir, max_length=int(cfg.max_length),
                           packing=bool(cfg.packing))
-    write(sequences, store, SEQUENCE_SCHEMA, stats=_sequence_stats)
+    write(sequences, store, schema, stats=_sequence_stats)
     tally = store.tally()
     stats = tally.stats
     return Prepared(work_uri=work_uri, files=tally.files, reject_files=tally.reject_files, sequences=tally.rows_out, records=int(stats.get("records", 0)),
@@ -181,14 +225,15 @@ def _light_reads():
             ctx.use_datasource_v2 = old
 
 
-def training_dataset(prepared: Prepared, epochs: int, total_rows: int, seed: int):
+def training_dataset(prepared: Prepared, epochs: int, total_rows: int, seed: int, columns: Optional[list[str]] = None):
     """`epochs` passes over the sequences, each in its own block order, topped up with repeated
-    sequences to exactly `total_rows` (the plan's sequences for all ranks); a lazy Dataset."""
+    sequences to exactly `total_rows` (the plan's sequences for all ranks); a lazy Dataset of
+    `columns` (default: the SFT sequences' `TRAIN_COLUMNS`)."""
     if not prepared.sequences:
         raise ValueError("no training sequences")
     with _light_reads():
         def read():
-            return _read(prepared, prepared.files, TRAIN_COLUMNS, num_cpus=0)
+            return _read(prepared, prepared.files, columns or TRAIN_COLUMNS, num_cpus=0)
 
         passes = [read().randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
         extra = total_rows - epochs * prepared.sequences

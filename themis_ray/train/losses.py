@@ -1,4 +1,5 @@
-"""The judge's training loss: the paper's multi-objective split over answer tokens.
+"""The judge's training losses: the paper's multi-objective split over answer tokens (SFT), and DPO on
+preference pairs (`preference_loss`, for the prefer stage).
 
 SFT tokens (scores, markers, criterion names, end of turn) take cross-entropy. Sim tokens
 (explanation prose) take `(1 - w) * cross-entropy + w * (1 - cos(e_pred, e_target))`, where
@@ -55,3 +56,44 @@ def judge_loss(logits: Any, labels: Any, kinds: Any, embeddings: Any = None, sim
         "sim_n": int(is_sim.sum()),
     }
     return loss, parts
+
+
+def answer_logprobs(logits: Any, labels: Any) -> Any:
+    """Per row, the summed log-probability of its answer tokens without the closing end-of-turn token:
+    the tokens an engine's `token_logprobs` scores for the answer text, so a policy's sum and the
+    reference's stored sum cover the same tokens. `logits` [B, T, V], `labels` [B, T], unshifted."""
+    import torch
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    last = keep & (keep.long().cumsum(1) == keep.sum(1, keepdim=True))  # each row's end-of-turn
+    scored = keep & ~last
+    if bool((scored.sum(1) == 0).any()):
+        raise ValueError("a preference sequence with no answer token to score")
+    safe = labels.masked_fill(~scored, 0)
+    token = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (token * scored).sum(1)
+
+
+def preference_loss(policy_chosen: Any, policy_rejected: Any, ref_chosen: Any, ref_rejected: Any, beta: float):
+    """DPO's sigmoid loss, -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged over the
+    pairs of a micro-batch. Arguments are [B] summed answer log-probabilities (`answer_logprobs`).
+
+    parts holds sums over the pairs (divide by `pairs`): loss, the chosen and rejected log-ratios,
+    the reward margin beta * (chosen ratio - rejected ratio), and how many margins are above 0 (the
+    implicit reward ranks the teacher's judgment first)."""
+    import torch.nn.functional as F
+
+    chosen = policy_chosen.float() - ref_chosen.float()
+    rejected = policy_rejected.float() - ref_rejected.float()
+    margin = beta * (chosen - rejected)
+    losses = -F.logsigmoid(margin)
+    parts = {
+        "dpo_sum": losses.detach().sum().item(),
+        "chosen_sum": chosen.detach().sum().item(),
+        "rejected_sum": rejected.detach().sum().item(),
+        "margin_sum": margin.detach().sum().item(),
+        "correct": int((margin.detach() > 0).sum()),
+        "pairs": int(margin.numel()),
+    }
+    return losses.mean(), parts

@@ -118,7 +118,10 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq: int, dtype_bytes:
     return float(layers + logits)
 
 
-def estimate_memory(shape: ModelShape, cfg: Any, world: int, ranks_per_node: Optional[int] = None) -> MemoryEstimate:
+def estimate_memory(shape: ModelShape, cfg: Any, world: int, ranks_per_node: Optional[int] = None,
+                    sequences_per_row: int = 1) -> MemoryEstimate:
+    """`sequences_per_row`: sequences each micro-batch row runs through the model (2 for a DPO pair:
+    chosen and rejected in one forward pass)."""
     ranks_per_node = max(1, min(world, ranks_per_node or world))
     nodes = math.ceil(world / ranks_per_node)
     offload = str(cfg.offload)
@@ -143,8 +146,11 @@ def estimate_memory(shape: ModelShape, cfg: Any, world: int, ranks_per_node: Opt
     load = 0.0 if partitioned else 4.0 * shape.params  # the whole model in fp32 on every rank
     if not partitioned:
         host = max(host, ranks_per_node * 4.0 * shape.params)
-    activations = activation_bytes(shape, int(cfg.micro_batch_size), int(cfg.max_length), dtype_bytes,
-                                   bool(cfg.activation_checkpointing), str(cfg.attn_implementation))
+    if sequences_per_row > 1:
+        notes.append(f"activations for {sequences_per_row} sequences per micro-batch row (a preference pair)")
+    rows = int(cfg.micro_batch_size) * sequences_per_row
+    activations = activation_bytes(shape, rows, int(cfg.max_length), dtype_bytes, bool(cfg.activation_checkpointing),
+                                   str(cfg.attn_implementation))
     return MemoryEstimate(world=world, ranks_per_node=ranks_per_node, device="gpu" if cfg.use_gpu else "cpu",
                           model_states_per_rank=float(device_states), host_per_node=float(host),
                           load_per_rank=load, activations_per_rank=activations,

@@ -1,5 +1,9 @@
 """Supervised fine-tuning of the judge: Ray Train's TorchTrainer running DeepSpeed ZeRO-3 on a Ray Dataset.
 
+One loop for every training step of the pipeline: what a micro-batch trains on is an objective
+(`objectives.py`): the judge's SFT loss for the train stage, DPO on preference pairs for the prefer
+stage, with the same data plane, checkpoints, resume and export.
+
 The records never pass through the driver. `data.prepare_sequences` tokenises (and packs) them in Ray
 Data tasks and writes the sequences to the work folder; the driver reads the parts' footers to count
 sequences and fixes the step plan from that count; `TorchTrainer(datasets={"train": ...})` splits the
@@ -46,8 +50,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from themis_ray import fs
-from themis_ray.train.collate import collate_rows
-from themis_ray.train.losses import judge_loss
+from themis_ray.train.objectives import SFTObjective, build_objective
 
 METRICS_FILE = "train_metrics.jsonl"  # one line per step
 LOSS_PLOT = "train_loss.png"
@@ -278,7 +281,7 @@ def _train_worker(config: dict) -> dict | None:
     for _ in range(done * plan.grad_accum):
         _next_batch(batches, rank)  # as many as the checkpointed steps consumed (not the same ones)
     log = MetricsLog(config["metrics_uri"], done) if rank == 0 else None
-    sim_weight = config["sim_loss_weight"]
+    objective = build_objective(config)
     fault = _fault(config.get("fault"), rank)
     hang = _hang(config.get("hang"), rank)
     loss = None
@@ -287,45 +290,31 @@ def _train_worker(config: dict) -> dict | None:
     for step in range(done + 1, plan.total_steps + 1):
         start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        # The Sim loss compares against the embedding matrix, which ZeRO-3 keeps partitioned: gather
-        # it once per optimizer step (a collective on every rank) as a fixed target space.
-        table = _gathered_embeddings(engine) if sim_weight > 0 else None
-        # Summed over micro-batches, then over ranks: loss, ce, sft, sim sums and counts, tokens.
-        stats = torch.zeros(10, dtype=torch.float64)
+        objective.begin_step(engine)
+        # Summed over micro-batches, then over ranks; the last two are real and tensor tokens.
+        stats = torch.zeros(objective.size, dtype=torch.float64)
         for _ in range(plan.grad_accum):
-            batch = collate_rows(_next_batch(batches, rank).to_pylist(), tokenizer.pad_token_id)
-            real, labels, kinds = batch.pop("real_tokens"), batch.pop("labels"), batch.pop("kinds")
-            inputs = {k: v.to(engine.device) for k, v in batch.items()}
-            # No KV cache: with one, transformers would not read restarting position ids as packing.
-            out = engine(**inputs, use_cache=False)
-            micro_loss, parts = judge_loss(
-                out.logits, labels.to(engine.device), kinds.to(engine.device), table, sim_weight
-            )
+            rows = _next_batch(batches, rank).to_pylist()
+            micro_loss, sums = objective.micro_batch(engine, rows, tokenizer.pad_token_id)
             engine.backward(micro_loss)  # DeepSpeed scales by 1/grad_accum itself
             engine.step()  # applies the update only at the accumulation boundary
-            stats += torch.tensor([
-                micro_loss.item(), 1, parts["ce_sum"], parts["ce_n"], parts["sft_sum"], parts["sft_n"],
-                parts["sim_sum"], parts["sim_n"], real, labels.numel(),
-            ], dtype=torch.float64)
-            del out, micro_loss
-        # One small all-reduce gives rank 0 the group's losses and token counts.
+            stats += sums
+            del micro_loss
+        # One small all-reduce gives rank 0 the group's sums and token counts.
         stats = stats.to(engine.device)
         dist.all_reduce(stats)
         stats = stats.cpu()
         elapsed = time.perf_counter() - start
-        loss = stats[0].item() / stats[1].item()
-        totals += torch.tensor([stats[8].item(), stats[9].item(), elapsed, 1], dtype=torch.float64)
+        figures = objective.metrics(stats)
+        loss = figures["loss"]
+        real_tokens, tensor_tokens = stats[-2].item(), stats[-1].item()
+        totals += torch.tensor([real_tokens, tensor_tokens, elapsed, 1], dtype=torch.float64)
         row = {
             "step": step,
-            "loss": loss,
-            "ce_loss": _ratio(stats[2], stats[3]),
-            "sft_loss": _ratio(stats[4], stats[5]),
-            "sim_loss": _ratio(stats[6], stats[7]) if sim_weight > 0 else None,
-            "sft_tokens": int(stats[5]),
-            "sim_tokens": int(stats[7]),
+            **figures,
             "lr": lr,
-            "tokens_per_s": stats[8].item() / elapsed,
-            "packing_efficiency": stats[8].item() / stats[9].item(),
+            "tokens_per_s": real_tokens / elapsed,
+            "packing_efficiency": real_tokens / tensor_tokens,
         }
         if log:
             log.write(row)
@@ -393,18 +382,6 @@ def _peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _ratio(total: Any, count: Any) -> float | None:
-    return float(total) / float(count) if float(count) else None
-
-
-def _gathered_embeddings(engine: Any) -> Any:
-    import deepspeed
-
-    weight = engine.module.get_input_embeddings().weight
-    with deepspeed.zero.GatheredParameters([weight]):
-        return weight.detach().clone()
 
 
 class MetricsLog:
@@ -476,8 +453,9 @@ def _hang(spec: str | None, rank: int) -> tuple[int, Path] | None:
     return None if Path(marker).exists() else (int(step), Path(marker))
 
 
-def plot_losses(metrics_text: str, out: str) -> Optional[str]:
-    """Loss per step (total and by objective) as a PNG at `out` (a path or URI)."""
+def plot_losses(metrics_text: str, out: str, series: tuple = SFTObjective.series,
+                title: str = SFTObjective.title) -> Optional[str]:
+    """Loss per step (the metrics named in `series`, as (key, legend) pairs) as a PNG at `out` (a path or URI)."""
     rows = [json.loads(line) for line in metrics_text.splitlines() if line.strip()]
     if not rows:
         return None
@@ -488,14 +466,13 @@ def plot_losses(metrics_text: str, out: str) -> Optional[str]:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     steps = [r["step"] for r in rows]
-    for key, label in (("loss", "loss"), ("sft_loss", "SFT tokens: cross-entropy"),
-                       ("sim_loss", "Sim tokens: 1 - cos")):
+    for key, label in series:
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
             ax.plot(steps, [float("nan") if v is None else v for v in values], marker=".", label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title("judge fine-tuning")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     if fs.is_uri(out):
@@ -535,14 +512,15 @@ def _save(model: Any, state_dict: dict, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def check_memory(base_model_dir: str, cfg: Any) -> dict:
+def check_memory(base_model_dir: str, cfg: Any, sequences_per_row: int = 1) -> dict:
     """Print the per-rank memory estimate; raise MemoryError, before any worker starts, when the
     cluster cannot hold the ranks. Returns the estimate (for the summary)."""
     from themis_ray.train.memory import check_fits, cluster_nodes, estimate_memory, model_shape
 
     nodes = cluster_nodes(bool(cfg.use_gpu))
     per_node = max((n.slots for n in nodes), default=cfg.num_workers)
-    est = estimate_memory(model_shape(base_model_dir), cfg, int(cfg.num_workers), ranks_per_node=per_node)
+    est = estimate_memory(model_shape(base_model_dir), cfg, int(cfg.num_workers), ranks_per_node=per_node,
+                          sequences_per_row=sequences_per_row)
     print(est.table(), flush=True)
     if cfg.memory_check:
         check_fits(est, nodes, cfg.gpu_memory_gb)
@@ -558,8 +536,11 @@ def check_model_dir(base_model_dir: str) -> None:
 
 
 def fit(prepared: Any, base_model_dir: str, cfg: Any, *, output_uri: str, work_uri: str, metrics_uri: str,
-        loss_plot_uri: Optional[str] = None, memory: Optional[dict] = None) -> dict:
+        loss_plot_uri: Optional[str] = None, memory: Optional[dict] = None, objective: Optional[dict] = None) -> dict:
     """Train on the prepared sequences (`data.Prepared`) and export the judge to `output_uri`.
+
+    `objective` picks what the loop trains on (`objectives.py`): None is the judge's SFT loss with
+    `cfg.sim_loss_weight`; `{"objective": "dpo", "beta": b, "sft_weight": w}` is DPO on prepared pairs.
 
     The Ray Train run lives in `<work_uri>/ray_train/train`: when it holds a snapshot (an interrupted
     run of the same stage), Ray Train restores it and the workers continue from its latest checkpoint."""
@@ -567,12 +548,15 @@ def fit(prepared: Any, base_model_dir: str, cfg: Any, *, output_uri: str, work_u
     from ray.train.torch import TorchTrainer
 
     from themis_ray.train.data import training_dataset
+    from themis_ray.train.objectives import OBJECTIVES
 
     started = time.time()
     extensions_dir = os.path.expanduser(cfg.torch_extensions_dir)
     os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir  # for anything DeepSpeed builds in the driver
     plan = plan_steps(prepared.sequences, cfg)
-    dataset = training_dataset(prepared, int(cfg.epochs), plan.rows_total, int(cfg.seed))
+    objective = dict(objective or {"objective": "sft", "sim_loss_weight": float(cfg.sim_loss_weight)})
+    kind = OBJECTIVES[objective["objective"]]
+    dataset = training_dataset(prepared, int(cfg.epochs), plan.rows_total, int(cfg.seed), columns=kind.columns)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -588,7 +572,7 @@ def fit(prepared: Any, base_model_dir: str, cfg: Any, *, output_uri: str, work_u
             "attn_implementation": str(cfg.attn_implementation),
             "learning_rate": float(cfg.learning_rate),
             "weight_decay": float(cfg.weight_decay),
-            "sim_loss_weight": float(cfg.sim_loss_weight),
+            **objective,
             "checkpoint_every": int(cfg.checkpoint_every),
             "seed": int(cfg.seed),
             "fault": os.environ.get(FAULT_ENV),
@@ -610,7 +594,7 @@ def fit(prepared: Any, base_model_dir: str, cfg: Any, *, output_uri: str, work_u
     result = trainer.fit()  # raises ray.train.TrainingFailedError once restarts are used up
     metrics_text = fs.read_text(metrics_uri) or ""
     steps = [json.loads(line) for line in metrics_text.splitlines() if line.strip()]
-    plot = plot_losses(metrics_text, loss_plot_uri) if loss_plot_uri else None
+    plot = plot_losses(metrics_text, loss_plot_uri, kind.series, kind.title) if loss_plot_uri else None
     return {
         **result.return_value,
         "first_loss": steps[0]["loss"] if steps else None,
