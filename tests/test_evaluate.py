@@ -38,6 +38,21 @@ def judges_cfg(judges, **evaluate):
     return OmegaConf.merge(cfg, {"evaluate": {"judges": judges, **evaluate}})
 
 
+def test_the_preference_tuned_judge_is_graded_beside_the_sft_judge_when_prefer_tuned_one(tmp_path):
+    run = str(tmp_path)
+    cfg = OmegaConf.merge(judges_cfg([{"name": "trained"}, {"name": "base"}]),
+                          {"run_dir": run, "prefer": {"enabled": True}})
+    assert [j.name for j in resolve_judges(cfg)] == ["trained", "base"]  # prefer has not run yet
+    (tmp_path / "prefer").mkdir()
+    (tmp_path / "prefer" / "_manifest.json").write_text(json.dumps({"optimised": False}))
+    assert [j.name for j in resolve_judges(cfg)] == ["trained", "base"]  # no mistakes found: no new judge
+    (tmp_path / "prefer" / "_manifest.json").write_text(json.dumps({"optimised": True}))
+    trained, base, preferred = resolve_judges(cfg)
+    assert (preferred.name, preferred.engine.model) == ("preferred", f"{run}/prefer/judge")
+    off = OmegaConf.merge(cfg, {"prefer": {"enabled": False}})
+    assert [j.name for j in resolve_judges(off)] == ["trained", "base"]
+
+
 def test_trained_and_base_resolve_to_the_run_judge_and_train_model():
     trained, base = resolve_judges(judges_cfg([{"name": "trained"}, {"name": "base"}]))
     assert (trained.name, trained.engine.model, trained.engine.kind) == ("trained", "/tmp/run/train/judge", "hf")

@@ -1,7 +1,9 @@
 """Which judges an evaluation compares: `evaluate.judges` specs -> a name, an engine and a prefill flag.
 
 "trained" is this run's fine-tuned judge (`<run_dir>/train/judge`), "base" is the model it was
-fine-tuned from (`train.model`); any other name is a model folder unless the spec names its model or
+fine-tuned from (`train.model`), "preferred" the judge the prefer stage tuned from "trained"
+(`<run_dir>/prefer/judge`; added by itself when `prefer.enabled`, so base, SFT and preference-tuned
+judges are graded side by side); any other name is a model folder unless the spec names its model or
 its own engine, e.g. an OpenAI-compatible endpoint such as the teacher.
 """
 
@@ -14,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from themis_ray import fs
+from themis_ray.store import StageStore
 from themis_ray.config import EngineConfig, JudgeSpec
 from themis_ray.engines import continues_assistant_message, engine_label
 
@@ -36,11 +39,27 @@ def _spec(entry: Any) -> Any:
     return OmegaConf.merge(OmegaConf.structured(JudgeSpec), entry)
 
 
+PREFERRED = "preferred"
+
+
+def _with_preferred(cfg, run_dir: str) -> list:
+    """evaluate.judges, plus the preference-tuned judge when the prefer stage tuned one this run."""
+    entries = list(cfg.evaluate.judges)
+    if not cfg.prefer.enabled or any(_spec(e).name == PREFERRED for e in entries):
+        return entries
+    manifest = StageStore(run_dir, "prefer").manifest()
+    if manifest is None or not manifest.get("optimised"):
+        print("evaluate: the prefer stage found no mistakes to learn from, so there is no preference-tuned "
+              "judge to grade" if manifest else "evaluate: prefer has not run; grading without its judge")
+        return entries
+    return entries + [PREFERRED]
+
+
 def resolve_judges(cfg, run_dir: str | Path | None = None) -> list[Judge]:
-    """Every judge of `cfg.evaluate.judges`, resolved; names must be unique."""
+    """Every judge of `cfg.evaluate.judges` (and "preferred", see above), resolved; names must be unique."""
     run_dir = str(run_dir if run_dir is not None else cfg.run_dir)
     judges = []
-    for entry in cfg.evaluate.judges:
+    for entry in _with_preferred(cfg, run_dir):
         spec = _spec(entry)
         if not spec.name or not str(spec.name).strip():
             raise ValueError("evaluate.judges: every judge needs a name")
@@ -52,6 +71,8 @@ def resolve_judges(cfg, run_dir: str | Path | None = None) -> list[Judge]:
             model = fs.join(run_dir, "train", "judge")
         elif spec.name == "base":
             model = cfg.train.model
+        elif spec.name == PREFERRED:
+            model = fs.join(run_dir, "prefer", "judge")
         elif spec.engine is not None:
             model = engine.model
         else:

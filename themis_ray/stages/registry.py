@@ -22,11 +22,15 @@ def _trained_classifier(cfg) -> list[str]:
 
 
 def _benchmark_files(cfg) -> list[str]:
-    """evaluate reads the labelled file and the field's benchmark files it names: new data re-runs it."""
+    """evaluate reads the labelled file and the field's benchmark files it names, and the prefer stage's
+    manifest when it runs: new data or a new preference-tuned judge re-runs it."""
     from themis_ray.evaluate.field import FIELD
 
     names = [n for n in cfg.evaluate.benchmarks if n == "file" or n in FIELD]
-    return [cfg.evaluate[n].path for n in names if cfg.evaluate[n].path]
+    files = [cfg.evaluate[n].path for n in names if cfg.evaluate[n].path]
+    if cfg.prefer.enabled:  # the preference-tuned judge is graded too: a new one re-runs evaluate
+        files.append(fs.join(cfg.run_dir, "prefer", "_manifest.json"))
+    return files
 
 
 @dataclass(frozen=True)
