@@ -221,3 +221,28 @@ class LocalRayHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def kill_at_checkpoint_then_rerun(command: list[str], run_dir: Path, stage: str, tmp_path: Path,
+                                  step: int) -> subprocess.CompletedProcess:
+    """A training stage's driver SIGKILLed once it has recorded the checkpoint of optimizer step `step`
+    (the recipe hangs there: HANG_ENV), then the same command run again to its end. Asserts the killed
+    run committed nothing and the second one succeeded; returns the second run."""
+    from themis_ray.train.recipe import HANG_ENV, recorded_checkpoints
+
+    marker = tmp_path / "hung"
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(command, env={**base_env(), HANG_ENV: f"{step}:{marker}"}, stdout=log,
+                                 stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900  # a guard against hanging forever, not a timing assertion
+        ray_run = str(run_dir / stage / "_work" / "ray_train" / "train")
+        while not (marker.is_file() and recorded_checkpoints(ray_run) >= 1):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGKILL)  # the driver dies; its train workers die with its job
+        first.wait()
+    assert not (run_dir / stage / "_manifest.json").exists()
+    second = subprocess.run(command, env=base_env(), capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return second

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -298,11 +295,10 @@ def test_prefer_stage_mines_pairs_and_resumes_after_its_driver_is_killed(tmp_pat
     step-1 checkpoint of the optimisation, the same command runs again and ends at the planned step
     count; every candidate is a pair or a no-pair reason, and the DPO judge is exported."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from local_ray import LocalRayHead, base_env
+    from local_ray import LocalRayHead, kill_at_checkpoint_then_rerun
     from stage_io import finished_stage
 
     from themis_ray.store import StageStore
-    from themis_ray.train.recipe import HANG_ENV, recorded_checkpoints
 
     run_dir = tmp_path / "run"
     finished_stage(run_dir, "curate", pa.Table.from_pylist(_curated()))
@@ -318,21 +314,7 @@ def test_prefer_stage_mines_pairs_and_resumes_after_its_driver_is_killed(tmp_pat
                        "engine": {"num_threads": 2}, "pool": {"batch_size": 16}},
         }))
         command = [sys.executable, "-m", "themis_ray.cli", "prefer", "--config", str(config)]
-        marker = tmp_path / "hung"
-        log = (tmp_path / "first.log").open("w")
-        first = subprocess.Popen(command, env={**base_env(), HANG_ENV: f"1:{marker}"}, stdout=log,
-                                 stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 900  # a guard against hanging forever, not a timing assertion
-        ray_run = str(run_dir / "prefer" / "_work" / "ray_train" / "train")
-        while not (marker.is_file() and recorded_checkpoints(ray_run) >= 1):
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.5)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        assert not (run_dir / "prefer" / "_manifest.json").exists()
-        second = subprocess.run(command, env=base_env(), capture_output=True, text=True, timeout=1200)
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        second = kill_at_checkpoint_then_rerun(command, run_dir, "prefer", tmp_path, step=1)
     assert "resuming" in second.stdout
 
     store = StageStore(str(run_dir), "prefer")

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from themis_ray.train.data import SEQUENCE_SCHEMA, tokenise_batch
 from themis_ray.train.losses import judge_loss
 from themis_ray.train.memory import ModelShape, Node, check_fits, estimate_memory, model_shape
 from themis_ray.train.recipe import (
-    FAULT_ENV, HANG_ENV, deepspeed_config, load_base_model, plan_steps, recorded_checkpoints,
+    FAULT_ENV, deepspeed_config, load_base_model, plan_steps,
 )
 
 
@@ -442,7 +439,7 @@ def test_train_stage_resumes_after_its_driver_is_killed(tiny_model_dir, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from local_ray import LocalRayHead, base_env
+    from local_ray import LocalRayHead, kill_at_checkpoint_then_rerun
 
     from themis_ray.store import StageStore
 
@@ -461,22 +458,7 @@ def test_train_stage_resumes_after_its_driver_is_killed(tiny_model_dir, tmp_path
                       "packing": True, "sim_loss_weight": 0.5, "checkpoint_every": 2, "checkpoints_to_keep": 1},
         }))
         command = [sys.executable, "-m", "themis_ray.cli", "train", "--config", str(config)]
-        marker = tmp_path / "hung"
-        log = (tmp_path / "first.log").open("w")
-        first = subprocess.Popen(command, env={**base_env(), HANG_ENV: f"2:{marker}"}, stdout=log,
-                                 stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 900  # a guard against hanging forever, not a timing assertion
-        ray_run = str(run_dir / "train" / "_work" / "ray_train" / "train")
-        while not (marker.is_file() and recorded_checkpoints(ray_run) >= 1):
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.5)
-        first.send_signal(signal.SIGKILL)  # the driver dies; its train workers die with its job
-        first.wait()
-        assert not (run_dir / "train" / "_manifest.json").exists()
-
-        second = subprocess.run(command, env=base_env(), capture_output=True, text=True, timeout=1200)
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        second = kill_at_checkpoint_then_rerun(command, run_dir, "train", tmp_path, step=2)
     assert "resuming" in second.stdout
 
     store = StageStore(str(run_dir), "train")
