@@ -71,3 +71,25 @@ def s3_server():
 
 
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-initialised model of the embedded model's family (2 layers, hidden 64, its tokenizer and
+    tied embeddings): the whole training mechanism at a fraction of the cost."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from themis_ray.assets import prepare_default_model
+
+    base = str(prepare_default_model())
+    config = AutoConfig.from_pretrained(base)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 64, 128, 2
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return str(out)

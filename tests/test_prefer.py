@@ -61,28 +61,7 @@ def test_answer_logprobs_sum_the_answer_without_its_end_of_turn():
     assert answer_logprobs(logits, labels).tolist() == pytest.approx([w.item() for w in want], abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random-initialised model of the embedded model's family (2 layers, hidden 64) and its tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from themis_ray.assets import prepare_default_model
-
-    base = str(prepare_default_model())
-    config = AutoConfig.from_pretrained(base)
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 64, 128, 2
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return str(out)
-
-
-def test_the_preference_objective_starts_at_log_2_with_zero_log_ratios(tiny_model):
+def test_the_preference_objective_starts_at_log_2_with_zero_log_ratios(tiny_model_dir):
     """The loop's DPO objective on a batch of two pairs whose references are the policy's own
     log-probabilities: ratios 0, loss log 2, and the SFT term is the chosen answers' cross-entropy."""
     import torch
@@ -93,15 +72,15 @@ def test_the_preference_objective_starts_at_log_2_with_zero_log_ratios(tiny_mode
     from themis_ray.train.losses import judge_loss
     from themis_ray.train.objectives import PreferenceObjective
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     pairs = [{"id": f"x{i}", "prompt": f"Rate answer {i}.", "chosen": f"[[{i + 3}]] Good.",
               "rejected": "no score here", "ref_chosen": 0.0, "ref_rejected": 0.0,
               "chosen_tokens": 0, "rejected_tokens": 0} for i in range(2)]
-    tokenizer = _tokenizer(tiny_model)
+    tokenizer = _tokenizer(tiny_model_dir)
     for p in pairs:  # the token counts the reference scorer would report
         p["chosen_tokens"] = len(tokenizer(p["chosen"], add_special_tokens=False)["input_ids"])
         p["rejected_tokens"] = len(tokenizer(p["rejected"], add_special_tokens=False)["input_ids"])
-    rows = tokenise_pairs(pa.Table.from_pylist(pairs), tiny_model, max_length=256).to_pylist()
+    rows = tokenise_pairs(pa.Table.from_pylist(pairs), tiny_model_dir, max_length=256).to_pylist()
     assert all(r[REJECT] is None for r in rows)
     with torch.no_grad():
         for r in rows:

@@ -41,25 +41,6 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(model_dir, tmp_path_factory):
-    """A random-initialised model of the embedded model's family (2 layers, hidden 64, its tokenizer and
-    tied embeddings): the whole training mechanism at a fraction of the cost."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(model_dir)
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 64, 128, 2
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return str(out)
-
-
 def _record(i: int, score: int = 4, words: int = 3) -> dict:
     return {
         "id": f"r{i}",
