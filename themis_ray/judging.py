@@ -251,12 +251,20 @@ def swap_pair(request: JudgeRequest) -> JudgeRequest:
     )
 
 
+SWAPPED = {"A": "B", "B": "A", "C": "C"}  # a verdict as it reads with the two responses swapped
+
+
+def unswap_verdict(verdict: Optional[str]) -> Optional[str]:
+    """A verdict given with the responses swapped, in the original order (None: not a verdict)."""
+    return SWAPPED.get(verdict) if isinstance(verdict, str) else None
+
+
 def combine_pairwise(verdict_ab: Optional[str], verdict_ba: Optional[str]) -> tuple[str, bool]:
     """Verdicts from both orders -> (verdict in the original order, whether they agreed).
 
     A verdict that flips with the order is a tie.
     """
-    unswapped = {"A": "B", "B": "A", "C": "C"}.get(verdict_ba or "", None)
+    unswapped = unswap_verdict(verdict_ba)
     if verdict_ab is None or unswapped is None:
         return "C", False
     if verdict_ab == unswapped:

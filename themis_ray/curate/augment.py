@@ -387,25 +387,23 @@ def paraphrase_record(row: dict, paraphrases: dict[int, list[str]], rng: np.rand
 
 # ------------------------------------------------------------------------------------- pairwise
 
-_SWAP_VERDICT = {"A": "B", "B": "A", "C": "C"}
-
 
 def _swap_letters(text: str) -> str:
     """[[A]] <-> [[B]] and "Response A" <-> "Response B" in one pass."""
-    text = re.sub(r"\[\[\s*([AB])\s*\]\]", lambda m: f"[[{_SWAP_VERDICT[m.group(1)]}]]", text)
+    text = re.sub(r"\[\[\s*([AB])\s*\]\]", lambda m: f"[[{judging.SWAPPED[m.group(1)]}]]", text)
     return re.sub(r"\b(Response|response|Assistant|assistant)\s+([AB])\b",
-                  lambda m: f"{m.group(1)} {_SWAP_VERDICT[m.group(2)]}", text)
+                  lambda m: f"{m.group(1)} {judging.SWAPPED[m.group(2)]}", text)
 
 
 def swap_pairwise_row(row: dict, scenarios_dir=None) -> dict:
     """The same comparison with the two responses exchanged; verdict A <-> B, C unchanged."""
-    if row.get("verdict") not in _SWAP_VERDICT:
+    if row.get("verdict") not in judging.SWAPPED:
         raise ValueError("the verdict is not A, B or C")
     swapped = judging.swap_pair(_request(row, scenarios_dir))
     return _copy(
         row, "swap", "order swapped",
         response_a=row.get("response_b"), response_b=row.get("response_a"),
-        verdict=_SWAP_VERDICT[row["verdict"]],
+        verdict=judging.SWAPPED[row["verdict"]],
         prompt=judging.render_prompt(swapped, scenarios_dir),
         evaluation=_swap_letters(row["evaluation"]) if row.get("evaluation") else row.get("evaluation"),
     )

@@ -360,15 +360,11 @@ def ties_score(prompts: dict[str, tuple[list[float], list[float]]]) -> float:
     return 0.30 * tied_accuracy + 0.30 * ref_accuracy + 0.20 * preferred + 0.20 * preferred_hard + 0.01 * margin_score
 
 
-def _unswap(verdict):
-    return {"A": "B", "B": "A", "C": "C"}.get(verdict) if isinstance(verdict, str) else None
-
-
 def judgebench_correct(verdict_ab: Optional[str], verdict_ba: Optional[str], label: str) -> bool:
     """JudgeBench: the two decisions (the second unswapped) count +1 when right, -1 when the opposite
     of the label, 0 for a tie or nothing; correct when the sum is positive."""
-    opposite = _unswap(label)
-    counter = sum(1 if d == label else -1 if d == opposite else 0 for d in (verdict_ab, _unswap(verdict_ba)))
+    opposite = judging.unswap_verdict(label)
+    counter = sum(1 if d == label else -1 if d == opposite else 0 for d in (verdict_ab, judging.unswap_verdict(verdict_ba)))
     return counter > 0
 
 
@@ -410,7 +406,7 @@ def pair_outcomes(df: pd.DataFrame) -> pd.DataFrame:
         combined = _combined(pairs)
         for (_, r), verdict in zip(pairs.iterrows(), combined):
             ab = r["verdict_ab"] if r["verdict_ab"] in ("A", "B", "C") else None
-            ba = _unswap(r["verdict_ba"])
+            ba = judging.unswap_verdict(r["verdict_ba"])
             rows.append({"group": r["group"], "subset": r["subset"], "winner": r["winner"], "verdict": verdict,
                          "verdict_ab": ab, "verdict_ba": ba, "consistent": ab is not None and ab == ba})
     sides = df[df["mode"] != "pairwise"].assign(_value=lambda d: _score_value(d))
@@ -515,7 +511,7 @@ def _pair_metrics(pairs: pd.DataFrame, name: str, n_boot: int, confidence: float
     out["position_consistency"] = float(consistent.astype(bool).mean()) if n and consistent.notna().all() else None
     out["tie_rate"] = float((pairs.loc[parsed, "verdict"] == "C").mean()) if parsed.any() else math.nan
     if name == "judgebench":
-        correct = np.array([judgebench_correct(a, None if b is None else _unswap(b), w) for a, b, w in
+        correct = np.array([judgebench_correct(a, None if b is None else judging.unswap_verdict(b), w) for a, b, w in
                             zip(pairs["verdict_ab"], pairs["verdict_ba"], pairs["winner"])], dtype=float)
         out["score"] = _mean(correct)
         out["score_ci"] = _ci(correct, correct, _mean, n_boot, confidence, seed)
@@ -600,7 +596,7 @@ def baseline_frames(df: pd.DataFrame, scale=(1, 5), seed: int = 0) -> dict[str, 
         random["verdict_ab"] = np.where(pairwise, draws[0], None)
         random["verdict_ba"] = np.where(pairwise, draws[1], None)
         longer["verdict_ab"] = np.where(pairwise, side, None)
-        longer["verdict_ba"] = np.where(pairwise, [_unswap(s) for s in side], None)
+        longer["verdict_ba"] = np.where(pairwise, [judging.unswap_verdict(s) for s in side], None)
     return dict(zip(BASELINES, (random, longer)))
 
 

@@ -35,8 +35,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats
 
+from themis_ray.judging import unswap_verdict
+
 VERDICTS = ("A", "B", "C")  # A wins, B wins, tie
-_UNSWAP = {"A": "B", "B": "A", "C": "C"}
 
 # --------------------------------------------------------------------------------------- helpers
 
@@ -100,7 +101,7 @@ def to_verdicts(verdicts: Any) -> np.ndarray:
 
 def unswap(verdicts: Any) -> np.ndarray:
     """Verdicts given with A and B swapped, mapped back to the original order (A<->B, C stays)."""
-    return np.array([_UNSWAP.get(v) for v in to_verdicts(verdicts)], dtype=object)
+    return np.array([unswap_verdict(v) for v in to_verdicts(verdicts)], dtype=object)
 
 
 def round_scores(x: Any) -> np.ndarray:

@@ -41,7 +41,6 @@ from themis_ray.store import WORK, StageResult
 JUDGE_DIR = "judge"
 METRICS_FILE = "prefer_metrics.jsonl"
 LOSS_PLOT = "prefer_loss.png"
-UNSWAP = {"A": "B", "B": "A", "C": "C"}
 ORDERS = ("as given", "swapped")
 
 MINED_SCHEMA = pa.schema([
@@ -155,7 +154,7 @@ def pair_candidates(row: dict, min_score_gap: float) -> list[dict]:
         judged = [judging.parse_evaluation(t or "", "pairwise").verdict for _, _, t in sides]
         # A flip: both orders answered, and they name different responses.
         flipped = None not in judged and not judging.combine_pairwise(judged[0], judged[1])[1]
-        teacher = [row.get("verdict"), UNSWAP.get(row.get("verdict") or "")]
+        teacher = [row.get("verdict"), judging.unswap_verdict(row.get("verdict"))]
     else:
         sides = [(row["prompt"], row.get("evaluation"), row.get("judge_output"))]
         judged = [judging.parse_evaluation(row.get("judge_output") or "", "single").score]
