@@ -115,6 +115,10 @@ class OpenAIEngine(Engine):
                 response = await self.client.chat.completions.create(**request)
                 self.usage.requests += 1
                 done = self._completion(response, prefill)
+                if key is not None:
+                    # Kept before the slot is freed: answers paid for but not yet on storage never
+                    # outnumber the requests in flight, so a crash re-asks no more than those.
+                    await self._keep(key, done)
             except _RETRYABLE as err:
                 last_error = _describe(err)
                 last_retry_after = _retry_after(err)
@@ -130,8 +134,6 @@ class OpenAIEngine(Engine):
                 if limited:
                     self.usage.extra["rate_limited"] += 1
                     await self._spread_pause(last_retry_after)
-            if key is not None:
-                await self._keep(key, done)
             return done
         return Completion(error=f"gave up after {self.max_retries + 1} attempts: {last_error}")
 
