@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -321,3 +322,39 @@ def test_prefer_stage_mines_pairs_and_resumes_after_its_driver_is_killed(tmp_pat
     assert abs(steps[0]["chosen_logratio"]) < 0.05 and abs(steps[0]["rejected_logratio"]) < 0.05
     assert (run_dir / "prefer" / "prefer_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "prefer" / "judge" / "config.json").is_file()
+
+
+@pytest.mark.integration
+def test_prefer_stage_with_no_mistake_to_learn_from_keeps_the_sft_judge(tmp_path):
+    """A pool whose every candidate gives no pair (the teacher left no evaluation to prefer): the stage
+    ends after pairing, counts every candidate by reason, trains nothing, and evaluate grades no
+    "preferred" judge."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from local_ray import LocalRayHead, base_env
+    from stage_io import finished_stage
+
+    from themis_ray.evaluate.judges import resolve_judges
+    from themis_ray.store import StageStore
+
+    run_dir = tmp_path / "run"
+    rows = [{**r, "evaluation": None, "evaluation_swapped": None} for r in _curated()]
+    finished_stage(run_dir, "curate", pa.Table.from_pylist(rows))
+    finished_stage(run_dir, "train", pa.table({"id": ["p0"], "tokens": [1]}))
+    config = tmp_path / "prefer.yaml"
+    with LocalRayHead(num_cpus=2) as head:
+        config.write_text(json.dumps({
+            "run_dir": str(run_dir), "ray": {"address": head.address},
+            "prefer": {"model": "smollm2-135m-instruct", "pool_size": 3, "sampling": {"max_tokens": 8},
+                       "engine": {"num_threads": 2}, "pool": {"batch_size": 16}},
+        }))
+        done = subprocess.run([sys.executable, "-m", "themis_ray.cli", "prefer", "--config", str(config)],
+                              env=base_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no preference pairs among 5 candidates" in done.stdout
+    manifest = StageStore(str(run_dir), "prefer").manifest()
+    assert manifest["optimised"] is False and manifest["pairs"] == manifest["rows_out"] == 0
+    assert manifest["rows_in"] == manifest["rows_rejected"] == 5
+    assert manifest["no_pair"] == {"teacher_inconsistent": 5}
+    assert not (run_dir / "prefer" / "judge").exists()
+    cfg = load(None, [f"run_dir={run_dir}", "prefer.enabled=true"])
+    assert "preferred" not in [j.name for j in resolve_judges(cfg)]
