@@ -174,3 +174,43 @@ def test_requests_per_minute_hold_across_actors(ray_local):
     arrivals = sorted(t for t, _, _ in server.arrivals)
     assert len(arrivals) == 66
     assert arrivals[-1] - arrivals[0] >= 4.5, arrivals[-1] - arrivals[0]  # on the server's clock
+
+
+@pytest.mark.integration
+def test_respond_and_evaluate_endpoints_pay_once_across_a_forced_rerun(ray_local, tmp_path):
+    """respond's responders and evaluate's endpoint judge keep their answers in the run's request cache:
+    each stage run again from scratch (`--force`) sends the endpoint nothing."""
+    import pyarrow as pa
+
+    from stage_io import finished_stage
+
+    from themis_ray import judging
+    from themis_ray.config import load
+    from themis_ray.pipeline import run_stage
+
+    run_dir = tmp_path / "run"
+    questions = [{"id": f"q{i}", "instruction": f"What is {i} + {i}?", "scenario": "math_qa", "reference": None}
+                 for i in range(4)]
+    finished_stage(run_dir, "classify", pa.Table.from_pylist(questions))
+    curated = []
+    for i in range(3):
+        request = judging.JudgeRequest(instruction=f"What is {i} + {i}?", response=str(2 * i), scenario="open_qa")
+        curated.append({"id": f"v{i}", "scenario": "open_qa", "mode": "single", "instruction": request.instruction,
+                        "response": request.response, "reference": None, "score": 5.0, "split": "validation",
+                        "prompt": judging.render_prompt(request)})
+    finished_stage(run_dir, "curate", pa.Table.from_pylist(curated))
+    finished_stage(run_dir, "train", pa.table({"id": pa.array([], pa.string())}))
+    with OpenAIServer() as server:
+        endpoint = f"{{kind: openai, model: teacher, base_url: '{server.base_url}'}}"
+        cfg = load(None, [
+            f"run_dir={run_dir}", "respond.pool.num_cpus=0", "evaluate.pool.num_cpus=0",
+            f"respond.responders=[{{name: a, engine: {endpoint}}}, {{name: b, engine: {endpoint}, "
+            "system_prompt: Be brief.}]",
+            f"evaluate.judges=[{{name: remote, engine: {endpoint}}}]", "evaluate.benchmarks=[validation]",
+            "evaluate.bootstrap=20",
+        ])
+        first = {stage: run_stage(cfg, stage, force=True)["rows_out"] for stage in ("respond", "evaluate")}
+        assert first == {"respond": 8, "evaluate": 3} and server.total_requests == 11
+        again = {stage: run_stage(cfg, stage, force=True)["rows_out"] for stage in ("respond", "evaluate")}
+        assert again == first and server.total_requests == 11  # every answer read back from the cache
+    assert len(list((run_dir / "_cache" / "requests").glob("*/*.json"))) == 11

@@ -6,6 +6,11 @@ MT-Bench (evaluate) its own, named under `evaluate.mtbench` in errors.
 
 from __future__ import annotations
 
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from themis_ray.engines.cache import with_cache
 from themis_ray.executor import GenerationProcessor, Step, StepEngine, run_rows
 from themis_ray.schema import REJECT, stable_id
 
@@ -48,13 +53,17 @@ def responder_step(responder, pool, section: str = "respond") -> Step:
                 partition={"responder": responder.name})
 
 
-def answer(responders, source, pool, store, schema, resume: bool, total: int, section: str = "respond") -> int:
+def answer(responders, source, pool, store, schema, resume: bool, total: int, section: str = "respond",
+           cache: Optional[str] = None) -> int:
     """Every responder answers every row of `source` (a Dataset of `total` rows) into `store`, each
-    into its own partition; returns the rows asked (rows x responders)."""
+    into its own partition; returns the rows asked (rows x responders). An endpoint responder keeps its
+    answers in the request cache `cache` (a folder), so a rerun pays for none of them again."""
     names = [r.name for r in responders]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"{section}.responders: need at least one, with unique names; got {names}")
     # One plan per responder, one after another, so their pools never compete for the same CPUs.
     for responder in responders:
+        if cache:
+            responder = OmegaConf.merge(responder, {"engine": with_cache(responder.engine, cache)})
         run_rows(source, responder_step(responder, pool, section), store, schema, resume=resume, total=total)
     return total * len(names)

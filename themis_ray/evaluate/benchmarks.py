@@ -396,6 +396,7 @@ def mtbench_benchmark(cfg, store, resume: bool = False) -> Benchmark:
     checkpoint of the evaluate stage's `store`); the answers are judged."""
     import ray
 
+    from themis_ray.engines.cache import cache_folder
     from themis_ray.responders import answer
     from themis_ray.schema import output_schema
 
@@ -407,7 +408,7 @@ def mtbench_benchmark(cfg, store, resume: bool = False) -> Benchmark:
         if not answering.done:
             answering.rows_in = answer(mc.responders, ray.data.from_arrow(questions), cfg.evaluate.pool,
                                        answering.store, schema, answering.resume, questions.num_rows,
-                                       "evaluate.mtbench")
+                                       "evaluate.mtbench", cache=cache_folder(cfg.cache, cfg.run_dir))
     work = answering.store
     answers = work.dataset().union(work.dataset(rejects=True)) if work.reject_files() else work.dataset()
     fields = [f for f in schema if f.name != REJECT]

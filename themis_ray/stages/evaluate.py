@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 
+from themis_ray.engines.cache import cache_folder, with_cache
 from themis_ray.evaluate.benchmarks import REJECT_SCHEMA, load_benchmarks
 from themis_ray.evaluate.grading import grade, graded_partition, graded_schema, graded_stats
 from themis_ray.evaluate.judges import resolve_judges
@@ -41,6 +43,8 @@ TEXT_COLUMNS = {"prompt", "prompt_ba", "judge_output", "judge_output_ba", "instr
 def run(ctx: StageContext) -> StageResult:
     cfg, c, store = ctx.cfg, ctx.cfg.evaluate, ctx.store
     judges = resolve_judges(cfg)  # fails on a bad judge before any model loads
+    cache = cache_folder(cfg.cache, cfg.run_dir)  # an endpoint judge pays once per prompt, resumed or not
+    judges = [replace(j, engine=with_cache(j.engine, cache)) for j in judges]
     benchmarks = load_benchmarks(cfg, ctx.inputs.get("curate"), store, ctx.resume)
 
     # The benchmarks' rejects are cheap to find again: a resumed run drops the interrupted run's and
