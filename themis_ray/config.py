@@ -544,6 +544,14 @@ class CacheConfig:
 
 
 @dataclass
+class StoreConfig:
+    """How a stage's parts are kept: before it commits, parts under half `target_part_bytes` are merged
+    into parts of up to that size (one per batch would leave thousands of small files on a big run)."""
+
+    target_part_bytes: int = 128 * 2**20  # 0: keep every part as its worker wrote it
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/quickstart"
     stages: list[str] = field(default_factory=list)  # empty: every stage, in the order themis_ray.stages.registry runs them
@@ -562,6 +570,7 @@ class PipelineConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     input: Optional[str] = None  # `themis-ray judge`: Parquet, JSONL or CSV files or a folder (path or URI)
     output: Optional[str] = None  # `themis-ray judge`: the folder (path or URI) the judged records go to
     scenarios_dir: Optional[str] = None  # None: the ten built-in scenarios

@@ -127,8 +127,15 @@ def run_stored(cfg, name: str, store: StageStore, fp: dict, summary: Callable[[d
     resume = store.begin(fp, force=force)
     if resume:
         print(f"{name}: resuming an interrupted run; rows already written are not sent again")
+    from themis_ray.executor.compact import compact
+
     start = time.perf_counter()
-    manifest = store.commit(work(resume), fp, time.perf_counter() - start)
+    result = work(resume)
+    merged = compact(store, int(cfg.store.target_part_bytes))
+    if merged:
+        print(f"{name}: {merged[0]} parts compacted into {merged[1]} (store.target_part_bytes "
+              f"{cfg.store.target_part_bytes})")
+    manifest = store.commit(result, fp, time.perf_counter() - start)
     summary(manifest, False)
     return manifest
 

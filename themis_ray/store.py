@@ -46,6 +46,7 @@ WORK = "_work"  # a stage's intermediate data (kept for a resume, never read by 
 CACHE = "_cache"  # a judge job's request cache (`engines.cache`): kept when the folder starts afresh
 STATS_KEY = b"themis.stats"  # footer key of a part's summable statistics (JSON)
 PARTITION_KEY = b"themis.partition"  # footer key of the partition a part's rows belong to ({column: value}, JSON)
+COMPACTED_KEY = b"themis.compacted_from"  # footer key of a merged part: the names of the parts it replaces
 FOOTERS_AT_ONCE = 256  # footers read in parallel (and held) at a time while tallying
 
 
@@ -240,26 +241,31 @@ class StageStore:
             fs.write_json(self.file(MARKER), {"stage": self.stage})
 
     def _drop_unreadable(self) -> None:
-        """A part cut short by a crash (no footer) is deleted: its rows are simply not written yet."""
+        """A part cut short by a crash (no footer) is deleted: its rows are simply not written yet; so
+        is a part a whole merged part replaces (`executor.compact`)."""
         top = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         paths = [i.path for i in top if i.type == pafs.FileType.File]
         for folder in (i for i in top if i.type == pafs.FileType.Directory and posixpath.basename(i.path) != CACHE):
             paths += fs.list_files(self.file(posixpath.basename(folder.path)), recursive=True)  # never the cache
         broken = [p for p in paths if not p.endswith(".parquet") and posixpath.basename(p).startswith("part-")]
         parts = [p for p in paths if p.endswith(".parquet")]
+        replaced = set()
         with ThreadPoolExecutor(16) as pool:
-            for path, ok in zip(parts, pool.map(self._readable, parts)):
-                if not ok:
+            for path, meta in zip(parts, pool.map(self._footer_or_none, parts)):
+                if meta is None:
                     broken.append(path)
-        for path in broken:
+                elif COMPACTED_KEY in (meta.metadata or {}):
+                    # A merged part is whole: the parts it replaces go, if a crash left any behind.
+                    folder = posixpath.dirname(path)
+                    replaced.update(posixpath.join(folder, name) for name in json.loads(meta.metadata[COMPACTED_KEY]))
+        for path in broken + sorted(replaced & set(parts)):
             self.fs.delete_file(path)
 
-    def _readable(self, path: str) -> bool:
+    def _footer_or_none(self, path: str) -> Optional[pq.FileMetaData]:
         try:
-            pq.read_metadata(path, filesystem=self.fs)
-            return True
+            return pq.read_metadata(path, filesystem=self.fs)
         except (OSError, pa.ArrowInvalid):
-            return False
+            return None
 
     def clear_parts(self) -> None:
         """Delete the parts (and rejects) written so far, keeping `_work/` and the attempt marker."""
@@ -283,15 +289,15 @@ class StageStore:
 
     def rows_written(self, partition: Mapping[str, Any]) -> int:
         """Rows in the parts of `partition` written so far (accepted and rejected), from their footers."""
-        return sum(meta.num_rows for meta in self._footers(self.written_files(partition=partition)))
+        return sum(meta.num_rows for meta in self.footers(self.written_files(partition=partition)))
 
     def _in_partition(self, paths: list[str], partition: Optional[Mapping[str, Any]]) -> list[str]:
         if not partition:
             return paths
         wanted = partition_of(partition)
-        return [path for path, meta in zip(paths, self._footers(paths)) if footer_partition(meta) == wanted]
+        return [path for path, meta in zip(paths, self.footers(paths)) if footer_partition(meta) == wanted]
 
-    def _footers(self, paths: list[str]):
+    def footers(self, paths: list[str]):
         """The parts' Parquet footers in order, read in parallel, `FOOTERS_AT_ONCE` held at a time."""
         with ThreadPoolExecutor(16) as pool:
             for start in range(0, len(paths), FOOTERS_AT_ONCE):
@@ -305,7 +311,7 @@ class StageStore:
         if self._tally is None:
             files, rejects = fs.list_files(self.uri, ".parquet"), fs.list_files(self.file(REJECTS), ".parquet")
             counts, stats, schemas = {False: 0, True: 0}, {}, {}
-            for i, meta in enumerate(self._footers(files + rejects)):
+            for i, meta in enumerate(self.footers(files + rejects)):
                 rejected = i >= len(files)
                 counts[rejected] += meta.num_rows
                 blob = (meta.metadata or {}).get(STATS_KEY)
