@@ -501,3 +501,26 @@ def test_injection_summary_by_hand():
     assert rows[0]["score_shift"] == pytest.approx(1.5) and "raised_share" in columns
     # The headline benchmark of a judge stays a labelled one, never the injection run.
     assert "overall" not in S.metrics_json([result])["trained"]
+
+
+def test_metrics_of_a_big_benchmark_read_the_same_sample_of_records_for_every_judge(tmp_path):
+    from themis_ray.executor.sink import StageSink
+    from themis_ray.stages.evaluate import _graded, in_sample
+    from themis_ray.store import StageStore
+
+    store = StageStore(str(tmp_path), "evaluate")
+    store.begin({"t": 1})
+    schema = pa.schema([("id", pa.string()), ("judge_score", pa.float64()), ("judge_output", pa.string()),
+                        (REJECT, pa.string())])
+    for judge in ("a", "b"):
+        for part in range(4):  # each judge's grades in parts, in another order per judge
+            ids = [f"r{i}" for i in range(part, 4000, 4)][:: 1 if judge == "a" else -1]
+            table = pa.table({"id": ids, "judge_score": [1.0] * len(ids), "judge_output": ["long text"] * len(ids),
+                              REJECT: pa.nulls(len(ids), pa.string())}, schema=schema)
+            StageSink(store.uri, schema, partition={"benchmark": "v", "judge": judge}).write([table], None)
+    whole = {j: _graded(store, {"benchmark": "v", "judge": j}, schema) for j in ("a", "b")}
+    assert len(whole["a"]) == len(whole["b"]) == 4000 and "judge_output" not in whole["a"]  # no texts
+    sample = {j: _graded(store, {"benchmark": "v", "judge": j}, schema, share=0.25) for j in ("a", "b")}
+    assert set(sample["a"]["id"]) == set(sample["b"]["id"])  # the same records for both judges
+    assert 850 < len(sample["a"]) < 1150  # about a quarter
+    assert all(in_sample(i, 0.25) for i in sample["a"]["id"]) and not in_sample("r1", 0.0) and in_sample("r1", 1.0)

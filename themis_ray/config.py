@@ -460,6 +460,10 @@ class EvaluateConfig:
     bootstrap: int = 1000  # resamples for the confidence intervals of the headline numbers (0: none)
     confidence: float = 0.95
     seed: int = 0
+    # The metrics hold one benchmark's graded score columns in the driver: above this many records, a
+    # sample of about this many (the same records for every judge, chosen by a digest of the id) feeds
+    # them, stated in the manifest (`metrics_sampled`). The field's benchmarks are always used whole.
+    metric_rows: int = 500_000
 
 
 @dataclass

@@ -20,6 +20,7 @@ one printed table per benchmark with one row per judge.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -54,7 +55,7 @@ def run(ctx: StageContext) -> StageResult:
         for path in store.written_files(partition=_rejects_partition(bench)):
             store.fs.delete_file(path)
 
-    results = []
+    results, sampled = [], {}
     for bench in benchmarks:
         bench.num_records = bench.records.count()
         for judge in judges:
@@ -62,7 +63,13 @@ def run(ctx: StageContext) -> StageResult:
             if not (ctx.resume and store.rows_written(graded_partition(bench, judge)) >= bench.num_records):
                 grade(bench, judge, c, store, resume=ctx.resume)
         schema = graded_schema(bench.schema, bench.pairwise)
-        graded = {judge.name: _graded(store, graded_partition(bench, judge), schema) for judge in judges}
+        share = 1.0 if bench.kind == "field" else min(1.0, c.metric_rows / max(bench.num_records, 1))
+        graded = {judge.name: _graded(store, graded_partition(bench, judge), schema, share) for judge in judges}
+        if share < 1.0:
+            sampled[bench.name] = {"records": bench.num_records,
+                                   "sampled": len(next(iter(graded.values()))) if graded else 0}
+            print(f"evaluate: {bench.name}: metrics on a sample of {sampled[bench.name]['sampled']} of its "
+                  f"{bench.num_records} records (evaluate.metric_rows={c.metric_rows})")
         result = BenchmarkResult(bench, graded, judge_labels={j.name: j.label for j in judges})
         result.summaries = summarize(bench, graded, n_boot=c.bootstrap, confidence=c.confidence, seed=c.seed)
         results.append(result)
@@ -97,6 +104,7 @@ def run(ctx: StageContext) -> StageResult:
         "judges": {j.name: j.label for j in judges},
         "benchmarks": {r.benchmark.name: r.benchmark.source for r in results},
         "metrics_benchmark": primary,
+        **({"metrics_sampled": sampled} if sampled else {}),
         "metrics": {j: m["overall"] for j, m in metrics.items() if "overall" in m},
         **({"injection_shift": {j: s["overall"]["score_shift"] for j, s in injection.summaries.items()}}
            if injection else {}),
@@ -108,13 +116,26 @@ def _rejects_partition(bench) -> dict:
     return {"benchmark": bench.name}
 
 
-def _graded(store: StageStore, partition: dict, schema):
-    """One judge's graded rows of one benchmark, without their texts, as a pandas frame."""
+def _graded(store: StageStore, partition: dict, schema, share: float = 1.0):
+    """One judge's graded rows of one benchmark, without their texts, as a pandas frame; with `share`
+    below 1, only the rows whose id digest falls in that share (the same rows for every judge), each
+    part filtered as it is read."""
     import pyarrow as pa
 
     from themis_ray.schema import REJECT
 
     columns = [n for n in schema.names if n not in TEXT_COLUMNS and n != REJECT]
     files = store.written_files(rejects=False, partition=partition)
-    tables = [pq.read_table(f, filesystem=store.fs, columns=columns) for f in files]
+    tables = []
+    for f in files:
+        table = pq.read_table(f, filesystem=store.fs, columns=columns)
+        tables.append(table if share >= 1.0 else table.filter(pa.array([in_sample(i, share) for i in
+                                                                         table["id"].to_pylist()])))
     return (pa.concat_tables(tables) if tables else pa.schema([schema.field(n) for n in columns]).empty_table()).to_pandas()
+
+
+def in_sample(record_id, share: float) -> bool:
+    """Whether a record is in the metrics' sample: its id's digest, read as a number in [0, 1), below
+    `share` (the same records for every judge and every run)."""
+    digest = hashlib.blake2b(str(record_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2**64
