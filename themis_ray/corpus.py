@@ -4,12 +4,19 @@ Hugging Face dataset saved on local disk (`save_to_disk`); nothing is ever downl
 Each document is cut into chunks on paragraph boundaries, to a budget of `chunk_chars` characters or,
 with `chunk_tokens`, of tokens of the synthesizing model's tokenizer. Documents that cannot be
 questioned (empty, binary, not UTF-8, oversized) come back as rejects with the reason.
+
+The driver only lists the sources' units (`document_units`: a file, a saved dataset, a topic of
+Python's docs); `unit_chunks` reads one unit and chunks it, on a Ray worker in the synthesize stage
+(one task per unit) or in this process (`load_chunks`). A chunk's `rank`, a digest of the seed and its
+id, is the seeded order in which chunks are chosen (`corpus.max_docs` of them, lowest rank first), so
+the choice needs no global shuffle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -85,19 +92,39 @@ def _folder_documents(folder: Path, text_field: str = "text") -> Iterator[tuple[
                 yield f"{path}#{n}", text, None if isinstance(text, str) else "text is not a string"
 
 
-def documents(sources: list[str], text_field: str = "text") -> Iterator[tuple[str, str | None, str | None]]:
+def document_units(sources: list[str]) -> list[dict]:
+    """The units a corpus is read in: one per file of a folder, per saved dataset, per topic of
+    Python's docs. File names only: the driver never reads a document."""
+    units = []
     for source in sources:
         if source == "python-docs":
-            for topic, text in python_docs().items():
-                yield f"python-docs:{topic}", text, None
+            units.extend({"kind": "python-docs", "path": topic} for topic in python_docs())
             continue
         path = Path(source).expanduser()
         if path.is_dir() and _is_saved_dataset(path):
-            yield from _dataset_documents(path, text_field)
+            units.append({"kind": "dataset", "path": str(path)})
+        elif path.is_dir():
+            units.extend({"kind": "file", "path": str(p)} for p in sorted(path.rglob("*")) if p.is_file())
         elif path.exists():
-            yield from _folder_documents(path, text_field)
+            units.append({"kind": "file", "path": str(path)})
         else:
             raise FileNotFoundError(f"corpus.sources: {source!r} is neither 'python-docs' nor a folder or file")
+    return units
+
+
+def unit_documents(unit: dict, text_field: str = "text") -> Iterator[tuple[str, str | None, str | None]]:
+    """(source name, text or None, reason when None) of one unit."""
+    if unit["kind"] == "python-docs":
+        yield f"python-docs:{unit['path']}", python_docs()[unit["path"]], None
+    elif unit["kind"] == "dataset":
+        yield from _dataset_documents(Path(unit["path"]), text_field)
+    else:
+        yield from _folder_documents(Path(unit["path"]), text_field)
+
+
+def documents(sources: list[str], text_field: str = "text") -> Iterator[tuple[str, str | None, str | None]]:
+    for unit in document_units(sources):
+        yield from unit_documents(unit, text_field)
 
 
 def _longest_prefix(text: str, budget: int, length: Callable[[str], int]) -> int:
@@ -131,6 +158,7 @@ def chunk_text(text: str, budget: int, length: Callable[[str], int] = len) -> li
     return chunks
 
 
+@lru_cache(maxsize=4)  # once per worker process, not per unit
 def token_length(model: str) -> Callable[[str], int]:
     """Token count under a model's tokenizer (a local folder or the embedded default's name)."""
     from transformers import AutoTokenizer
@@ -141,25 +169,42 @@ def token_length(model: str) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def load_chunks(cfg) -> tuple[list[dict], list[dict]]:
-    """(chunks, rejects), at most `cfg.max_docs` chunks, chosen by seed from all that qualify."""
-    chunks, rejects = [], []
+def chunk_rank(seed: int, doc_id: str) -> str:
+    """A chunk's place in the seeded choice (lowest first): a digest, so no global shuffle is needed."""
+    return hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:16]
+
+
+def unit_chunks(unit: dict, cfg) -> list[dict]:
+    """One unit read and chunked: chunk rows (`doc_id`, `source`, `text`, `rank`, `reason` None) and
+    document rejects (`reason` set, `source` the document)."""
     max_chars = getattr(cfg, "max_doc_chars", None)
     chunk_tokens = getattr(cfg, "chunk_tokens", None)
     length = token_length(cfg.tokenizer) if chunk_tokens else len
     budget = chunk_tokens or cfg.chunk_chars
-    for source, text, reason in documents(list(cfg.sources), getattr(cfg, "text_field", "text")):
+    rows = []
+    for source, text, reason in unit_documents(unit, getattr(cfg, "text_field", "text")):
         if text is not None and not text.strip():
             reason = "empty document"
         elif text is not None and max_chars and len(text) > max_chars:
             reason = f"oversized document ({len(text)} characters > corpus.max_doc_chars={max_chars})"
         if reason is not None or text is None:
-            rejects.append({"id": stable_id(source), "doc_id": stable_id(source), "raw": source, "reason": reason})
+            rows.append({"doc_id": stable_id(source), "source": source, "text": None, "rank": None,
+                         "reason": reason})
             continue
         for k, chunk in enumerate(chunk_text(text, budget, length)):
-            doc_id = stable_id(source, k, chunk)
             if len(chunk.strip()) < cfg.min_chars:
                 continue  # a heading or a stub: not a reference worth questioning
-            chunks.append({"doc_id": doc_id, "source": f"{source}#{k}", "text": chunk})
-    random.Random(cfg.seed).shuffle(chunks)
-    return chunks[: cfg.max_docs], rejects
+            doc_id = stable_id(source, k, chunk)
+            rows.append({"doc_id": doc_id, "source": f"{source}#{k}", "text": chunk,
+                         "rank": chunk_rank(cfg.seed, doc_id), "reason": None})
+    return rows
+
+
+def load_chunks(cfg) -> tuple[list[dict], list[dict]]:
+    """(chunks, rejects) in this process: at most `cfg.max_docs` chunks, lowest rank first (the choice
+    the synthesize stage makes on its workers), and the documents rejected with their reason."""
+    rows = [row for unit in document_units(list(cfg.sources)) for row in unit_chunks(unit, cfg)]
+    chunks = sorted((r for r in rows if r["reason"] is None), key=lambda r: r["rank"])[: cfg.max_docs]
+    rejects = [{"id": r["doc_id"], "doc_id": r["doc_id"], "raw": r["source"], "reason": r["reason"]}
+               for r in rows if r["reason"] is not None]
+    return chunks, rejects

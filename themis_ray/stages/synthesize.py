@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import yaml
+from omegaconf import OmegaConf
 
 from themis_ray import fs, prompts
-from themis_ray.corpus import load_chunks
+from themis_ray.corpus import document_units, load_chunks, unit_chunks
 from themis_ray.dedup import bucket_duplicates, bucket_keys, diversity_by, strongest
 from themis_ray.engines import build_engine, engine_label
 from themis_ray.engines.cache import cache_folder, with_cache
@@ -78,54 +79,124 @@ def parse_answer(text: str) -> str:
     return _ANSWER_LABEL.sub("", text.strip(), count=1).strip()
 
 
-def build_tasks(cfg, scenarios_dir=None) -> tuple[list[dict], list[dict]]:
-    """Synthesis prompts (questioning per chunk x scenario, plus quizzes) and corpus rejects."""
-    s = cfg.synthesize
-    rng = random.Random(s.seed)
-    chunks, corpus_rejects = load_chunks(cfg.corpus)
+TASK_SCHEMA = pa.schema([("task_id", pa.string()), ("doc_id", pa.string()), ("scenario", pa.string()),
+                         ("method", pa.string()), ("prompt", pa.string()), ("difficulty", pa.string()),
+                         ("audience", pa.string()), (REJECT, pa.string())])
+CHUNK_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()),
+                          ("rank", pa.string()), (REJECT, pa.string())])
+
+
+def scenario_order(s) -> list[str]:
+    """The questioning scenarios in the seeded order chunks go round."""
+    return random.Random(s.seed).sample(list(s.questioning_scenarios), len(s.questioning_scenarios))
+
+
+def questioning_tasks(chunk: dict, position: int, s, scenarios_dir=None) -> list[dict]:
+    """The questioning prompts of the chunk at `position` of the chosen ones: its `scenarios_per_doc`
+    scenarios, going round the seeded order chunk after chunk, so a few chunks already cover them all."""
+    order = scenario_order(s)
+    per_doc = min(s.scenarios_per_doc, len(order))
     examples = _data("seed_examples.yaml")
     tasks = []
-    # Scenarios go round a seeded order, chunk after chunk, so a few chunks already cover them all.
-    order = rng.sample(list(s.questioning_scenarios), len(s.questioning_scenarios))
-    per_doc = min(s.scenarios_per_doc, len(order))
-    for c, chunk in enumerate(chunks):
-        for name in (order[(c * per_doc + j) % len(order)] for j in range(per_doc)):
-            scenario = get_scenario(name, scenarios_dir)
-            prompt = prompts.render(
-                "questioning",
-                scenario=scenario,
-                reference=chunk["text"],
-                n=s.instructions_per_prompt,
-                examples=examples.get(name, []),
-            )
-            tasks.append({"task_id": stable_id(chunk["doc_id"], name, prompt), "doc_id": chunk["doc_id"],
-                          "scenario": name, "method": "questioning", "prompt": prompt,
-                          "difficulty": None, "audience": None})
+    for name in (order[(position * per_doc + j) % len(order)] for j in range(per_doc)):
+        prompt = prompts.render("questioning", scenario=get_scenario(name, scenarios_dir), reference=chunk["text"],
+                                n=s.instructions_per_prompt, examples=examples.get(name, []))
+        tasks.append({"task_id": stable_id(chunk["doc_id"], name, prompt), "doc_id": chunk["doc_id"],
+                      "scenario": name, "method": "questioning", "prompt": prompt,
+                      "difficulty": None, "audience": None})
+    return tasks
+
+
+def quiz_tasks(s, passages: list[dict]) -> list[dict]:
+    """`synthesize.quizzes` quizzing prompts (a config-sized list); reading comprehension quizzes on
+    `passages`, the first chosen chunks."""
+    rng = random.Random(s.seed)
+    rng.sample(list(s.questioning_scenarios), len(s.questioning_scenarios))  # the draw scenario_order made
     grid = _data("quiz_grid.yaml")
+    tasks = []
     for k in range(s.quizzes):
         name = s.quizzing_scenarios[k % len(s.quizzing_scenarios)]
         spec = grid["scenarios"][name]
         subject = rng.choice(sorted(spec["subjects"]))
-        passage = chunks[k % len(chunks)] if (name == "reading_comprehension" and chunks) else None
+        passage = passages[k % len(passages)] if (name == "reading_comprehension" and passages) else None
         difficulty, audience = rng.choice(grid["difficulty"]), rng.choice(grid["audience"])
-        prompt = prompts.render(
-            "quizzing",
-            difficulty=difficulty,
-            audience=audience,
-            subject=subject,
-            topic=rng.choice(spec["subjects"][subject]),
-            task=rng.choice(spec["task"]),
-            passage=passage["text"] if passage else None,
-        )
-        doc_id = passage["doc_id"] if passage else None
-        tasks.append({"task_id": stable_id("quiz", k, prompt), "doc_id": doc_id, "scenario": name,
-                      "method": "quizzing", "prompt": prompt, "difficulty": difficulty, "audience": audience})
-    rejects = [
-        {"id": r["id"], "task_id": r["id"], "doc_id": r["doc_id"], "method": "corpus", "raw": r["raw"],
-         **rejected("corpus", r["reason"])}
-        for r in corpus_rejects
-    ]
-    return tasks, rejects
+        prompt = prompts.render("quizzing", difficulty=difficulty, audience=audience, subject=subject,
+                                topic=rng.choice(spec["subjects"][subject]), task=rng.choice(spec["task"]),
+                                passage=passage["text"] if passage else None)
+        tasks.append({"task_id": stable_id("quiz", k, prompt), "doc_id": passage["doc_id"] if passage else None,
+                      "scenario": name, "method": "quizzing", "prompt": prompt, "difficulty": difficulty,
+                      "audience": audience})
+    return tasks
+
+
+def corpus_reject(row: dict) -> dict:
+    return {"id": row["doc_id"], "task_id": row["doc_id"], "doc_id": row["doc_id"], "method": "corpus",
+            "raw": row["raw"], **rejected("corpus", row["reason"])}
+
+
+def build_tasks(cfg, scenarios_dir=None) -> tuple[list[dict], list[dict]]:
+    """Synthesis prompts and corpus rejects in this process (a small corpus; the stage plans them on
+    its workers with `plan_tasks`, the same prompts)."""
+    s = cfg.synthesize
+    chunks, corpus_rejects = load_chunks(cfg.corpus)
+    tasks = [t for c, chunk in enumerate(chunks) for t in questioning_tasks(chunk, c, s, scenarios_dir)]
+    return tasks + quiz_tasks(s, chunks[: s.quizzes]), [corpus_reject(r) for r in corpus_rejects]
+
+
+def _chunk_unit(unit: dict, corpus) -> list[dict]:
+    rows = unit_chunks(unit, corpus)
+    return [{**r, REJECT: r.pop("reason")} for r in rows]
+
+
+def _corpus_rejects(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    rows = [corpus_reject({"doc_id": r["doc_id"], "raw": r["source"], "reason": r[REJECT]}) for r in batch.to_pylist()]
+    return to_table(rows, schema, "synthesize")
+
+
+def _questioning(batch: pa.Table, s, scenarios_dir) -> pa.Table:
+    rows = [t for chunk in batch.to_pylist() for t in questioning_tasks(chunk, chunk["position"], s, scenarios_dir)]
+    return to_table(rows, TASK_SCHEMA, "synthesize")
+
+
+def _planning_key(s) -> dict:
+    keys = ("seed", "questioning_scenarios", "quizzing_scenarios", "scenarios_per_doc", "instructions_per_prompt",
+            "quizzes")
+    return {k: OmegaConf.to_container(s[k]) if OmegaConf.is_config(s[k]) else s[k] for k in keys}
+
+
+def plan_tasks(cfg, store: StageStore, resume: bool) -> tuple[StageStore, StageStore]:
+    """The corpus read and chunked by Ray tasks (one per file, saved dataset or docs topic) into the
+    `_work/chunks` checkpoint (document rejects as its rejects); the `corpus.max_docs` chunks of lowest
+    rank chosen by a distributed sort, numbered by a zip with a range (the scenario rotation needs each
+    chunk's place), and turned into prompts on the workers, into `_work/tasks`. The driver lists file
+    names and builds the config-sized quizzes. Returns the two checkpoints' stores."""
+    s, corpus = cfg.synthesize, cfg.corpus
+    plain = OmegaConf.to_object(corpus) if OmegaConf.is_config(corpus) else corpus
+    # Neither fill resumes half-way (a unit's rows come from one task, cheap to make again).
+    with store.checkpoint("chunks", {"corpus": OmegaConf.to_container(corpus)}, resume, resumable=False) as reading:
+        if not reading.done:
+            units = document_units(list(corpus.sources))
+            if units:
+                chunked = ray.data.from_items(units).flat_map(_chunk_unit, fn_args=(plain,), num_cpus=LIGHT_CPUS)
+                write(chunked, reading.store, CHUNK_SCHEMA)
+    chunks = reading.store
+    with store.checkpoint("tasks", {"chunks": chunks.manifest()["digest"], "synthesize": _planning_key(s)},
+                          resume, resumable=False) as planning:
+        if not planning.done:
+            kept = chunks.num_rows()
+            chosen = min(kept, int(corpus.max_docs))
+            quizzes = []
+            if chosen:
+                picked = chunks.dataset(columns=["doc_id", "text", "rank"]).sort("rank").limit(chosen).materialize()
+                numbered = picked.zip(ray.data.range(chosen).rename_columns({"id": "position"}))
+                write(map_tasks(numbered, _questioning, s=s, scenarios_dir=cfg.scenarios_dir), planning.store,
+                      TASK_SCHEMA)
+                quizzes = quiz_tasks(s, picked.take(min(chosen, s.quizzes)))
+            else:
+                quizzes = quiz_tasks(s, [])
+            if quizzes:
+                write(ray.data.from_arrow(to_table(quizzes, TASK_SCHEMA, "synthesize")), planning.store, TASK_SCHEMA)
+    return chunks, planning.store
 
 
 class Synthesizer(RowProcessor):
@@ -254,10 +325,11 @@ def _in_sample(batch: pa.Table, fraction: float) -> pa.Table:
 def run(ctx: StageContext) -> StageResult:
     cfg, s = ctx.cfg, ctx.cfg.synthesize
     store = ctx.store
-    tasks, corpus_rejects = build_tasks(cfg, cfg.scenarios_dir)
     schema = output_schema("synthesize")
+    chunks, planned = plan_tasks(cfg, store, ctx.resume)
+    tasks, corpus_rejects = planned.num_rows(), chunks.manifest()["rows_rejected"]
     # 1. Generation, into _work/generated: a resumed run keeps the tasks already answered.
-    with store.checkpoint("generated", {"generated": len(tasks)}, ctx.resume) as generation:
+    with store.checkpoint("generated", {"tasks": planned.manifest()["digest"]}, ctx.resume) as generation:
         generated = generation.store
         if not generation.done:
             if tasks:
@@ -266,13 +338,12 @@ def run(ctx: StageContext) -> StageResult:
                             engine=StepEngine(engine, "synthesize.engine"),
                             args={"engine_cfg": engine, "sampling": s.sampling,
                                   "max_instruction_chars": s.max_instruction_chars})
-                run_rows(ray.data.from_arrow(pa.Table.from_pylist(tasks)), step, generated, schema,
-                         resume=generation.resume, total=len(tasks))
-            generation.rows_in, generation.units_ok = len(tasks), generated.tally().stats.get("tasks_ok", 0)
+                run_rows(planned.dataset(), step, generated, schema, resume=generation.resume, total=tasks)
+            generation.rows_in, generation.units_ok = tasks, generated.tally().stats.get("tasks_ok", 0)
     # 2. The stage's parts: instructions less their duplicates, the generation's and the corpus' rejects.
     store.clear_parts()  # what a crashed run of this step had written is written again
     if corpus_rejects:
-        write(ray.data.from_arrow(to_table(corpus_rejects, schema, "synthesize")), store, schema)
+        write(map_tasks(chunks.dataset(rejects=True), _corpus_rejects, schema=schema), store, schema)
     if generated.reject_files():
         write(generated.dataset(rejects=True), store, schema)
     duplicates = None
@@ -288,7 +359,7 @@ def run(ctx: StageContext) -> StageResult:
     found = written.stats.get("duplicates", 0)
     by = written.stats.get("by_scenario_method", {})
     return StageResult(
-        rows_in=len(tasks) + len(corpus_rejects) + found,
+        rows_in=tasks + corpus_rejects + found,
         # A task counts once it yielded an instruction; each duplicate found after that is one more unit
         # (a dedup decision), rejected, so rows in = units out + rows rejected still holds.
         units_ok=generated.manifest()["units_ok"],
