@@ -20,13 +20,11 @@ import pyarrow as pa
 
 from themis_ray.engines import Completion, gpus_per_engine, plain_conversation
 from themis_ray.engines.vllm_engine import plain, sampling_params
+from themis_ray.executor.plan import LIGHT_CPUS  # the templating, tokenizing and pre/postprocess steps
 from themis_ray.schema import to_table
 
 ROW = "_themis_row"  # the input row, pickled: ray.data.llm adds and overwrites columns of its own
 ERROR = "__inference_error__"  # ray.data.llm's per-row error column (should_continue_on_error)
-# The light CPU steps (templating, tokenizing, pre/postprocess) take a sliver of a CPU each so they never
-# hold the CPUs the engine actors and reads need.
-LIGHT_CPUS = 0.25
 
 
 def processor_config(engine_cfg, pool):
