@@ -121,7 +121,8 @@ def map_processor(ds, step: Step, schema: pa.Schema, sink: Optional[StageSink] =
     )
 
 
-COUNTS = pa.schema([("rows", pa.int64()), ("rejected", pa.int64())])
+# Per written batch: rows out, rows rejected, and the input rows they came from (the progress bar's unit).
+COUNTS = pa.schema([("rows", pa.int64()), ("rejected", pa.int64()), ("inputs", pa.int64())])
 
 
 class ProcessorActor:
@@ -138,12 +139,15 @@ class ProcessorActor:
             return out
         # Named by its input rows' keys: a batch Ray runs again after an actor died replaces its parts.
         name = part_name(batch[self.key], self.sink.partition) if self.key in batch.column_names else None
-        return _write_batch(out, self.sink, name)
+        return _write_batch(out, self.sink, name, inputs=batch.num_rows)
 
 
-def _write_batch(batch: pa.Table, sink: StageSink, name: Optional[str] = None) -> pa.Table:
+def _write_batch(batch: pa.Table, sink: StageSink, name: Optional[str] = None,
+                 inputs: Optional[int] = None) -> pa.Table:
+    """Write one output batch; `inputs`: the input rows it answers (None: one per output row)."""
     counts = sink.write([batch], None, name)
-    return pa.table({"rows": [counts["rows"]], "rejected": [counts["rejected"]]}, schema=COUNTS)
+    inputs = counts["rows"] + counts["rejected"] if inputs is None else inputs
+    return pa.table({"rows": [counts["rows"]], "rejected": [counts["rejected"]], "inputs": [inputs]}, schema=COUNTS)
 
 
 def map_tasks(ds, fn: Callable[[pa.Table], pa.Table], **fn_kwargs):
@@ -255,7 +259,7 @@ def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume
         for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
             done, failed = pc.sum(batch["rows"]).as_py() or 0, pc.sum(batch["rejected"]).as_py() or 0
             written, rejected = written + done, rejected + failed
-            bar.update(done + failed)
+            bar.update(pc.sum(batch["inputs"]).as_py() or 0)  # input rows, as `total` counts them
     if (total is not None and step.processor.one_row_per_input and "id" in schema.names
             and store.rows_written(step.partition or {}) > total):
         drop_duplicates(store, step.partition, step.stats)
