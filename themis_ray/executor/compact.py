@@ -27,7 +27,7 @@ import ray
 
 from themis_ray import fs
 from themis_ray.executor.plan import LIGHT_CPUS
-from themis_ray.store import COMPACTED_KEY, PARTITION_KEY, STATS_KEY, StageStore, merge_stats
+from themis_ray.store import COMPACTED_KEY, PARTITION_KEY, REJECTS, STATS_KEY, StageStore, merge_stats
 
 
 @dataclass
@@ -63,11 +63,11 @@ def compact(store: StageStore, target_bytes: int) -> Optional[tuple[int, int]]:
     if len(files) < 2:
         return None
     sizes = {info.path: info.size for info in store.fs.get_file_info(files)}
-    rejects = set(store.reject_files_written())
     parts = []
     for path, meta in zip(files, store.footers(files)):
         partition = (meta.metadata or {}).get(PARTITION_KEY, b"").decode()
-        parts.append(Part(path, sizes[path], (path in rejects, partition)))
+        rejected = posixpath.basename(posixpath.dirname(path)) == REJECTS  # rejects lie in `_rejects/`
+        parts.append(Part(path, sizes[path], (rejected, partition)))
     groups = plan_groups(parts, target_bytes)
     if not groups:
         return None

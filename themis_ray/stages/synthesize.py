@@ -185,15 +185,14 @@ def plan_tasks(cfg, store: StageStore, resume: bool) -> tuple[StageStore, StageS
         if not planning.done:
             kept = chunks.num_rows()
             chosen = min(kept, int(corpus.max_docs))
-            quizzes = []
+            passages = []
             if chosen:
                 picked = chunks.dataset(columns=["doc_id", "text", "rank"]).sort("rank").limit(chosen).materialize()
                 numbered = picked.zip(ray.data.range(chosen).rename_columns({"id": "position"}))
                 write(map_tasks(numbered, _questioning, s=s, scenarios_dir=cfg.scenarios_dir), planning.store,
                       TASK_SCHEMA)
-                quizzes = quiz_tasks(s, picked.take(min(chosen, s.quizzes)))
-            else:
-                quizzes = quiz_tasks(s, [])
+                passages = picked.take(min(chosen, s.quizzes))
+            quizzes = quiz_tasks(s, passages)
             if quizzes:
                 write(ray.data.from_arrow(to_table(quizzes, TASK_SCHEMA, "synthesize")), planning.store, TASK_SCHEMA)
     return chunks, planning.store
