@@ -17,7 +17,10 @@ records: `overlap_with_training` counts the held-out records that do, and must b
 Figures per judge: `pairwise_agreement` (combined verdict, a flip counted as a tie, equal to the
 teacher's), `position_consistency` (share of held-out pairs whose verdict survives the swap), `mae`
 (pointwise; an unparsable answer counts as the midpoint 3), `score_entropy` (bits, over parsed
-pointwise scores: 0 is a judge that gives one score to everything). `delta`: DPO minus SFT, the mean
+pointwise scores: 0 is a judge that gives one score to everything), `parse_rate` (share of pointwise answers
+that carry a score) and `pairwise_parse_rate` (share of pairwise answers, each order counted, that carry a
+verdict), and `verdict_shares` (how often each combined verdict was given: a judge that answers one verdict
+to everything shows it here). `delta`: DPO minus SFT, the mean
 and a 95% interval from a paired bootstrap over held-out records.
 
     python benchmarks/preference_check.py --train 48 --train-pairs 24 --heldout 16 --heldout-pairs 16 \\
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 import platform
 import random
 import sys
@@ -44,7 +48,7 @@ from _endpoint import emit  # noqa: E402
 from themis_ray import judging  # noqa: E402
 from themis_ray.config import EngineConfig, SamplingConfig  # noqa: E402
 
-METRICS = ("pairwise_agreement", "position_consistency", "mae", "score_entropy")
+METRICS = ("pairwise_agreement", "position_consistency", "mae", "score_entropy", "parse_rate", "pairwise_parse_rate")
 
 
 def make_pairs(n: int, split: str, seed: int) -> list[dict]:
@@ -119,7 +123,8 @@ def judge(model_dir: str, heldout: list[dict], pairs: list[dict], max_tokens: in
     scores = [judging.parse_evaluation(c.text).score if not c.error else None for c in points]
     verdicts = [judging.parse_evaluation(c.text, "pairwise").verdict if not c.error else None for c in orders]
     combined = [judging.combine_pairwise(verdicts[2 * k], verdicts[2 * k + 1]) for k in range(len(pairs))]
-    return {"scores": scores, "verdicts": [v for v, _ in combined], "consistent": [ok for _, ok in combined]}
+    return {"scores": scores, "order_verdicts": verdicts, "verdicts": [v for v, _ in combined],
+            "consistent": [ok for _, ok in combined]}
 
 
 def grade(out: dict, heldout: list[dict], pairs: list[dict], points: np.ndarray, duels: np.ndarray) -> dict:
@@ -132,9 +137,18 @@ def grade(out: dict, heldout: list[dict], pairs: list[dict], points: np.ndarray,
     entropy = score_spread([s for s in scores if s is not None])["score_entropy"] if len(gold) else None
     agree = [out["verdicts"][k] == pairs[k]["verdict"] for k in duels]
     consistent = [out["consistent"][k] for k in duels]
+    parsed_orders = [out["order_verdicts"][2 * k + o] is not None for k in duels for o in (0, 1)]
     return {"pairwise_agreement": float(np.mean(agree)) if agree else None,
             "position_consistency": float(np.mean(consistent)) if consistent else None,
-            "mae": mae, "score_entropy": None if entropy is None or entropy != entropy else entropy}
+            "mae": mae, "score_entropy": None if entropy is None or entropy != entropy else entropy,
+            "parse_rate": float(np.mean([s is not None for s in scores])) if len(scores) else None,
+            "pairwise_parse_rate": float(np.mean(parsed_orders)) if parsed_orders else None}
+
+
+def verdict_shares(verdicts: list) -> dict:
+    """Share of each combined verdict (None: unparsed), so a judge answering one verdict everywhere shows."""
+    counts = Counter("unparsed" if v is None else v for v in verdicts)
+    return {v: round(n / len(verdicts), 3) for v, n in sorted(counts.items())} if verdicts else {}
 
 
 def bootstrap_delta(sft: dict, dpo: dict, heldout: list[dict], pairs: list[dict], samples: int, seed: int) -> dict:
@@ -219,6 +233,7 @@ def run_check(args, work: Path) -> dict:
     points, duels = np.arange(len(heldout)), np.arange(len(heldout_pairs))
     for name, out in outputs.items():
         result[name] = grade(out, heldout, heldout_pairs, points, duels)
+        result[name]["verdict_shares"] = verdict_shares(out["verdicts"])
     if "dpo" in outputs:
         result["delta"] = bootstrap_delta(outputs["sft"], outputs["dpo"], heldout, heldout_pairs, args.bootstrap,
                                           args.seed)
