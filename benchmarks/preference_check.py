@@ -4,7 +4,8 @@ response templates and teacher rule, reused from there), plus pairwise records: 
 instruction, the teacher preferring the higher-scored one.
 
 1. SFT: the train recipe fine-tunes the embedded SmolLM2-135M-Instruct on the training records
-   (pointwise, and pairwise in both orders, as curate's swap does).
+   (pointwise, and pairwise in both orders, as curate's swap does; `--no-sft-pairwise` trains on the
+   pointwise records only, leaving the pairs to DPO).
 2. Prefer: the prefer stage itself, on a run folder whose curate output holds those training records:
    the SFT judge re-judges them (pairwise in both orders), its mistakes become pairs, the reference
    log-probabilities are scored and DPO runs in the ZeRO-3 loop.
@@ -94,8 +95,10 @@ def curated_rows(train: list[dict], pairs: list[dict]) -> list[dict]:
     return rows
 
 
-def sft_records(train: list[dict], pairs: list[dict]) -> list[dict]:
-    """What SFT trains on: pointwise records, and each pair in both orders."""
+def sft_records(train: list[dict], pairs: list[dict], pairwise: bool = True) -> list[dict]:
+    """What SFT trains on: pointwise records, and (unless `pairwise` is off) each pair in both orders."""
+    if not pairwise:
+        pairs = []
     return ([{"id": r["id"], "prompt": r["prompt"], "evaluation": r["evaluation"]} for r in train]
             + [{"id": p["id"], "prompt": p["prompt"], "evaluation": p["evaluation"]} for p in pairs]
             + [{"id": p["id"] + "-swapped", "prompt": p["prompt_swapped"], "evaluation": p["evaluation_swapped"]}
@@ -185,6 +188,13 @@ def finished_stage(run_dir: Path, name: str, table) -> None:
     store.commit(StageResult(rows_in=table.num_rows), {"benchmark": name}, 0.0)
 
 
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
 def _diff(a, b):
     return None if a is None or b is None else float(a) - float(b)
 
@@ -207,7 +217,7 @@ def run_check(args, work: Path) -> dict:
 
     cfg = sft_check.check_config(args.epochs, args.learning_rate)
     model_dir = str(prepare_default_model())
-    sft = train_judge(sft_records(train, train_pairs), model_dir, work / "sft" / "judge", cfg)
+    sft = train_judge(sft_records(train, train_pairs, args.sft_pairwise), model_dir, work / "sft" / "judge", cfg)
 
     run_dir = work / "run"
     finished_stage(run_dir, "curate", pa.Table.from_pylist(curated_rows(train, train_pairs)))
@@ -250,6 +260,8 @@ def main() -> None:
     parser.add_argument("--heldout-pairs", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2, help="SFT epochs")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="SFT learning rate")
+    parser.add_argument("--sft-pairwise", action=argparse.BooleanOptionalAction, default=True,
+                        help="SFT on the training pairs too; off, pairwise judging is learnt from DPO on its mistakes")
     parser.add_argument("--dpo-epochs", type=int, default=2)
     parser.add_argument("--dpo-learning-rate", type=float, default=5e-6)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -272,7 +284,7 @@ def main() -> None:
         ray.shutdown()
     emit({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average": os.getloadavg(),
           "command": "python benchmarks/preference_check.py " + " ".join(
-              f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+              _flag(k, v) for k, v in vars(args).items() if k != "out" and v is not None),
           **result, "wall_s": round(time.time() - started, 1)}, args.out)
 
 
