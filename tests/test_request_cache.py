@@ -9,6 +9,7 @@ and grows it back, and the shared budget's reservations keep requests per minute
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 from pathlib import Path
 
@@ -112,25 +113,51 @@ def test_retry_after_is_honoured_on_the_servers_clock():
     assert engine.usage.extra["rate_limited"] == 2
 
 
-def test_slots_halve_once_per_burst_of_429s_and_grow_back():
+def test_slots_halve_once_per_burst_of_429s_tolerate_a_stray_one_and_grow_back():
     async def scenario():
         slots = AdaptiveSlots(8)
         epochs = [await slots.acquire() for _ in range(8)]
         assert slots.in_flight == 8 and slots.limit == 8
-        for epoch in epochs[:4]:  # four 429s of one burst: halved once
+        for epoch in epochs[:4]:  # four 429s of one burst: halved once (at the second, 8 / 4)
             slots.release(epoch, rate_limited=True)
         assert slots.limit == 4
         for epoch in epochs[4:]:  # the rest of the burst answered
             slots.release(epoch)
         assert slots.in_flight == 0
-        late = await slots.acquire()  # a 429 to a request sent under the new limit halves it again
-        slots.release(late, rate_limited=True)
+        for _ in range(2):  # two 429s among requests sent under the new limit halve it again
+            slots.release(await slots.acquire(), rate_limited=True)
         assert slots.limit == 2
-        for _ in range(2 + 3 + 4 + 5 + 6 + 7):  # `limit` answers in a row grow it by one, up to 8
+        for _ in range(2 + 3 + 4 + 5 + 6):  # a window of `limit` answers below the threshold grows it by one
             slots.release(await slots.acquire())
+        assert slots.limit == 7
+        for limited in [True] + [False] * 6:  # one 429 in a window of 7 is below it: grown to 8 still
+            slots.release(await slots.acquire(), rate_limited=limited)
         assert slots.limit == 8
+        for limited in (False, True, False, True):  # two in the next window: halved
+            slots.release(await slots.acquire(), rate_limited=limited)
+        assert slots.limit == 4
 
     asyncio.run(scenario())
+
+
+def test_slots_settle_near_the_endpoint_capacity_under_random_429s_and_back_off_when_over_it():
+    """A simulated endpoint: `capacity` requests at once; above it, the excess gets 429. A 10% share of
+    random 429s besides keeps the limit near the maximum; an endpoint that takes 4 brings it down."""
+    rng = random.Random(0)
+
+    async def run(capacity: int, noise: float) -> list[int]:
+        slots, limits = AdaptiveSlots(16), []
+        for _ in range(400):  # rounds: fill the limit, answer everything sent
+            epochs = [await slots.acquire() for _ in range(slots.limit)]
+            for k, epoch in enumerate(epochs):
+                slots.release(epoch, rate_limited=k >= capacity or rng.random() < noise)
+            limits.append(slots.limit)
+        return limits[100:]
+
+    noisy = asyncio.run(run(capacity=64, noise=0.10))
+    assert sum(noisy) / len(noisy) > 10  # halving on every 429 would hover near 4
+    crowded = asyncio.run(run(capacity=4, noise=0.0))
+    assert max(crowded) <= 6 and sum(crowded) / len(crowded) >= 3
 
 
 def test_budget_reservations_queue_callers_and_a_pause_holds_them_all():

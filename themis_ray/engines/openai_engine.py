@@ -10,8 +10,9 @@ requests never hold the endpoint's capacity. The API key is read from the enviro
 logged or stored.
 
 Manners at scale:
-- the requests in flight adapt to rate limits: a 429 halves the engine's concurrency (once per burst),
-  answers without one grow it back by one at a time up to `max_concurrency` (`AdaptiveSlots`);
+- the requests in flight adapt to rate limits: a window of answers with a quarter of them 429s halves
+  the engine's concurrency (once per burst), a window with fewer grows it back by one up to
+  `max_concurrency` (`AdaptiveSlots`);
 - `requests_per_minute` / `tokens_per_minute` hold across the Ray cluster: every engine of the same
   endpoint and model reserves its budget from one small named actor (`EndpointBudget`), which also
   spreads a 429's Retry-After to every engine, so N actors do not ask N times over. Outside Ray (or
@@ -223,14 +224,19 @@ class OpenAIEngine(Engine):
 
 
 class AdaptiveSlots:
-    """At most `limit` requests in flight, `limit` between 1 and `maximum`: a 429 halves it (once for
-    the requests that were sent under the same limit, so one burst of 429s halves it once), and every
-    `limit` answers in a row without one grow it by one (additive increase, multiplicative decrease).
+    """At most `limit` requests in flight, `limit` between 1 and `maximum` (additive increase,
+    multiplicative decrease). Responses are counted in windows of `limit`: a window in which 429s
+    reach `max(2, limit / 4)` halves the limit, once for the requests sent under it (the rest of that
+    burst was sent under the old limit); a window that ends below that grows it by one. An endpoint over its
+    limit answers most of a window with 429s and is backed off at once, while a 429 now and then (a
+    shared quota's noise) only costs its own Retry-After: halving on every one would hold the requests
+    in flight near sqrt(2 / share) whatever the endpoint could take (about 4 at a 10% share).
     Waiters are served first come, first served, one woken per free slot."""
 
     def __init__(self, maximum: int):
         self.maximum = self.limit = max(1, int(maximum))
-        self.in_flight = self.epoch = self._answers = 0
+        self.in_flight = self.epoch = 0
+        self._window = self._limited = 0  # responses and 429s in the current window
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
 
     async def acquire(self) -> int:
@@ -249,14 +255,15 @@ class AdaptiveSlots:
         return self.epoch
 
     def release(self, epoch: int, rate_limited: bool = False) -> None:
-        if rate_limited:
-            self._answers = 0
-            if epoch == self.epoch:  # the first 429 of a burst; the others were sent under the old limit
+        if epoch == self.epoch:  # responses to requests sent under an older limit are that limit's news
+            self._window += 1
+            self._limited += rate_limited
+            if self._limited >= max(2, self.limit / 4):
                 self.limit, self.epoch = max(1, self.limit // 2), self.epoch + 1
-        else:
-            self._answers += 1
-            if self._answers >= self.limit and self.limit < self.maximum:
-                self.limit, self._answers = self.limit + 1, 0
+                self._window = self._limited = 0
+            elif self._window >= self.limit:
+                self.limit = min(self.maximum, self.limit + 1)
+                self._window = self._limited = 0
         self._release_slot()
 
     def _release_slot(self) -> None:
