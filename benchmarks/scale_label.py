@@ -11,14 +11,15 @@ each, in parts of 1,000 rows) and writing `label`.
    the faster of the two is the peer. Goals: driver peak grows by at
    most 150 MB from 10k to 300k; records/s at 300k at least 0.9x the engine alone. With `--actors N`
    the stage's pool runs N actors and the peer runs in N processes at once (like for like).
-2. faults: 800 records, 0.2 s per answer, at most 16 at once (limit 80/s), with 429 10% (Retry-After),
-   500 5%, hangs 2% (5 s), malformed 200 bodies 2%, score-less answers 5%: labelled share, records/s,
+2. faults: 800 records (`--faults-records`), 0.2 s per answer, at most 16 at once (limit 80/s), with
+   500 5%, malformed 200 bodies 2%, 429 10% (Retry-After), hangs 2% (5 s), score-less answers 5%:
+   labelled share, records/s against the server's arithmetic ceiling under that mix (`fault_ceiling`),
    and answers paid for that the stage did not ask for (server-answered minus the attempts the stage
    recorded for the row; re-asking a score-less answer is the policy, not a duplicate).
 3. latency: 0.05, 0.2 and 1 s per answer, at most 16 at once: stage vs the engine alone vs the
    server's limit (16 / latency).
 
-    python benchmarks/scale_label.py [--sizes 10000,100000,300000] [--actors 1] [--scale-only] [--out benchmarks/results/scale_label.json]
+    python benchmarks/scale_label.py [--sizes 10000,100000,300000] [--actors 1] [--scale-only | --faults-only] [--faults-records 800] [--out benchmarks/results/scale_label.json]
 """
 
 from __future__ import annotations
@@ -92,6 +93,40 @@ def label_run(folder: Path, n: int, endpoint: Endpoint, concurrency: int, batch_
     return out
 
 
+# The peers' fault mix, drawn in the test server's order: 500, malformed body, 429 (Retry-After), hang
+# (then 500), score-less answer; each draw only among the requests the ones before it left.
+FAULTS = {"fail_rate": 0.05, "malformed_rate": 0.02, "rate_limit_rate": 0.10, "hang_rate": 0.02, "garbage_rate": 0.05}
+FAULT_LATENCY_S, FAULT_CAP, HANG_S, RETRY_AFTER_S = 0.2, 16, 5.0, 0.5
+
+
+def fault_ceiling() -> dict:
+    """The most records/s any client gets from the faulty server: it serves `FAULT_CAP` requests at once,
+    each holding its slot for the latency (a hang for `HANG_S` more), and a record needs one answer
+    with a score, so records/s <= (cap / mean slot-seconds per request) x (share of scored answers)."""
+    left, share = 1.0, {}
+    for kind in ("fail_rate", "malformed_rate", "rate_limit_rate", "hang_rate", "garbage_rate"):
+        share[kind], left = left * FAULTS[kind], left * (1 - FAULTS[kind])
+    slot_s = FAULT_LATENCY_S + share["hang_rate"] * HANG_S
+    requests_per_s = FAULT_CAP / slot_s
+    return {"scored_share": round(left, 4), "mean_slot_s": round(slot_s, 4),
+            "server_requests_per_s": round(requests_per_s, 1), "records_per_s": round(requests_per_s * left, 1)}
+
+
+def faults_run(folder: Path, n: int) -> dict:
+    """`n` records through the stage against the faulty server, beside its arithmetic ceiling."""
+    endpoint = Endpoint(folder, latency_s=FAULT_LATENCY_S, cap=FAULT_CAP, retry_after_s=RETRY_AFTER_S, hang_s=HANG_S,
+                        **FAULTS)
+    try:
+        out = label_run(folder, n, endpoint, concurrency=FAULT_CAP)
+    finally:
+        endpoint.close()
+    ceiling = fault_ceiling()
+    out.update(server_limit_records_per_s=FAULT_CAP / FAULT_LATENCY_S, ceiling=ceiling,
+               vs_ceiling=round(out["records_per_s"] / ceiling["records_per_s"], 3),
+               labelled_share=round(out["labelled"] / n, 4))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,300000")
@@ -99,11 +134,17 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=1,
                         help="the stage's pool size in part 1; the peer then runs in as many processes")
     parser.add_argument("--scale-only", action="store_true", help="only part 1 (no faults, no latency sweep)")
+    parser.add_argument("--faults-only", action="store_true", help="only part 2")
+    parser.add_argument("--faults-records", type=int, default=800, help="records in part 2")
     parser.add_argument("--out", default="benchmarks/results/scale_label.json")
     args = parser.parse_args()
     doc: dict = {"command": "python benchmarks/scale_label.py " + " ".join(sys.argv[1:]), "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="scale-label-") as tmp:
         folder = Path(tmp)
+        if args.faults_only:
+            doc["faults"] = faults_run(folder, args.faults_records)
+            write_json(Path(args.out), doc)
+            return
         # 1. scale, fault-free
         endpoint = Endpoint(folder, latency_s=0.02)
         try:
@@ -133,15 +174,8 @@ def main() -> None:
             write_json(Path(args.out), doc)
             return
         # 2. faults
-        endpoint = Endpoint(folder, latency_s=0.2, cap=16, rate_limit_rate=0.10, retry_after_s=0.5, fail_rate=0.05,
-                            hang_rate=0.02, hang_s=5.0, malformed_rate=0.02, garbage_rate=0.05)
-        try:
-            faults = label_run(folder, 800, endpoint, concurrency=16)
-        finally:
-            endpoint.close()
-        faults.update(server_limit_records_per_s=80.0, labelled_share=round(faults["labelled"] / 800, 4))
-        doc["faults"] = faults
-        print(json.dumps({"faults": faults}), flush=True)
+        doc["faults"] = faults_run(folder, args.faults_records)
+        print(json.dumps({"faults": doc["faults"]}), flush=True)
         # 3. latency sweep
         sweep = {}
         for latency in (0.05, 0.2, 1.0):
