@@ -15,9 +15,13 @@ judge's pool (`judge.pool.resources.labeler=1`, one actor per node) runs one act
    twice in output + rejects), `rows_reconcile` (rows in = out + rejected) and `paid_twice` (requests
    the endpoint answered more than once for the same prompt, from its log; at most what was in flight
    on the lost node) are reported.
+3. driver kill (`--driver-kill`, or alone with `--only driver-kill`): `themis-ray judge` in a process of
+   its own on 2 labeler nodes, its driver SIGKILLed at `--kill-at` and the command run again: the same
+   figures, `paid_twice` bounded by the requests in flight when the driver died.
 
     python benchmarks/scale_nodes.py [--rows 20000] [--nodes 1,2,4] [--latency 0.2] [--concurrency 16]
-                                     [--kill-at 0.4] [--out benchmarks/results/scale_nodes.json]
+                                     [--kill-at 0.4] [--driver-kill | --only driver-kill]
+                                     [--out benchmarks/results/scale_nodes.json]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _endpoint import Endpoint, emit, machine
+from _endpoint import THEMIS, Endpoint, emit, machine
 
 from multinode import local_cluster
 from themis_ray.config import load
@@ -44,13 +48,17 @@ def write_input(path: Path, rows: int) -> None:
 
 
 def judge_cfg(data: Path, output: Path, endpoint: Endpoint, actors: int, concurrency: int, batch: int):
-    return load(None, [f"input={data}", f"output={output}", "judge.engine.kind=openai",
+    return load(None, judge_overrides(data, output, endpoint, actors, concurrency, batch))
+
+
+def judge_overrides(data: Path, output: Path, endpoint: Endpoint, actors: int, concurrency: int, batch: int) -> list:
+    return [f"input={data}", f"output={output}", "judge.engine.kind=openai",
                        f"judge.engine.base_url={endpoint.base_url}", "judge.engine.model=teacher",
                        f"judge.engine.max_concurrency={concurrency}", "judge.scenario=open_qa",
                        "judge.columns.instruction=prompt", "judge.columns.response=completion",
                        "judge.pool.num_cpus=0", f"judge.pool.min_size={actors}", f"judge.pool.max_size={actors}",
                        f"judge.pool.batch_size={batch}", "judge.pool.resources.labeler=1",
-                       "judge.sampling.logprobs=0", "judge.sampling.max_tokens=32"])
+                       "judge.sampling.logprobs=0", "judge.sampling.max_tokens=32"]
 
 
 def duplicate_ids(store: StageStore) -> int:
@@ -130,6 +138,46 @@ def run_node_loss(folder: Path, data: Path, rows: int, args) -> dict:
         endpoint.close()
 
 
+def run_driver_kill(folder: Path, data: Path, rows: int, args) -> dict:
+    """`themis-ray judge` as a user runs it, on 2 labeler nodes: its driver process group SIGKILLed once
+    `--kill-at` of the rows are answered, then the same command again. The request cache (in the
+    output's `_cache/`) holds every answer that came back before the kill; what the killed actors had in
+    flight (at most `concurrency` per actor) is all that can be paid twice."""
+    import os
+    import signal
+    import subprocess
+
+    endpoint = Endpoint(folder, args.latency)
+    try:
+        with local_cluster(workers=2) as cluster:
+            output = folder / "judged-driver-kill"
+            command = [THEMIS, "judge", *judge_overrides(data, output, endpoint, 2, args.concurrency, args.batch),
+                       f"ray.address={cluster.cluster.address}"]
+            env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+            start = time.perf_counter()
+            first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+            while sum(endpoint.paid().values()) < args.kill_at * rows and first.poll() is None:
+                time.sleep(0.2)
+            if first.poll() is not None:
+                raise RuntimeError("the first run ended before it could be killed")
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            killed_at = sum(endpoint.paid().values())
+            time.sleep(2)  # answers to requests in flight at the kill still arrive at the server
+            answered_by_kill = sum(endpoint.paid().values())
+            second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=7200)
+            if second.returncode:
+                raise RuntimeError(second.stderr[-3000:])
+            manifest = StageStore.at(str(output)).manifest()
+            return {"nodes": 2, "killed_at_answered": killed_at, "answered_by_restart": answered_by_kill,
+                    "in_flight_bound": 2 * args.concurrency, "resumed": "resuming" in second.stdout,
+                    "kill_to_end_s": round(time.perf_counter() - start, 1),
+                    **reconcile(output, manifest, endpoint)}
+    finally:
+        endpoint.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000)
@@ -139,12 +187,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--kill-at", type=float, default=0.4)
     parser.add_argument("--skip-loss", action="store_true")
+    parser.add_argument("--driver-kill", action="store_true", help="also kill the judge job's driver and rerun it")
+    parser.add_argument("--only", choices=["driver-kill"], help="run this part alone")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="scale-nodes-") as tmp:
         folder = Path(tmp)
         data = folder / "answers.jsonl"
         write_input(data, args.rows)
+        if args.only == "driver-kill":
+            emit({"rows": args.rows, "latency_s": args.latency, "concurrency_per_actor": args.concurrency,
+                  "driver_kill": run_driver_kill(folder, data, args.rows, args), "machine": machine()}, args.out)
+            return
         by_nodes = [run_nodes(folder, data, args.rows, int(n), args) for n in args.nodes.split(",")]
         base = by_nodes[0]["records_per_s"]
         results = {
@@ -154,6 +208,7 @@ def main() -> None:
             "speedup_by_nodes": {str(r["nodes"]): round(r["records_per_s"] / base, 2) for r in by_nodes},
             "runs": by_nodes,
             "node_loss": None if args.skip_loss else run_node_loss(folder, data, args.rows, args),
+            "driver_kill": run_driver_kill(folder, data, args.rows, args) if args.driver_kill else None,
             "machine": machine(),
         }
     emit(results, args.out)
