@@ -214,3 +214,18 @@ def test_synthesis_run_on_local_ray_covers_the_ten_scenarios(tmp_path):
     assert set(diversity) == set(manifest["instructions_by_scenario"]) | {"all"}
     assert diversity["all"]["count"] == kept.num_rows
     assert all(0 < d["distinct_1"] <= 1 for d in diversity.values())
+
+
+
+@pytest.mark.integration
+def test_chunks_are_numbered_in_rank_order_whatever_order_their_blocks_come_in(ray_local):
+    """Ray Data streams blocks as they finish: a sorted dataset's blocks may arrive in any order. Each
+    chunk's place in the scenario rotation is still its rank's."""
+    from themis_ray.stages.synthesize import number_by_rank
+
+    ray = ray_local
+    runs = [[0.7, 0.8, 0.9], [0.1, 0.2], [], [0.4, 0.5, 0.6]]  # sorted runs of ranks, blocks out of order
+    blocks = [pa.table({"doc_id": [f"d{r}" for r in run], "rank": pa.array(run, pa.float64())}) for run in runs]
+    numbered = number_by_rank(ray.data.from_arrow(blocks).materialize()).take_all()
+    assert sorted((r["position"], r["rank"]) for r in numbered) == list(enumerate([0.1, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                                                  0.9]))

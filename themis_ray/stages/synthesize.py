@@ -164,11 +164,44 @@ def _planning_key(s) -> dict:
     return {k: OmegaConf.to_container(s[k]) if OmegaConf.is_config(s[k]) else s[k] for k in keys}
 
 
+def _block_start(block: pa.Table) -> pa.Table:
+    """A sorted block's first rank and its row count (nothing for an empty block)."""
+    if not block.num_rows:
+        return pa.table({"first": pa.array([], pa.float64()), "rows": pa.array([], pa.int64())})
+    return pa.table({"first": [float(pc.min(block["rank"]).as_py())], "rows": [block.num_rows]})
+
+
+def _numbered(block: pa.Table, offsets: dict) -> pa.Table:
+    """Each row's place among the chosen chunks: its block's offset plus its place in the block."""
+    if not block.num_rows:
+        return block.append_column("position", pa.array([], pa.int64()))
+    block = block.sort_by("rank")
+    start = offsets[float(block["rank"][0].as_py())]
+    return block.append_column("position", pa.array(range(start, start + block.num_rows), pa.int64()))
+
+
+def _placed_below(block: pa.Table, n: int) -> pa.Table:
+    return block.filter(pc.less(block["position"], n))
+
+
+def number_by_rank(picked):
+    """`picked` (sorted by rank, materialized) with each row's place in rank order, whatever order its
+    blocks come in: each block is a run of ranks, so a block's offset is the rows of the blocks whose
+    runs start lower. The driver holds two numbers per block."""
+    starts = sorted((r["first"], r["rows"]) for r in picked.map_batches(
+        _block_start, batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_CPUS).take_all())
+    offsets, total = {}, 0
+    for first, rows in starts:
+        offsets[first], total = total, total + rows
+    return picked.map_batches(_numbered, batch_size=None, batch_format="pyarrow", fn_args=(offsets,),
+                              num_cpus=LIGHT_CPUS)
+
+
 def plan_tasks(cfg, store: StageStore, resume: bool) -> tuple[StageStore, StageStore]:
     """The corpus read and chunked by Ray tasks (one per file, saved dataset or docs topic) into the
     `_work/chunks` checkpoint (document rejects as its rejects); the `corpus.max_docs` chunks of lowest
-    rank chosen by a distributed sort, numbered by a zip with a range (the scenario rotation needs each
-    chunk's place), and turned into prompts on the workers, into `_work/tasks`. The driver lists file
+    rank chosen by a distributed sort, numbered in rank order (the scenario rotation needs each chunk's
+    place: `number_by_rank`), and turned into prompts on the workers, into `_work/tasks`. The driver lists file
     names and builds the config-sized quizzes. Returns the two checkpoints' stores."""
     s, corpus = cfg.synthesize, cfg.corpus
     plain = OmegaConf.to_object(corpus) if OmegaConf.is_config(corpus) else corpus
@@ -188,10 +221,12 @@ def plan_tasks(cfg, store: StageStore, resume: bool) -> tuple[StageStore, StageS
             passages = []
             if chosen:
                 picked = chunks.dataset(columns=["doc_id", "text", "rank"]).sort("rank").limit(chosen).materialize()
-                numbered = picked.zip(ray.data.range(chosen).rename_columns({"id": "position"}))
+                numbered = number_by_rank(picked).materialize()
                 write(map_tasks(numbered, _questioning, s=s, scenarios_dir=cfg.scenarios_dir), planning.store,
                       TASK_SCHEMA)
-                passages = picked.take(min(chosen, s.quizzes))
+                first = numbered.map_batches(_placed_below, batch_size=None, batch_format="pyarrow",
+                                             fn_args=(s.quizzes,), num_cpus=LIGHT_CPUS).take_all()
+                passages = sorted(first, key=lambda chunk: chunk["position"])
             quizzes = quiz_tasks(s, passages)
             if quizzes:
                 write(ray.data.from_arrow(to_table(quizzes, TASK_SCHEMA, "synthesize")), planning.store, TASK_SCHEMA)
