@@ -255,7 +255,10 @@ def run_rows(source, step: Step, store: StageStore, schema: pa.Schema, *, resume
     sink = StageSink(store.uri, schema, partition=step.partition, stats=step.stats)
     written = rejected = 0
     counts = map_processor(source, step, schema, sink=sink, input_rows=total)
-    with tqdm(total=total, unit="rows", desc=step.name, disable=total is None) as bar:
+    done_before = 0  # a resumed step's bar starts at the rows its earlier run wrote
+    if resume and total is not None and step.processor.one_row_per_input:
+        done_before = min(total, store.rows_written(step.partition or {}))
+    with tqdm(total=total, initial=done_before, unit="rows", desc=step.name, disable=total is None) as bar:
         for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
             done, failed = pc.sum(batch["rows"]).as_py() or 0, pc.sum(batch["rejected"]).as_py() or 0
             written, rejected = written + done, rejected + failed
