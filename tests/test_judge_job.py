@@ -206,27 +206,38 @@ def test_the_embedded_model_judges_a_handful_of_rows_through_the_hf_engine(tmp_p
     import ray
 
     data = tmp_path / "answers.parquet"
-    pq.write_table(pa.table({"question": ["What is 2 + 2?", "Name a prime number.", "What colour is the sky?"],
-                             "answer": ["4", "7 is prime.", "Blue on a clear day."],
-                             "gold": ["4", "7", "blue"]}), data)
+    # Three answers graded against a gold one, and a pair (no single answer, two to compare).
+    pq.write_table(pa.table({"question": ["What is 2 + 2?", "Name a prime number.", "What colour is the sky?",
+                                          "Which number is prime?"],
+                             "answer": ["4", "7 is prime.", "Blue on a clear day.", None],
+                             "gold": ["4", "7", "blue", None],
+                             "first": [None, None, None, "7"], "second": [None, None, None, "8"]}), data)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cfg = load(ROOT / "configs" / "quickstart.yaml", [
         f"input={data}", f"output={tmp_path / 'out'}", "judge.scenario=close_qa", "judge.prefill_score=true",
         "judge.columns.instruction=question", "judge.columns.response=answer", "judge.columns.reference=gold",
-        "judge.sampling.max_tokens=24", "judge.pool.batch_size=3"])
+        "judge.columns.response_a=first", "judge.columns.response_b=second",
+        "judge.sampling.max_tokens=24", "judge.pool.batch_size=4"])
     from themis_ray.judge_job import judge_dataset
 
     try:
         manifest = judge_dataset(cfg)
     finally:
         ray.shutdown()
-    assert manifest["rows_in"] == 3 == manifest["rows_out"] + manifest["rows_rejected"]
+    assert manifest["rows_in"] == 4 == manifest["rows_out"] + manifest["rows_rejected"]
     assert manifest["judge"] == "hf:smollm2-135m-instruct"
-    judged = StageStore.at(str(tmp_path / "out")).read().to_pylist()
+    store = StageStore.at(str(tmp_path / "out"))
+    judged = store.read().to_pylist()
     for row in judged:
+        if row["mode"] == "pairwise":
+            continue
         assert row["mode"] == "reference" and row["evaluation"].startswith("[[")  # graded against the gold answer
         assert 1 <= row["score"] <= 5 and abs(sum(row["score_distribution"]) - 1) < 1e-6
         assert row["prompt_tokens"] > 0 and row["judge"] == "hf:smollm2-135m-instruct"
+    # The pair, judged or not, was asked in both orders with the answer opened at its verdict.
+    rejects = store.read_rejects()
+    (pair,) = [r for r in judged + (rejects.to_pylist() if rejects.num_rows else []) if r["mode"] == "pairwise"]
+    assert pair["evaluation"].startswith("[[") and pair["evaluation_swapped"].startswith("[[")
 
 
 @pytest.mark.parametrize("output", ["data", "data/answers.jsonl", "data/judged", "."])

@@ -208,8 +208,9 @@ class LabelConfig:
     # ("N/A" instruction and response) of the same scenario and mode, so a small teacher's bias
     # toward one score does not flatten every label to it (contextual calibration).
     calibrate: bool = False
-    # With score_by=text: prefill the answer with "[[" so the first generated token is the score; the
-    # engine must continue an assistant message (hf and vLLM servers do; many remote APIs do not).
+    # With score_by=text: prefill the answer with "[[" so the first generated token is the score (the
+    # verdict, pairwise); the engine must continue an assistant message (hf and vLLM servers do; many
+    # remote APIs do not).
     prefill_score: bool = False
     max_attempts: int = 2  # a parse failure is re-asked (sampled) until this many attempts
     retry_temperature: float = 0.7

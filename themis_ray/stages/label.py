@@ -158,7 +158,9 @@ class PairLabeler(Labeler):
 
     An input row is one pair (`id`, `instruction`, `scenario`, `reference`, `response_a`,
     `response_b`); its output row is labelled when both orders gave a parsable verdict, else a reject
-    with the reason and both raw answers. Verdicts are read from the text (no prefill, no choice).
+    with the reason and both raw answers. Verdicts are read from the text, which opens with "[[" when
+    `prefill` is on (the verdict is then the first token generated), or chosen by log-probability
+    without a rationale.
     """
 
     def process(self, rows: list[dict]) -> list[dict]:
@@ -194,12 +196,13 @@ class PairLabeler(Labeler):
                 break
             sampling = self._sampling("pairwise", attempt)
             keys = list(pending)
-            for key, done in zip(keys, self.engine.generate([judging.build_messages(pending[k]) for k in keys], sampling)):
+            asked = [judging.build_messages(pending[k], prefill=self.prefill) for k in keys]
+            for key, done in zip(keys, self.engine.generate(asked, sampling)):
                 row = out[key[0]]
                 row["prompt_tokens"] += done.prompt_tokens
                 row["completion_tokens"] += done.completion_tokens
-                texts[key], attempts[key] = done.text, attempt
-                parsed = judging.parse_evaluation(done.text, "pairwise")
+                texts[key], attempts[key] = judging.full_text(done.text, self.prefill), attempt
+                parsed = judging.parse_evaluation(texts[key], "pairwise")
                 if done.error or not parsed.ok:
                     errors[key] = _failure(done, parsed)
                     continue
@@ -296,7 +299,7 @@ def run(ctx: StageContext) -> StageResult:
         if n_pairs:
             pairwise = Step(name="label.pairwise", processor=PairLabeler, pool=c.pool,
                             engine=StepEngine(c.engine, "label.engine", scores=not c.rationale),
-                            stats=label_stats, args={**common, "score_by": "text", "prefill": False})
+                            stats=label_stats, args={**common, "score_by": "text", "prefill": c.prefill_score})
             run_rows(pairs.dataset(), pairwise, ctx.store, schema, resume=ctx.resume, total=n_pairs,
                      retry_rejects=c.retry_rejects)
         rows_in += n_pairs
