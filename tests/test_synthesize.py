@@ -224,8 +224,8 @@ def test_chunks_are_numbered_in_rank_order_whatever_order_their_blocks_come_in(r
     from themis_ray.stages.synthesize import number_by_rank
 
     ray = ray_local
-    runs = [[0.7, 0.8, 0.9], [0.1, 0.2], [], [0.4, 0.5, 0.6]]  # sorted runs of ranks, blocks out of order
-    blocks = [pa.table({"doc_id": [f"d{r}" for r in run], "rank": pa.array(run, pa.float64())}) for run in runs]
+    # Sorted runs of ranks (hex digests, as the corpus ranks chunks), the blocks out of order.
+    runs = [["c7", "c8", "c9"], ["a1", "a2"], [], ["b4", "b5", "b6"]]
+    blocks = [pa.table({"doc_id": [f"d-{r}" for r in run], "rank": pa.array(run, pa.string())}) for run in runs]
     numbered = number_by_rank(ray.data.from_arrow(blocks).materialize()).take_all()
-    assert sorted((r["position"], r["rank"]) for r in numbered) == list(enumerate([0.1, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8,
-                                                                                  0.9]))
+    assert sorted((r["position"], r["rank"]) for r in numbered) == list(enumerate(sorted(sum(runs, []))))

@@ -167,8 +167,8 @@ def _planning_key(s) -> dict:
 def _block_start(block: pa.Table) -> pa.Table:
     """A sorted block's first rank and its row count (nothing for an empty block)."""
     if not block.num_rows:
-        return pa.table({"first": pa.array([], pa.float64()), "rows": pa.array([], pa.int64())})
-    return pa.table({"first": [float(pc.min(block["rank"]).as_py())], "rows": [block.num_rows]})
+        return pa.table({"first": pa.array([], block.schema.field("rank").type), "rows": pa.array([], pa.int64())})
+    return pa.table({"first": [pc.min(block["rank"]).as_py()], "rows": [block.num_rows]})
 
 
 def _numbered(block: pa.Table, offsets: dict) -> pa.Table:
@@ -176,7 +176,7 @@ def _numbered(block: pa.Table, offsets: dict) -> pa.Table:
     if not block.num_rows:
         return block.append_column("position", pa.array([], pa.int64()))
     block = block.sort_by("rank")
-    start = offsets[float(block["rank"][0].as_py())]
+    start = offsets[block["rank"][0].as_py()]
     return block.append_column("position", pa.array(range(start, start + block.num_rows), pa.int64()))
 
 
