@@ -97,6 +97,30 @@ def test_without_a_rationale_each_order_is_one_forward_pass_and_the_answer_is_th
 
 
 @pytest.mark.integration  # loads the real model
+def test_calibrated_choice_divides_out_the_judges_prior_on_a_content_free_record(hf_engine):
+    points, point_schema, scale = file_records("pointwise", POINTWISE)
+    pairs, pair_schema, _ = file_records("pairwise", PAIRWISE)
+
+    def choice(prompt, mode="single"):
+        return hf_engine.choice_logprobs(judging.build_messages(prompt, prefill=True), judging.choice_options(mode))
+
+    judge = grader(point_schema, False, scale, rationale=False, calibrate=True)
+    plain = grader(point_schema, False, scale, rationale=False)
+    for row, raw in zip(judge.process(points.to_pylist()), plain.process(points.to_pylist())):
+        prior = choice(judging.content_free_prompt(row["scenario"], row["mode"]))
+        _, _, dist = judging.evaluation_from_choices([a - b for a, b in zip(choice(row["prompt"]), prior)])
+        assert row["predicted_distribution"] == pytest.approx(list(dist.values()), abs=1e-5)
+        assert row["predicted_score"] == max(dist, key=dist.get)
+        assert row["predicted_distribution"] != pytest.approx(raw["predicted_distribution"], abs=1e-3)
+    judge.schema = graded_schema(pair_schema, pairwise=True)
+    (row,) = judge.process(pairs.to_pylist())
+    prior = choice(judging.content_free_prompt(row["scenario"], "pairwise"), "pairwise")
+    _, parsed, _ = judging.evaluation_from_choices([a - b for a, b in zip(choice(row["prompt"], "pairwise"), prior)],
+                                                   "pairwise")
+    assert row["verdict_ab"] == parsed.verdict
+
+
+@pytest.mark.integration  # loads the real model
 def test_a_judge_that_cannot_answer_is_measured_not_dropped():
     points, schema, scale = file_records("pointwise", POINTWISE[:1])
     judge = grader(schema, False, scale, engine_cfg=EngineConfig(max_model_len=64))  # the prompt does not fit

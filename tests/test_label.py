@@ -96,7 +96,9 @@ def test_calibration_divides_out_the_content_free_prior(labeler_factory):
     plain, calibrated = labeler_factory(), labeler_factory(calibrate=True)
     [p] = plain.process(rows()[:1])
     [c] = calibrated.process(rows()[:1])
-    prior = calibrated._prior(c)
+    # The prior: the same options after the prompt of a content-free record ("N/A") of the row's kind.
+    prior = calibrated._score_logprobs(judging.content_free_prompt(c["scenario"], c["mode"]))
+    assert calibrated.calibration.priors[(c["scenario"], c["mode"])] == pytest.approx(prior, abs=1e-5)
     expected = judging.choice_distribution(
         [lp - q for lp, q in zip(calibrated._score_logprobs(c["prompt"]), prior)])
     assert c["score_distribution"] == pytest.approx([expected[s] for s in range(1, 6)], abs=1e-6)

@@ -458,6 +458,9 @@ class EvaluateConfig:
     prefill_score: bool = True
     rationale: bool = True  # false: each judge's score or verdict from one forward pass, no text (hf, vllm)
     rationale_tokens: Optional[int] = None  # stop once the score is out and the answer is this long
+    # With rationale false: divide out each judge's prior on a content-free record of the row's scenario
+    # and mode, as label.calibrate does for the teacher (a judge that leans to one score everywhere).
+    calibrate: bool = False
     bootstrap: int = 1000  # resamples for the confidence intervals of the headline numbers (0: none)
     confidence: float = 0.95
     seed: int = 0

@@ -231,6 +231,35 @@ def stop_at_verdict(sampling, mode: str, rationale_tokens: Optional[int]):
     return replace(plain, stop_pattern=pattern, stop_min_tokens=max(0, int(rationale_tokens)))
 
 
+def content_free_prompt(scenario: str, mode: str, scale: RatingScale = RatingScale(),
+                        criteria: Optional[list[Criterion]] = None, scenarios_dir=None) -> str:
+    """The prompt of a record with no content ("N/A" instruction and answers) of this scenario and mode:
+    what a judge answers to it is its prior, which contextual calibration divides out."""
+    blank = JudgeRequest(instruction="N/A", scenario=scenario, mode=mode, scale=scale, criteria=criteria,
+                         **({"response_a": "N/A", "response_b": "N/A"} if mode == "pairwise" else
+                            {"response": "N/A", "reference": "N/A" if mode == "reference" else None}))
+    return render_prompt(blank, scenarios_dir)
+
+
+class Calibration:
+    """Contextual calibration (Zhao et al., 2021) of choice log-probabilities: a record's minus the
+    judge's own on a content-free record of the same scenario and mode, so a judge's lean toward one
+    score (or, pairwise, one position) does not decide every record. `choice_logprobs(prompt, mode)`
+    scores the options after a prompt; each prior is asked once and kept."""
+
+    def __init__(self, choice_logprobs, scale: RatingScale = RatingScale(),
+                 criteria: Optional[list[Criterion]] = None, scenarios_dir=None):
+        self._score, self.scale, self.criteria, self.scenarios_dir = choice_logprobs, scale, criteria, scenarios_dir
+        self.priors: dict[tuple[str, str], list[float]] = {}
+
+    def __call__(self, option_logprobs: list[float], scenario: str, mode: str) -> list[float]:
+        key = (scenario, mode)
+        if key not in self.priors:
+            self.priors[key] = self._score(content_free_prompt(scenario, mode, self.scale, self.criteria,
+                                                               self.scenarios_dir), mode)
+        return [lp - prior for lp, prior in zip(option_logprobs, self.priors[key])]
+
+
 def choice_distribution(option_logprobs: list[float], scale: RatingScale = RatingScale()) -> dict[int, float]:
     """Log-probabilities of `score_options(scale)` -> P(score), normalised over the scale."""
     peak = max(option_logprobs)

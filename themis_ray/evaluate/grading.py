@@ -18,6 +18,7 @@ import pyarrow as pa
 from themis_ray import judging
 from themis_ray.engines import Completion, build_engine
 from themis_ray.executor import RowProcessor, Step, StepEngine, run_rows
+from themis_ray.scenarios import load_scenarios
 from themis_ray.schema import REJECT
 
 POINTWISE_COLUMNS = [
@@ -50,13 +51,20 @@ class JudgeGrader(RowProcessor):
     resume_key = ("id", "id")  # within one benchmark and judge (run_rows narrows the written rows to them)
 
     def __init__(self, output_schema, judge: str, engine_cfg, sampling, prefill: bool, scale=(1, 5),
-                 rationale: bool = True, rationale_tokens=None):
+                 rationale: bool = True, rationale_tokens=None, calibrate: bool = False, scenarios_dir=None):
         super().__init__(output_schema)
         self.judge = judge
         self.engine = build_engine(engine_cfg)
         self.sampling, self.prefill = sampling, prefill
         self.rationale, self.rationale_tokens = rationale, rationale_tokens
         self.scale = judging.RatingScale(int(scale[0]), int(scale[1]))
+        # Without a rationale, the choice may be calibrated: the judge's prior on a content-free record
+        # of the row's scenario and mode divided out (rows without a known scenario are left as they are).
+        self.calibration = judging.Calibration(
+            lambda prompt, mode: self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True),
+                                                             judging.choice_options(mode, self.scale)),
+            self.scale, scenarios_dir=scenarios_dir) if calibrate and not rationale else None
+        self.scenarios = set(load_scenarios(scenarios_dir)) if self.calibration is not None else set()
 
     def process(self, rows: list[dict]) -> list[dict]:
         asks: dict[str, list] = {"single": [], "pairwise": []}  # mode -> [((row index, order), prompt)]
@@ -68,7 +76,8 @@ class JudgeGrader(RowProcessor):
         answers: dict[tuple[int, str], object] = {}
         for mode, items in asks.items():
             if items:
-                answers.update(zip([key for key, _ in items], self._answer([p for _, p in items], mode)))
+                kinds = [(rows[i].get("scenario"), rows[i].get("mode") or "single") for (i, _), _ in items]
+                answers.update(zip([key for key, _ in items], self._answer([p for _, p in items], mode, kinds)))
         out = []
         for i, row in enumerate(rows):
             # Every declared column is present: a failed answer has explicit nulls, not missing keys.
@@ -80,22 +89,25 @@ class JudgeGrader(RowProcessor):
             out.append(graded)
         return out
 
-    def _answer(self, prompts: list[str], mode: str) -> list[tuple[Completion, Optional[dict]]]:
+    def _answer(self, prompts: list[str], mode: str, kinds: list) -> list[tuple[Completion, Optional[dict]]]:
         """The judge's answers with the score distribution at the score (pointwise): generated, stopped
         once the verdict is out and the rationale has its length; or, without a rationale, "[[x]]"
-        chosen by log-probability in one forward pass."""
+        chosen by log-probability in one forward pass (calibrated when asked). `kinds`: each prompt's
+        (scenario, mode)."""
         if self.rationale:
             sampling = judging.stop_at_verdict(self.sampling, mode, self.rationale_tokens)
             done = self.engine.generate([judging.build_messages(p, self.prefill) for p in prompts], sampling)
             return [(d, None if mode == "pairwise" else judging.score_distribution(
                 d.tokens, d.top_logprobs, self.scale, prefill=self.prefill)) for d in done]
         options, answers = judging.choice_options(mode, self.scale), []
-        for prompt in prompts:
+        for prompt, (scenario, row_mode) in zip(prompts, kinds):
             try:
                 lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
             except ValueError as err:  # too long for the model: this record's failure
                 answers.append((Completion(error=str(err)), None))
                 continue
+            if self.calibration is not None and scenario in self.scenarios:
+                lp = self.calibration(lp, scenario, row_mode)
             text, _, dist = judging.evaluation_from_choices(lp, mode, self.scale)
             answer = text[len(judging.SCORE_PREFILL):] if self.prefill else text  # _text adds the prefill back
             answers.append((Completion(text=answer), None if mode == "pairwise" else dist))
@@ -154,14 +166,15 @@ def graded_partition(benchmark, judge) -> dict:
     return {"benchmark": benchmark.name, "judge": judge.name}
 
 
-def grade(benchmark, judge, evaluate_cfg, store, resume: bool = False) -> None:
+def grade(benchmark, judge, evaluate_cfg, store, resume: bool = False, scenarios_dir=None) -> None:
     """`judge` (a judges.Judge) grades every record of `benchmark` on `evaluate.pool`; the workers write
     the graded rows into `store` as parts of their own partition (`graded_partition`)."""
     schema = graded_schema(benchmark.schema, benchmark.pairwise)
     step = Step(name=f"evaluate[{benchmark.name}, {judge.name}]", processor=JudgeGrader, pool=evaluate_cfg.pool,
                 args={"judge": judge.name, "engine_cfg": judge.engine, "sampling": evaluate_cfg.sampling,
                       "prefill": judge.prefill, "scale": tuple(benchmark.scale),
-                      "rationale": evaluate_cfg.rationale, "rationale_tokens": evaluate_cfg.rationale_tokens},
+                      "rationale": evaluate_cfg.rationale, "rationale_tokens": evaluate_cfg.rationale_tokens,
+                      "calibrate": evaluate_cfg.calibrate, "scenarios_dir": scenarios_dir},
                 engine=StepEngine(judge.engine, "evaluate.engine", scores=not evaluate_cfg.rationale),
                 partition=graded_partition(benchmark, judge), stats=graded_stats)
     run_rows(benchmark.records, step, store, schema, resume=resume, total=benchmark.num_records)

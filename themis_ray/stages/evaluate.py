@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> StageResult:
         for judge in judges:
             # A resumed run skips a judge that graded the whole benchmark already (no model load).
             if not (ctx.resume and store.rows_written(graded_partition(bench, judge)) >= bench.num_records):
-                grade(bench, judge, c, store, resume=ctx.resume)
+                grade(bench, judge, c, store, resume=ctx.resume, scenarios_dir=cfg.scenarios_dir)
         schema = graded_schema(bench.schema, bench.pairwise)
         share = 1.0 if bench.kind == "field" else min(1.0, c.metric_rows / max(bench.num_records, 1))
         graded = {judge.name: _graded(store, graded_partition(bench, judge), schema, share) for judge in judges}

@@ -39,7 +39,8 @@ class Labeler(RowProcessor):
         # Without a rationale the score is chosen by log-probability and is the whole answer.
         self.rationale, self.rationale_tokens = rationale, rationale_tokens
         self.sampling, self.score_by, self.prefill = sampling, score_by if rationale else "choice", prefill
-        self.calibrate, self._priors = calibrate, {}
+        self.calibration = judging.Calibration(lambda prompt, mode: self._score_logprobs(prompt), self.scale,
+                                               self.criteria, scenarios_dir) if calibrate else None
         self.max_attempts, self.retry_temperature = max_attempts, retry_temperature
         self.scenarios_dir = scenarios_dir
         self.usd_per_1k = (float(getattr(engine_cfg, "usd_per_1k_prompt_tokens", 0) or 0),
@@ -115,16 +116,6 @@ class Labeler(RowProcessor):
         return self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True),
                                            judging.score_options(self.scale))
 
-    def _prior(self, row: dict) -> list[float]:
-        """The teacher's score log-probabilities for a content-free record like `row` (cached)."""
-        key = (row["scenario"], row["mode"])
-        if key not in self._priors:
-            blank = judging.JudgeRequest(instruction="N/A", response="N/A", scenario=row["scenario"], mode=row["mode"],
-                                         reference="N/A" if row["mode"] == "reference" else None,
-                                         scale=self.scale, criteria=self.criteria)
-            self._priors[key] = self._score_logprobs(judging.render_prompt(blank, self.scenarios_dir))
-        return self._priors[key]
-
     def _choose_scores(self, pending: dict[int, dict], out: dict[int, dict]) -> None:
         """score_by=choice: the overall score is the most probable "[[n]]" after the prompt. A row the
         engine cannot score (too long for the model) moves from `pending` to `out` as a reject."""
@@ -134,8 +125,8 @@ class Labeler(RowProcessor):
             except ValueError as err:
                 out[i] = {**pending.pop(i), **rejected("engine_error", f"engine error: {err}")}
                 continue
-            if self.calibrate:
-                logprobs = [lp - prior for lp, prior in zip(logprobs, self._prior(row))]
+            if self.calibration is not None:  # the teacher's prior for a content-free record divided out
+                logprobs = self.calibration(logprobs, row["scenario"], row["mode"])
             dist = judging.choice_distribution(logprobs, self.scale)
             row["_distribution"] = dist
             row["_score"] = max(dist, key=dist.get)
