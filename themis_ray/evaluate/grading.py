@@ -60,10 +60,8 @@ class JudgeGrader(RowProcessor):
         self.scale = judging.RatingScale(int(scale[0]), int(scale[1]))
         # Without a rationale, the choice may be calibrated: the judge's prior on a content-free record
         # of the row's scenario and mode divided out (rows without a known scenario are left as they are).
-        self.calibration = judging.Calibration(
-            lambda prompt, mode: self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True),
-                                                             judging.choice_options(mode, self.scale)),
-            self.scale, scenarios_dir=scenarios_dir) if calibrate and not rationale else None
+        self.calibration = judging.Calibration(self._choice_logprobs, self.scale, scenarios_dir=scenarios_dir) \
+            if calibrate and not rationale else None
         self.scenarios = set(load_scenarios(scenarios_dir)) if self.calibration is not None else set()
 
     def process(self, rows: list[dict]) -> list[dict]:
@@ -99,10 +97,10 @@ class JudgeGrader(RowProcessor):
             done = self.engine.generate([judging.build_messages(p, self.prefill) for p in prompts], sampling)
             return [(d, None if mode == "pairwise" else judging.score_distribution(
                 d.tokens, d.top_logprobs, self.scale, prefill=self.prefill)) for d in done]
-        options, answers = judging.choice_options(mode, self.scale), []
+        answers = []
         for prompt, (scenario, row_mode) in zip(prompts, kinds):
             try:
-                lp = self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True), options)
+                lp = self._choice_logprobs(prompt, mode)
             except ValueError as err:  # too long for the model: this record's failure
                 answers.append((Completion(error=str(err)), None))
                 continue
@@ -112,6 +110,11 @@ class JudgeGrader(RowProcessor):
             answer = text[len(judging.SCORE_PREFILL):] if self.prefill else text  # _text adds the prefill back
             answers.append((Completion(text=answer), None if mode == "pairwise" else dist))
         return answers
+
+    def _choice_logprobs(self, prompt: str, mode: str) -> list[float]:
+        """Each option's log-probability after the prompt and the "[[" prefill (pairwise: A, B, C)."""
+        return self.engine.choice_logprobs(judging.build_messages(prompt, prefill=True),
+                                           judging.choice_options(mode, self.scale))
 
     def _text(self, done) -> str | None:
         return None if done.error else judging.full_text(done.text, self.prefill)
